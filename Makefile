@@ -1,0 +1,36 @@
+# Two entry points (see README): `make demo` and `make test`. Both build the same virtual environment.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.pyrobnn-installed
+
+.PHONY: install demo test test-slow bench data clean
+
+$(STAMP): setup.cfg pyproject.toml constraints.txt
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test,bench]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/pyrobnn demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/step_cost.py
+
+# Full Fashion-MNIST for the examples (Debian package; needs root or sudo).
+data:
+	@if [ -d /usr/share/datasets/fashion-mnist ]; then echo "fashion-mnist present"; \
+	else (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) || \
+	     (sudo apt-get update -qq && sudo apt-get install -y -qq dataset-fashion-mnist); fi
+
+clean:
+	rm -rf $(VENV) build *.egg-info

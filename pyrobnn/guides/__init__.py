@@ -1,0 +1,5 @@
+"""Variational guides, as ``pyro.infer.autoguide.AutoGuide`` subclasses (one module per guide)."""
+from .base import FlatGaussianGuide, GuideNormal, local_reparam_params
+from .mean_field import MeanField
+
+__all__ = ["FlatGaussianGuide", "GuideNormal", "MeanField", "local_reparam_params"]

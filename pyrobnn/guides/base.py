@@ -1,0 +1,294 @@
+"""Shared machinery of pyrobnn's factorised Gaussian guides.
+
+Every latent site of the model gets an independent Normal in unconstrained space. The variational
+parameters of all sites live in two flat vectors (one ``loc``-like, one ``scale``-like) and each site
+reads a view of them: Pyro's SVI then sees two parameters instead of two per site, which keeps the
+per-step bookkeeping (param-store calls, one optimiser per parameter in ``pyro.optim``) constant in
+the number of layers.
+
+Local reparameterisation. A model site may declare ``infer={"local_reparameterization": True}``
+(pyrobnn's Bayesian layers do). For such a site with real support and a closed-form KL to its prior,
+the guide does not draw a weight: the site's value is the posterior mean carrying its ``(loc, scale)``
+(see :func:`local_reparam_params`), and the layer draws its pre-activations from their exact Gaussian
+instead. This is exact for the ELBO estimators that use the closed-form KL (``TraceMeanField_ELBO``,
+which ``pyrobnn.inference.fit`` uses). With ``Trace_ELBO`` construct the guide with
+``local_reparameterization=False``.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import weakref
+from contextlib import ExitStack
+from typing import Callable, Dict, Optional, Tuple
+
+import pyro
+import pyro.distributions as dist
+import pyro.poutine as poutine
+import torch
+from pyro.distributions.util import sum_rightmost
+from pyro.infer.autoguide import AutoGuide
+from pyro.infer.autoguide.guides import prototype_hide_fn
+from pyro.infer.autoguide.initialization import InitMessenger, init_to_median
+from torch.distributions import biject_to, constraints
+from torch.distributions.kl import kl_divergence, register_kl
+
+__all__ = ["GuideNormal", "FlatGaussianGuide", "local_reparam_params", "LOCAL_REPARAM_KEY"]
+
+LOCAL_REPARAM_KEY = "local_reparameterization"
+_ATTR = "_pyrobnn_loc_scale"
+_uid = itertools.count()
+
+
+class GuideNormal(dist.Normal):
+    """The Normal a pyrobnn guide puts at a site.
+
+    ``gamma`` (optional) is the signal-to-noise ratio μ/σ when the guide is parameterised by it, so
+    KL rules can use the exact, 0/0-free form (ARD). ``placeholder=True`` marks a locally
+    reparameterised site: :meth:`rsample` returns the mean tagged with this distribution instead of
+    a draw. ``log σ`` and ``σ²`` are computed once and shared by the KL, the log-density and the layer.
+    """
+
+    def __init__(self, loc, scale, gamma=None, placeholder=False, validate_args=False):
+        super().__init__(loc, scale, validate_args=validate_args)
+        self.gamma = gamma
+        self.placeholder = placeholder
+        self._log_scale = None
+        self._var = None
+
+    @property
+    def log_scale(self):
+        if self._log_scale is None:
+            self._log_scale = self.scale.log()
+        return self._log_scale
+
+    @property
+    def variance(self):
+        if self._var is None:
+            self._var = self.scale * self.scale
+        return self._var
+
+    def expand(self, batch_shape, _instance=None):
+        new = super().expand(batch_shape, _instance=_instance or GuideNormal.__new__(GuideNormal))
+        new.gamma = None if self.gamma is None else self.gamma.expand(batch_shape)
+        new.placeholder = self.placeholder
+        new._log_scale = None
+        new._var = None
+        return new
+
+    def rsample(self, sample_shape=torch.Size()):
+        if not self.placeholder:
+            return super().rsample(sample_shape)
+        value = self.loc.expand(self._extended_shape(sample_shape))
+        setattr(value, _ATTR, self)
+        return value
+
+    def log_prob(self, value):
+        if getattr(value, _ATTR, None) is self:
+            # the placeholder is the mean: log N(μ; μ, σ) = −log σ − ½ log 2π, exactly
+            return -self.log_scale - _HALF_LOG_2PI
+        return super().log_prob(value)
+
+
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def _scalar(t: torch.Tensor):
+    """The single value of a tensor that is a broadcast scalar (all strides 0), else None."""
+    if t.dim() == 0 or all(st == 0 for st in t.stride()):
+        return t.reshape(-1)[:1].reshape(())
+    return None
+
+
+@register_kl(GuideNormal, dist.Normal)
+def _kl_guide_normal(q: GuideNormal, p: dist.Normal):
+    """KL(N(μ, σ²) ‖ N(m, s²)) = log s − log σ + (σ² + (μ − m)²) / (2 s²) − ½, with cached log σ, σ²."""
+    loc0, scale0 = getattr(p, "scalar_loc", None), getattr(p, "scalar_scale", None)
+    if scale0 is not None:  # pyrobnn's expanded scalar priors carry Python floats: no syncs, fewest ops
+        diff2 = q.loc * q.loc if loc0 == 0.0 else (q.loc - loc0) ** 2
+        return (q.variance + diff2) * (0.5 / scale0 ** 2) - q.log_scale + (math.log(scale0) - 0.5)
+    m, s = _scalar(p.loc), _scalar(p.scale)
+    if s is not None and m is not None:
+        return (q.variance + (q.loc - m) ** 2) * (0.5 / (s * s)) - q.log_scale + (s.log() - 0.5)
+    var_p = p.scale * p.scale
+    return (q.variance + (q.loc - p.loc) ** 2) / (2 * var_p) - q.log_scale + p.scale.log() - 0.5
+
+
+def local_reparam_params(value) -> Optional[GuideNormal]:
+    """The :class:`GuideNormal` behind ``value`` if it is a local-reparameterisation placeholder."""
+    return getattr(value, _ATTR, None)
+
+
+def _is_real(support) -> bool:
+    while isinstance(support, constraints.independent):
+        support = support.base_constraint
+    return support is constraints.real
+
+
+def _constrain(transform, x):
+    return x if transform is None else transform(x)
+
+
+class _Flat(torch.nn.Module):
+    """Plain container so the flat parameters are ordinary ``nn.Parameter`` s (no PyroModule magic)."""
+
+
+def _release(names):
+    store = pyro.get_param_store()
+    for n in names:
+        if n in store:
+            del store[n]
+
+
+def _prototype_hide(msg):
+    return prototype_hide_fn(msg) or bool(msg.get("infer", {}).get("pyrobnn_observation"))
+
+
+class FlatGaussianGuide(AutoGuide):
+    """Base class: subclasses define the two flat parameters and how a site's (loc, scale) is read.
+
+    Subclass hooks:
+      * ``_init_flat(init_loc_unconstrained: Tensor[D]) -> dict[name, Tensor[D]]``
+      * ``_site_params(flat: dict[name, Tensor], sl: slice, shape) -> (loc, scale, gamma_or_None)``
+    """
+
+    _prototype_hide_fn = staticmethod(_prototype_hide)
+
+    #: names of the flat parameters, set by subclasses
+    flat_names: Tuple[str, ...] = ()
+
+    def __init__(self, model: Callable, *, init_loc_fn: Callable = init_to_median,
+                 local_reparameterization: bool = True, create_plates=None):
+        self.init_loc_fn = init_loc_fn
+        self.local_reparameterization = bool(local_reparameterization)
+        model = InitMessenger(init_loc_fn)(model)
+        super().__init__(model, create_plates=create_plates)
+        self._uname = f"pyrobnn.{type(self).__name__}{next(_uid)}"
+        self.flat = _Flat()
+        self._layout: Dict[str, tuple] = {}
+        self._finalizer = None
+
+    # -- set-up -----------------------------------------------------------------------------------
+    def _setup_prototype(self, *args, **kwargs):
+        super()._setup_prototype(*args, **kwargs)
+        inits, offset = [], 0
+        for name, site in self.prototype_trace.iter_stochastic_nodes():
+            support = site["fn"].support
+            if support.is_discrete:
+                raise ValueError(f"{type(self).__name__} needs continuous latent sites; site {name!r} is discrete")
+            transform = biject_to(support)
+            init = transform.inv(site["value"].detach()).detach()
+            event_dim = site["fn"].event_dim + init.dim() - site["value"].dim()
+            full_shape = list(init.shape)
+            for frame in site["cond_indep_stack"]:
+                full_size = frame.full_size or frame.size
+                if full_size != frame.size:
+                    dim = frame.dim - event_dim
+                    init = pyro.ops.tensor_utils.periodic_repeat(init, full_size, dim).contiguous()
+                    full_shape = list(init.shape)
+            n = init.numel()
+            real = _is_real(support)
+            placeholder = self.local_reparameterization and bool(site["infer"].get(LOCAL_REPARAM_KEY)) \
+                and real and self._has_closed_form_kl(site, event_dim)
+            self._layout[name] = (offset, n, torch.Size(full_shape), event_dim, None if real else transform,
+                                  placeholder)
+            inits.append(init.reshape(-1))
+            offset += n
+        init_flat = torch.cat(inits) if inits else torch.zeros(0)
+        self._sizes = [v[1] for v in self._layout.values()]
+        self._index = {name: i for i, name in enumerate(self._layout)}
+        for pname, tensor in self._init_flat(init_flat).items():
+            setattr(self.flat, pname, torch.nn.Parameter(tensor.detach().clone()))
+        self._finalizer = weakref.finalize(self, _release, [f"{self._uname}.{p}" for p in self.flat_names])
+
+    def _has_closed_form_kl(self, site, event_dim):
+        fn = site["fn"]
+        shape = fn.batch_shape + fn.event_shape
+        probe = GuideNormal(torch.zeros(shape), torch.ones(shape)).to_event(event_dim)
+        try:
+            kl_divergence(probe, fn)
+            return True
+        except NotImplementedError:
+            return False
+
+    # -- subclass hooks ---------------------------------------------------------------------------
+    def _init_flat(self, init_loc: torch.Tensor) -> Dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def _site_params(self, flat, i: int, shape) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """(loc, scale, gamma-or-None) of site number ``i``; ``flat[p][i]`` is its chunk of parameter p."""
+        raise NotImplementedError
+
+    # -- public -----------------------------------------------------------------------------------
+    def _flat_params(self, register: bool = True):
+        # Registered with Pyro under instance-unique names, so two guides never share parameters
+        # through the global param store (and the names are released when the guide is collected).
+        # One split per parameter: its backward is a single concatenation, not one scatter per site.
+        sizes = self._sizes
+        return {p: (pyro.param(f"{self._uname}.{p}", getattr(self.flat, p)) if register
+                    else getattr(self.flat, p)).split(sizes) for p in self.flat_names}
+
+    def site_params(self, name: str):
+        """Unconstrained ``(loc, scale)`` of a site (views of the flat parameters)."""
+        i = self._index[name]
+        loc, scale, _ = self._site_params(self._flat_params(register=False), i, self._layout[name][2])
+        return loc, scale
+
+    def site_names(self):
+        return list(self._layout)
+
+    def forward(self, *args, **kwargs):
+        if self.prototype_trace is None:
+            self._setup_prototype(*args, **kwargs)
+        plates = self._create_plates(*args, **kwargs)
+        flat = self._flat_params()
+        result = {}
+        for i, (name, site) in enumerate(self.prototype_trace.iter_stochastic_nodes()):
+            offset, n, shape, event_dim, transform, placeholder = self._layout[name]
+            loc, scale, gamma = self._site_params(flat, i, shape)
+            with ExitStack() as stack:
+                for frame in site["cond_indep_stack"]:
+                    if frame.vectorized:
+                        plate = stack.enter_context(plates[frame.name])
+                        full_size = frame.full_size or frame.size
+                        if full_size != frame.size:
+                            dim = frame.dim - event_dim
+                            loc = loc.index_select(dim, plate)
+                            scale = scale.index_select(dim, plate)
+                            gamma = None if gamma is None else gamma.index_select(dim, plate)
+                base = GuideNormal(loc, scale, gamma=gamma, placeholder=placeholder)
+                fn = base.to_event(event_dim) if event_dim else base
+                if transform is not None:
+                    fn = dist.TransformedDistribution(fn, [transform.with_cache()])
+                    extra = site["fn"].event_dim - fn.event_dim
+                    if extra > 0:
+                        fn = fn.to_event(extra)
+                result[name] = pyro.sample(name, fn)
+        return result
+
+    @torch.no_grad()
+    def median(self, *args, **kwargs):
+        out = {}
+        for name in self._layout:
+            loc, _ = self.site_params(name)
+            out[name] = _constrain(self._layout[name][4], loc).detach().clone()
+        return out
+
+    @torch.no_grad()
+    def quantiles(self, quantiles, *args, **kwargs):
+        out = {}
+        for name in self._layout:
+            loc, scale = self.site_params(name)
+            q = torch.as_tensor(quantiles, dtype=loc.dtype).reshape((-1,) + (1,) * loc.dim())
+            out[name] = _constrain(self._layout[name][4], dist.Normal(loc, scale).icdf(q))
+        return out
+
+    @torch.no_grad()
+    def sample_latents(self, num_samples: int = 1, generator: Optional[torch.Generator] = None):
+        """``num_samples`` joint draws of every latent site (constrained), shape ``[S, *site_shape]``."""
+        out = {}
+        for name in self._layout:
+            loc, scale = self.site_params(name)
+            eps = torch.randn((num_samples,) + tuple(loc.shape), generator=generator, dtype=loc.dtype)
+            out[name] = _constrain(self._layout[name][4], loc + scale * eps)
+        return out

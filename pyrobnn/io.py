@@ -1,0 +1,182 @@
+"""Safe persistence: safetensors for tensors, JSON for everything else, atomic writes, no pickle.
+
+* :func:`save` / :func:`load` — a BNN as one ``.safetensors`` file whose header metadata holds the JSON
+  spec (architecture, priors, guide, likelihood, format version), so tensors and spec never drift apart.
+* :func:`write_state` / :func:`read_state` — arbitrary nested state (optimizer, scheduler, RNG, history)
+  for checkpoints: tensors go into safetensors, the structure into JSON; a SHA-256 of the tensor payload
+  is recorded so a torn or altered file is detected on read.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+__all__ = ["save", "load", "write_state", "read_state", "atomic_write_bytes", "flatten_state",
+           "unflatten_state", "FORMAT_VERSION"]
+
+FORMAT_VERSION = 1
+_KEY = "pyrobnn"
+
+
+def atomic_write_bytes(path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see either the old file or the whole new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _digest(tensors: Dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k].detach().contiguous().cpu()
+        h.update(k.encode())
+        h.update(str(t.dtype).encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _prepare(tensors):
+    out = {}
+    for k, v in tensors.items():
+        if not isinstance(v, torch.Tensor):
+            raise TypeError(f"state entry {k!r} is not a tensor")
+        out[k] = v.detach().contiguous().cpu().clone()
+    return out
+
+
+def write_state(path, tensors: Dict[str, torch.Tensor], meta: Dict[str, Any]) -> None:
+    """Atomically write tensors + JSON metadata (with a payload checksum) to one safetensors file."""
+    tensors = _prepare(tensors)
+    header = {_KEY: json.dumps({"version": FORMAT_VERSION, "sha256": _digest(tensors), **meta})}
+    atomic_write_bytes(path, st_save(tensors, metadata=header))
+
+
+def read_state(path) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    """Read a file written by :func:`write_state`; a torn, altered or foreign file raises ``ValueError``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    data = path.read_bytes()
+    try:
+        tensors = st_load(data)
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{path} is not a readable safetensors file (torn or corrupt?): {e}") from None
+    if _KEY not in header:
+        raise ValueError(f"{path} is a safetensors file but not one written by pyrobnn (no '{_KEY}' metadata)")
+    try:
+        meta = json.loads(header[_KEY])
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: pyrobnn metadata is not valid JSON: {e}") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("version"), int):
+        raise ValueError(f"{path}: pyrobnn metadata has no format version")
+    if meta["version"] > FORMAT_VERSION:
+        raise ValueError(f"{path} was written by a newer pyrobnn (format {meta['version']} > {FORMAT_VERSION})")
+    if meta.get("sha256") != _digest(tensors):
+        raise ValueError(f"{path}: checksum mismatch — the file is torn or was altered")
+    return tensors, meta
+
+
+# -- nested state <-> (tensors, JSON) --------------------------------------------------------------------
+def flatten_state(obj: Any, tensors: Optional[dict] = None, prefix: str = "s") -> Tuple[Any, dict]:
+    """Split nested dict/list/tuple state into a JSON-able skeleton and a flat dict of tensors."""
+    tensors = {} if tensors is None else tensors
+    if isinstance(obj, torch.Tensor):
+        key = f"{prefix}"
+        tensors[key] = obj
+        return {"__tensor__": key}, tensors
+    if isinstance(obj, dict):
+        items = []
+        for i, (k, v) in enumerate(obj.items()):
+            if not isinstance(k, (str, int)) or isinstance(k, bool):
+                raise TypeError(f"state keys must be str or int, got {k!r}")
+            sk, _ = flatten_state(v, tensors, f"{prefix}.{i}")
+            items.append([k, sk])
+        return {"__dict__": items}, tensors
+    if isinstance(obj, (list, tuple)):
+        seq = [flatten_state(v, tensors, f"{prefix}.{i}")[0] for i, v in enumerate(obj)]
+        return ({"__tuple__": seq} if isinstance(obj, tuple) else seq), tensors
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj, tensors
+    raise TypeError(f"cannot store object of type {type(obj).__name__} in a checkpoint")
+
+
+def unflatten_state(skel: Any, tensors: Dict[str, torch.Tensor]) -> Any:
+    if isinstance(skel, dict):
+        if set(skel) == {"__tensor__"}:
+            key = skel["__tensor__"]
+            if key not in tensors:
+                raise ValueError(f"checkpoint refers to a missing tensor {key!r}")
+            return tensors[key]
+        if set(skel) == {"__dict__"}:
+            return {k: unflatten_state(v, tensors) for k, v in skel["__dict__"]}
+        if set(skel) == {"__tuple__"}:
+            return tuple(unflatten_state(v, tensors) for v in skel["__tuple__"])
+        raise ValueError(f"malformed checkpoint structure: {list(skel)[:3]}")
+    if isinstance(skel, list):
+        return [unflatten_state(v, tensors) for v in skel]
+    return skel
+
+
+# -- BNN -------------------------------------------------------------------------------------------------
+def save(bnn, path) -> None:
+    """Save a BNN (guide parameters, deterministic parameters, spec) to ``path`` atomically."""
+    from .bnn import BNN
+    if not isinstance(bnn, BNN):
+        raise TypeError(f"save() takes a pyrobnn BNN, got {type(bnn).__name__}")
+    if bnn.autoguide.prototype_trace is None or bnn.input_shape is None:
+        raise ValueError("this BNN has not been initialised; train it or call bnn.initialize(x) before saving")
+    write_state(path, bnn.state_dict(), {"kind": "bnn", "spec": bnn.spec()})
+
+
+def load(path, net: Optional[torch.nn.Module] = None):
+    """Load a BNN saved by :func:`save`. ``net`` is required only when the architecture was not built
+    from :mod:`pyrobnn.models` (a custom ``nn.Module``): pass a fresh instance of the same class."""
+    from .bnn import bayesian
+    from .registry import MODELS
+    tensors, meta = read_state(path)
+    if meta.get("kind") != "bnn":
+        raise ValueError(f"{path} holds a pyrobnn {meta.get('kind')!r}, not a BNN")
+    spec = meta.get("spec")
+    if not isinstance(spec, dict):
+        raise ValueError(f"{path}: spec is missing")
+    try:
+        if net is None:
+            if not spec.get("arch"):
+                raise ValueError(f"{path} was saved from a custom network; pass net=<a fresh instance> to load()")
+            net = MODELS.build(spec["arch"])
+        bnn = bayesian(net, prior=spec["prior"], guide=spec["guide"], likelihood=spec["likelihood"],
+                       dataset_size=spec["dataset_size"], layers=spec["layers"], params=spec.get("params", ()),
+                       local_reparameterization=spec["local_reparameterization"])
+        shape = spec["input_shape"]
+        if not (isinstance(shape, list) and all(isinstance(s, int) and s > 0 for s in shape)):
+            raise ValueError(f"bad input_shape {shape!r}")
+    except KeyError as e:
+        raise ValueError(f"{path}: spec lacks {e}") from None
+    bnn.initialize(torch.zeros([1] + shape))
+    try:
+        bnn.load_state_dict(tensors, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"{path}: tensors do not fit the architecture in its spec: {e}") from None
+    return bnn
