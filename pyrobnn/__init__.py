@@ -10,3 +10,5 @@ from .io import load, save
 
 __version__ = "0.1.0"
 __all__ = ["BNN", "bayesian", "guides", "likelihoods", "load", "metrics", "priors", "registry", "save"]
+from . import sparsity  # noqa: E402  (issue 3: sparse VD pruning and export)
+__all__ += ["sparsity"]

@@ -3,3 +3,5 @@ from .base import FlatGaussianGuide, GuideNormal, local_reparam_params
 from .mean_field import MeanField
 
 __all__ = ["FlatGaussianGuide", "GuideNormal", "MeanField", "local_reparam_params"]
+from .additive_noise import AdditiveNoise, AdditiveNoiseNormal  # noqa: E402  (issue 3: sparse VD)
+__all__ += ["AdditiveNoise", "AdditiveNoiseNormal"]

@@ -219,6 +219,10 @@ class FlatGaussianGuide(AutoGuide):
         """(loc, scale, gamma-or-None) of site number ``i``; ``flat[p][i]`` is its chunk of parameter p."""
         raise NotImplementedError
 
+    def _site_normal(self, loc, scale, gamma, placeholder) -> GuideNormal:
+        """The site's Normal; a subclass may return a GuideNormal subclass carrying more cached terms."""
+        return GuideNormal(loc, scale, gamma=gamma, placeholder=placeholder)
+
     # -- public -----------------------------------------------------------------------------------
     def _flat_params(self, register: bool = True):
         # Registered with Pyro under instance-unique names, so two guides never share parameters
@@ -256,7 +260,7 @@ class FlatGaussianGuide(AutoGuide):
                             loc = loc.index_select(dim, plate)
                             scale = scale.index_select(dim, plate)
                             gamma = None if gamma is None else gamma.index_select(dim, plate)
-                base = GuideNormal(loc, scale, gamma=gamma, placeholder=placeholder)
+                base = self._site_normal(loc, scale, gamma, placeholder)
                 fn = base.to_event(event_dim) if event_dim else base
                 if transform is not None:
                     fn = dist.TransformedDistribution(fn, [transform.with_cache()])

@@ -11,3 +11,5 @@ deep weight prior).
 from .gaussian import Gaussian
 
 __all__ = ["Gaussian"]
+from .log_uniform import LogUniform  # noqa: E402  (issue 3: sparse VD)
+__all__ += ["LogUniform"]

@@ -1,0 +1,188 @@
+"""Additive-noise Gaussian guide of sparse variational dropout (Molchanov, Ashukha & Vetrov 2017).
+
+q(w) = Π N(θ_k, σ_k²) with θ and log σ² free. The dropout rate of a weight is α = σ²/θ², so
+
+    log α = log σ² − log θ²
+
+and a weight with log α > 3 is (almost) pure noise and can be pruned (:mod:`pyrobnn.sparsity`). The
+additive parameterisation (free σ² rather than α) is what makes large α trainable: the gradient of the
+data term w.r.t. θ does not carry the multiplicative noise of α.
+
+How clipping enters. log α is clipped to ``log_alpha_clip`` (default [−8, 8]) wherever log α is *used*:
+in the KL to the log-uniform prior (:mod:`pyrobnn.priors.log_uniform`, which reads the site's
+``log_alpha``) and in :meth:`AdditiveNoise.log_alpha`. σ² itself is never changed: the noise the
+network sees (local reparameterisation: b ~ N(xθ, x²σ²)) uses the free log σ². This is the choice of
+the authors' reference implementation; its effect is that the KL stops pushing a weight once its log α
+leaves the clip range (the approximation is flat there, and θ → 0 gives no infinite gradient).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional, Sequence, Tuple
+
+import torch
+from pyro.infer.autoguide.initialization import init_to_median
+
+from ..registry import GUIDES
+from .base import FlatGaussianGuide, GuideNormal
+
+__all__ = ["AdditiveNoise", "AdditiveNoiseNormal", "init_to_median_or_fan_in"]
+
+#: added to θ² inside log θ² so a weight at exactly zero has a finite log α (then clipped) and gradient
+_THETA2_EPS = 1e-16
+
+
+class AdditiveNoiseNormal(GuideNormal):
+    """N(θ, σ²) at one site of :class:`AdditiveNoise`, with log σ² and the clipped log α cached.
+
+    :param loc: θ, any shape. :param scale: σ (same shape). :param log_variance: log σ² (same shape).
+    :param log_alpha_clip: ``(low, high)`` or None.
+    """
+
+    def __init__(self, loc, scale, log_variance, log_alpha_clip=(-8.0, 8.0), placeholder=False):
+        super().__init__(loc, scale, placeholder=placeholder)
+        self.log_variance = log_variance
+        self.log_alpha_clip = log_alpha_clip
+        self._log_alpha = None
+
+    @property
+    def log_scale(self):
+        if self._log_scale is None:
+            self._log_scale = 0.5 * self.log_variance
+        return self._log_scale
+
+    @property
+    def log_alpha(self):
+        """log σ² − log θ², clipped to ``log_alpha_clip``; shape of ``loc``."""
+        if self._log_alpha is None:
+            theta = self.loc
+            la = self.log_variance - (theta * theta + _THETA2_EPS).log()
+            clip = self.log_alpha_clip
+            self._log_alpha = la if clip is None else la.clamp(clip[0], clip[1])
+        return self._log_alpha
+
+    def expand(self, batch_shape, _instance=None):
+        new = super().expand(batch_shape, _instance=_instance or AdditiveNoiseNormal.__new__(AdditiveNoiseNormal))
+        new.log_variance = self.log_variance.expand(batch_shape)
+        new.log_alpha_clip = self.log_alpha_clip
+        new._log_alpha = None
+        return new
+
+
+def init_to_median_or_fan_in(site=None):
+    """``init_to_median`` where the prior can be sampled; otherwise (an improper prior such as
+    :class:`pyrobnn.priors.LogUniform`) θ ~ U(−1/√fan_in, 1/√fan_in) with fan_in = prod(shape[1:])
+    (1 for shapes of fewer than 2 dims): PyTorch's default Linear/Conv initialisation, so a layer's
+    weights are not all equal (zero), which would make every unit the same."""
+    if site is None:
+        return init_to_median_or_fan_in
+    try:
+        return init_to_median(site, fallback=None)
+    except (ValueError, NotImplementedError):
+        pass
+    fn = site["fn"]
+    shape = fn.shape()
+    fan_in = math.prod(shape[1:]) if len(shape) >= 2 else 1
+    bound = 1.0 / math.sqrt(fan_in)
+    return (torch.rand(shape) * 2 - 1) * bound
+
+
+def _check_clip(clip) -> Optional[Tuple[float, float]]:
+    if clip is None:
+        return None
+    if isinstance(clip, (str, bytes)) or not isinstance(clip, Sequence) or len(clip) != 2:
+        raise ValueError(f"log_alpha_clip must be None or a (low, high) pair, got {clip!r}")
+    low, high = clip
+    for v in (low, high):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+            raise ValueError(f"log_alpha_clip bounds must be finite numbers, got {clip!r}")
+    if not low < high:
+        raise ValueError(f"log_alpha_clip needs low < high, got {clip!r}")
+    return float(low), float(high)
+
+
+@GUIDES.register("additive-noise")
+class AdditiveNoise(FlatGaussianGuide):
+    """Sparse-VD guide: factorised N(θ, σ²) with free θ and log σ² over every continuous latent site
+    of any Pyro model (an ``AutoGuide``). Pair it with :class:`pyrobnn.priors.LogUniform` and
+    ``pyro.infer.TraceMeanField_ELBO``.
+
+    :param model: any Pyro model.
+    :param init_log_sigma2: initial log σ² of every weight (the reference recipe uses −10, so training
+        starts from (nearly) the deterministic network).
+    :param log_alpha_clip: ``(low, high)`` range log α is clipped to where it is used (KL, masks), or
+        None. σ² is never clipped (module docstring).
+    :param init_loc_fn: initial θ per site. ``bayesian()`` passes one that copies the converted
+        network's weights, so ``bayesian(pretrained_net, prior="log-uniform", guide="additive-noise")``
+        starts sparse VD from a pretrained deterministic network (see also :meth:`from_pretrained`).
+        The default works with improper priors (:func:`init_to_median_or_fan_in`).
+    :param local_reparameterization: let Linear/Conv layers sample pre-activations
+        b ~ N(xθ, x²σ²) instead of weights (see :mod:`pyrobnn.guides.base`).
+
+    Flat parameters: ``theta`` and ``log_sigma2`` (one vector each over all sites).
+    """
+
+    flat_names = ("theta", "log_sigma2")
+
+    def __init__(self, model, *, init_loc_fn=init_to_median_or_fan_in, init_log_sigma2: float = -10.0,
+                 log_alpha_clip=(-8.0, 8.0), local_reparameterization: bool = True, create_plates=None):
+        if isinstance(init_log_sigma2, bool) or not isinstance(init_log_sigma2, numbers.Real) \
+                or not math.isfinite(init_log_sigma2):
+            raise ValueError(f"AdditiveNoise init_log_sigma2 must be a finite number, got {init_log_sigma2!r}")
+        self.init_log_sigma2 = float(init_log_sigma2)
+        self.log_alpha_clip = _check_clip(log_alpha_clip)
+        super().__init__(model, init_loc_fn=init_loc_fn, local_reparameterization=local_reparameterization,
+                         create_plates=create_plates)
+
+    def config(self):
+        return {"init_log_sigma2": self.init_log_sigma2,
+                "log_alpha_clip": None if self.log_alpha_clip is None else list(self.log_alpha_clip),
+                "local_reparameterization": self.local_reparameterization}
+
+    # -- FlatGaussianGuide hooks ------------------------------------------------------------------------
+    def _init_flat(self, init_loc):
+        return {"theta": init_loc, "log_sigma2": torch.full_like(init_loc, self.init_log_sigma2)}
+
+    def _site_params(self, flat, i, shape):
+        # The third item is log σ² (not γ): only this class's _site_normal reads it, and the base
+        # class subsamples it along plates like loc and scale.
+        log_var = flat["log_sigma2"][i].view(shape)
+        return flat["theta"][i].view(shape), (0.5 * log_var).exp(), log_var
+
+    def _site_normal(self, loc, scale, log_var, placeholder):
+        return AdditiveNoiseNormal(loc, scale, log_var, self.log_alpha_clip, placeholder=placeholder)
+
+    # -- public -----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def log_alpha(self, site: str, clip: bool = True) -> torch.Tensor:
+        """log α = log σ² − log θ² of ``site`` (its shape), clipped to ``log_alpha_clip`` unless
+        ``clip=False``. Detached."""
+        if self.prototype_trace is None:
+            raise RuntimeError("the guide has no parameters yet; run it (or bnn.initialize(x)) once first")
+        if site not in self._index:
+            raise KeyError(f"unknown site {site!r}; sites: {', '.join(self._layout)}")
+        flat = self._flat_params(register=False)
+        i = self._index[site]
+        shape = self._layout[site][2]
+        theta, log_var = flat["theta"][i].view(shape), flat["log_sigma2"][i].view(shape)
+        la = log_var - (theta * theta + _THETA2_EPS).log()
+        if clip and self.log_alpha_clip is not None:
+            la = la.clamp(*self.log_alpha_clip)
+        return la.clone()
+
+    @staticmethod
+    def from_pretrained(net: torch.nn.Module, *, dataset_size: Optional[int] = None, likelihood="categorical",
+                        prior="log-uniform", init_log_sigma2: float = -10.0, log_alpha_clip=(-8.0, 8.0),
+                        **bayesian_kwargs):
+        """Sparse VD started from a trained deterministic ``net``: a :class:`pyrobnn.BNN` whose θ are
+        ``net``'s weights and biases and whose log σ² are ``init_log_sigma2``.
+
+        Same as ``pyrobnn.bayesian(net, prior="log-uniform", guide={"name": "additive-noise", ...})``;
+        ``bayesian_kwargs`` (``layers``, ``params``, ``local_reparameterization``, ...) pass through.
+        """
+        from ..bnn import bayesian  # bnn imports guides; import lazily to keep the dependency one-way
+        guide = {"name": "additive-noise", "init_log_sigma2": init_log_sigma2,
+                 "log_alpha_clip": None if log_alpha_clip is None else list(log_alpha_clip)}
+        return bayesian(net, prior=prior, guide=guide, likelihood=likelihood, dataset_size=dataset_size,
+                        **bayesian_kwargs)

@@ -1,0 +1,142 @@
+"""Improper log-uniform prior p(|w|) ∝ 1/|w| and the KL approximation of sparse variational dropout.
+
+Molchanov, Ashukha & Vetrov (2017), "Variational Dropout Sparsifies Deep Neural Networks". For a
+Normal posterior q(w) = N(θ, σ²) write α = σ²/θ². The KL to the log-uniform prior depends on α only
+and is defined up to an additive constant (the prior is improper); the paper's approximation is
+
+    −KL(q ‖ p) ≈ k₁ sigmoid(k₂ + k₃ log α) − ½ log(1 + 1/α) − k₁,   k₁, k₂, k₃ = 0.63576, 1.87320, 1.48695,
+
+with the constant chosen so that −KL → 0 as α → ∞ (a weight that is pure noise costs nothing).
+It is registered for ``(GuideNormal, LogUniform)`` and ``(Normal, LogUniform)``, so
+``pyro.infer.TraceMeanField_ELBO`` uses it at every log-uniform site, also after the site's prior was
+expanded and made an event (``LogUniform().expand(shape).to_event(k)`` is an ``Independent`` whose base
+is a ``LogUniform``; torch's Independent–Independent rule sums this elementwise KL).
+
+Where log α comes from:
+  * a site of :class:`pyrobnn.guides.AdditiveNoise` carries its own (clipped) ``log_alpha``;
+  * any other Normal: log α = 2 log σ − log(μ² + 1e-16), clipped to :data:`DEFAULT_LOG_ALPHA_CLIP`.
+Clipping keeps the gradient finite where μ → 0; outside [−8, 8] the approximation is flat (log α ≫ 0)
+or linear in log α (log α ≪ 0), so the clip changes the KL's gradient, not the optimum's location.
+"""
+from __future__ import annotations
+
+import pyro.distributions as dist
+import torch
+import torch.nn.functional as F
+from torch.distributions import constraints
+from torch.distributions.kl import register_kl
+
+from ..guides.base import GuideNormal
+from ..registry import PRIORS
+
+__all__ = ["LogUniform", "kl_log_uniform", "neg_kl_log_uniform", "log_alpha_of_normal", "K1", "K2", "K3",
+           "DEFAULT_LOG_ALPHA_CLIP", "THETA2_EPS"]
+
+K1, K2, K3 = 0.63576, 1.87320, 1.48695
+#: log α is clipped to this range wherever the KL is evaluated on a Normal that does not carry its own
+DEFAULT_LOG_ALPHA_CLIP = (-8.0, 8.0)
+#: added to μ² inside log μ², so a weight at exactly 0 has a finite log α (then clipped) and gradient
+THETA2_EPS = 1e-16
+
+
+@PRIORS.register("log-uniform")
+class LogUniform(dist.TorchDistribution):
+    """Improper log-uniform prior over a real weight: p(w) ∝ 1/|w| (density uniform in log|w|).
+
+    A scalar distribution: use it at a weight site as ``LogUniform().expand(shape).to_event(len(shape))``
+    (what ``pyrobnn.bayesian(net, prior="log-uniform")`` does). Its parameters-free batch shape is all
+    it stores, so expanding is free.
+
+    * ``log_prob(w) = −log|w|`` (the normaliser does not exist; constant dropped), shape ``w.shape``
+      broadcast with ``batch_shape``.
+    * ``sample`` raises ``NotImplementedError``: an improper density has no samples. Use it with a
+      variational guide (``AdditiveNoise``, ``MeanField``) and ``TraceMeanField_ELBO``.
+    * KL to a Normal guide: the Molchanov et al. approximation (module docstring).
+    """
+
+    arg_constraints = {}
+    support = constraints.real
+    has_rsample = False
+
+    def __init__(self, batch_shape=torch.Size(), validate_args=None):
+        super().__init__(torch.Size(batch_shape), torch.Size(), validate_args=False)
+
+    def config(self):
+        return {}
+
+    def expand(self, batch_shape, _instance=None):
+        return LogUniform(torch.Size(batch_shape))
+
+    def log_prob(self, value):
+        lp = -value.abs().log()
+        if lp.shape != self.batch_shape and self.batch_shape:
+            lp = lp.expand(torch.broadcast_shapes(lp.shape, self.batch_shape))
+        return lp
+
+    def sample(self, sample_shape=torch.Size()):
+        raise NotImplementedError(
+            "LogUniform is an improper prior (p(|w|) ∝ 1/|w| does not integrate to 1), so it cannot be "
+            "sampled. Use it with a variational guide (pyrobnn.guides.AdditiveNoise or MeanField) and "
+            "pyro.infer.TraceMeanField_ELBO, and give the guide an init_loc_fn (AdditiveNoise has a "
+            "default that does not sample the prior)."
+        )
+
+    def rsample(self, sample_shape=torch.Size()):
+        return self.sample(sample_shape)
+
+    @property
+    def mean(self):
+        raise NotImplementedError("the improper LogUniform prior has no mean")
+
+    @property
+    def variance(self):
+        raise NotImplementedError("the improper LogUniform prior has no variance")
+
+    def __repr__(self):
+        shape = f"batch_shape={tuple(self.batch_shape)}" if self.batch_shape else ""
+        return f"LogUniform({shape})"
+
+
+# -- the KL approximation ------------------------------------------------------------------------------------
+def neg_kl_log_uniform(log_alpha: torch.Tensor) -> torch.Tensor:
+    """−KL(N(θ, αθ²) ‖ log-uniform) ≈ k₁ sigmoid(k₂ + k₃ log α) − ½ log(1 + 1/α) − k₁, elementwise."""
+    return K1 * torch.sigmoid(K2 + K3 * log_alpha) - 0.5 * F.softplus(-log_alpha) - K1
+
+
+def kl_log_uniform(log_alpha: torch.Tensor) -> torch.Tensor:
+    """KL ≈ k₁ sigmoid(−k₂ − k₃ log α) + ½ log(1 + e^{−log α}) ≥ 0, elementwise (same shape).
+
+    Written as k₁(1 − sigmoid(k₂ + k₃ la)) = k₁ sigmoid(−k₂ − k₃ la) so no constant is added and
+    subtracted, and with ``softplus`` for log(1 + 1/α) (stable for any log α)."""
+    return K1 * torch.sigmoid(log_alpha * (-K3) - K2) + 0.5 * F.softplus(-log_alpha)
+
+
+def log_alpha_of_normal(q, clip=DEFAULT_LOG_ALPHA_CLIP) -> torch.Tensor:
+    """log α = log σ² − log μ² of a Normal (``q.log_alpha`` if it carries one), clipped to ``clip``."""
+    carried = getattr(q, "log_alpha", None)
+    if carried is not None:
+        return carried
+    log_var = 2 * q.log_scale if isinstance(q, GuideNormal) else 2 * q.scale.log()
+    la = log_var - (q.loc * q.loc + THETA2_EPS).log()
+    return la.clamp(clip[0], clip[1]) if clip is not None else la
+
+
+def _broadcast(kl, p):
+    if p.batch_shape and kl.shape != p.batch_shape:
+        kl = kl.expand(torch.broadcast_shapes(kl.shape, p.batch_shape))
+    return kl
+
+
+@register_kl(GuideNormal, LogUniform)
+def _kl_guide_normal_log_uniform(q, p):
+    return _broadcast(kl_log_uniform(log_alpha_of_normal(q)), p)
+
+
+@register_kl(dist.Normal, LogUniform)
+def _kl_normal_log_uniform(q, p):
+    return _broadcast(kl_log_uniform(log_alpha_of_normal(q)), p)
+
+
+@register_kl(torch.distributions.Normal, LogUniform)
+def _kl_torch_normal_log_uniform(q, p):
+    return _broadcast(kl_log_uniform(log_alpha_of_normal(q)), p)
