@@ -16,6 +16,7 @@ import torch.nn as nn
 from pyro.infer.autoguide import AutoGuide
 from pyro.infer.autoguide.initialization import init_to_median
 from pyro.poutine.messenger import Messenger
+from torch.utils.weak import WeakIdKeyDictionary
 
 from . import priors as _priors  # noqa: F401  (registers the built-in priors)
 from .layers import BayesianConv, BayesianLinear, BayesianModule, BayesianParams
@@ -25,6 +26,7 @@ from .registry import GUIDES, LIKELIHOODS, PRIORS, spec_of
 __all__ = ["BNN", "bayesian"]
 
 _uid = itertools.count()
+_finite_inputs = WeakIdKeyDictionary()  # large inputs already checked finite: tensor -> its _version
 _AFFINE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
@@ -209,10 +211,14 @@ class BNN(nn.Module):
         if self.input_shape is not None and x.shape[1:] != self.input_shape:
             raise ValueError(f"x has per-example shape {tuple(x.shape[1:])} but the network was built for "
                              f"{tuple(self.input_shape)}")
-        # one reduction first (cheap on the hot path); the exact check only when it is not finite
-        if not torch.isfinite(x.sum()) and not torch.isfinite(x).all():
-            bad = (~torch.isfinite(x)).reshape(x.shape[0], -1).any(1).nonzero()[0, 0].item()
-            raise ValueError(f"x contains NaN or inf (first in example {bad})")
+        # one reduction first (cheap on the hot path); the exact check only when it is not finite.
+        # SG-MCMC passes the same full data every step: a large x is checked once per version.
+        if _finite_inputs.get(x) != x._version:
+            if not torch.isfinite(x.sum()) and not torch.isfinite(x).all():
+                bad = (~torch.isfinite(x)).reshape(x.shape[0], -1).any(1).nonzero()[0, 0].item()
+                raise ValueError(f"x contains NaN or inf (first in example {bad})")
+            if x.numel() >= 1 << 16:
+                _finite_inputs[x] = x._version
         return x
 
     def _run_net(self, x):
