@@ -1,0 +1,13 @@
+"""How a posterior is reached and used: the SVI loop, SG-MCMC kernels, distillation, TTA, ..."""
+from .fit import History, TrainingDiverged, fit, latest_checkpoint, load_checkpoint
+
+__all__ = ["History", "TrainingDiverged", "fit", "latest_checkpoint", "load_checkpoint"]
+from .complexity import (complexity_loss, complexity_weight, fit_complexity, prune, pruning_curve,  # noqa: E402
+                         relative_density, removable_fraction, sample_lams, signal_to_noise, snr_masks, with_guide)
+__all__ += ["complexity_loss", "complexity_weight", "fit_complexity", "prune", "pruning_curve", "relative_density",
+            "removable_fraction", "sample_lams", "signal_to_noise", "snr_masks", "with_guide"]
+from .sampling import SamplePosterior, sample  # noqa: E402
+from .sgld import PSGLD, SGLD, ConstantStepSize, CyclicalStepSize, PolynomialDecay, StepSize  # noqa: E402
+
+__all__ += ["SGLD", "PSGLD", "StepSize", "ConstantStepSize", "PolynomialDecay", "CyclicalStepSize", "sample",
+            "SamplePosterior"]

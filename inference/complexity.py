@@ -1,0 +1,319 @@
+"""Complexity control: training over the KL weight λ, and pruning by signal-to-noise.
+
+Generalised ELBO (per λ):   L_λ = E_q log p(D | w) − λ KL(q(w) ‖ p(w)),
+estimated on a minibatch of M of N examples as (N/M) Σ_batch E_q log p(y | x, w) − λ KL, with the
+closed-form KL (``TraceMeanField_ELBO``). The λ-hypernetwork guide
+(:class:`pyrobnn.guides.HyperMeanField`) is trained on E_{λ ~ U(Λ)} [−L_λ], estimated per batch by
+averaging −L_λ over ``lams_per_batch`` draws of λ (uniform, or log-uniform, over Λ). An ordinary guide
+is trained at one fixed λ by :func:`pyrobnn.inference.fit` with ``kl_warmup=λ`` (a constant KL weight).
+
+How λ is applied: the BNN's ``kl_weight`` already multiplies the log-density of every weight site in
+both model and guide (a Messenger around the network), which turns the ELBO's KL term into λ·KL;
+:func:`complexity_weight` sets it together with the guide's ``lam``.
+
+Pruning (seed 3): the relative density of the posterior at zero, ρ_i = q(0)/q(μ_i) = exp(−μ_i²/(2σ_i²)),
+is a monotone function of the signal-to-noise ratio |μ_i|/σ_i; removing a fraction f of the weights
+removes the f·D with the highest density at 0 (lowest SNR), globally over all sites. A removed weight has
+μ = 0 and σ ≈ 4e-44, so it contributes nothing to any forward pass.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from contextlib import contextmanager
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
+
+import pyro
+import torch
+from pyro.infer import TraceMeanField_ELBO
+
+from pyrobnn.bnn import BNN
+from pyrobnn.guides.base import FlatGaussianGuide
+from pyrobnn.guides.hyper import HyperMeanField, mean_field_like
+from pyrobnn.guides.mean_field import MeanField
+
+from .fit import History, TrainingDiverged, _Batches, lr_factor_schedule
+
+__all__ = ["complexity_weight", "sample_lams", "complexity_loss", "fit_complexity", "with_guide",
+           "signal_to_noise", "relative_density", "snr_masks", "prune", "pruning_curve", "removable_fraction"]
+
+#: ρ of a removed weight: softplus(−100) ≈ 4e-44, i.e. σ = 0 in float32 arithmetic, with a finite log σ.
+_REMOVED_RHO = -100.0
+
+
+# -- λ ------------------------------------------------------------------------------------------------
+def _hyper_guide(bnn: BNN) -> HyperMeanField:
+    if not isinstance(bnn, BNN):
+        raise TypeError(f"expected a pyrobnn BNN, got {type(bnn).__name__}")
+    if not isinstance(bnn.autoguide, HyperMeanField):
+        raise TypeError("this needs a BNN built with guide=HyperMeanField (or 'hyper-mean-field'), "
+                        f"got {type(bnn.autoguide).__name__}")
+    return bnn.autoguide
+
+
+@contextmanager
+def complexity_weight(bnn: BNN, lam: float):
+    """Inside the block ``bnn``'s ELBO is the generalised one at λ: ``bnn.kl_weight = λ`` and, when the
+    guide is a :class:`HyperMeanField`, the guide reads G(λ). Both are restored on exit."""
+    lam = float(lam)
+    if not (math.isfinite(lam) and lam >= 0):
+        raise ValueError(f"λ must be a finite number ≥ 0, got {lam!r}")
+    old = bnn.kl_weight
+    bnn.kl_weight = lam
+    try:
+        if isinstance(bnn.autoguide, HyperMeanField):
+            with bnn.autoguide.conditioned(lam):
+                yield
+        else:
+            yield
+    finally:
+        bnn.kl_weight = old
+
+
+def sample_lams(lam_range: Sequence[float], num: int, distribution: str = "uniform", stratified: bool = False,
+                generator: Optional[torch.Generator] = None) -> List[float]:
+    """``num`` draws of λ over Λ = (lo, hi): uniform, or log-uniform (needs lo > 0).
+
+    ``stratified=True`` splits Λ (in the sampling scale) into ``num`` equal cells and draws one λ per
+    cell — the same marginal U(Λ), lower variance of the per-batch average over λ."""
+    if isinstance(num, bool) or not isinstance(num, int) or num < 1:
+        raise ValueError(f"the number of λ draws must be a positive integer, got {num!r}")
+    lo, hi = float(lam_range[0]), float(lam_range[1])
+    if not (0 <= lo < hi):
+        raise ValueError(f"lam_range must satisfy 0 ≤ lo < hi, got {(lo, hi)}")
+    if distribution not in ("uniform", "log-uniform"):
+        raise ValueError(f"λ distribution must be 'uniform' or 'log-uniform', got {distribution!r}")
+    if distribution == "log-uniform" and lo <= 0:
+        raise ValueError("a log-uniform λ needs lam_range with lo > 0")
+    u = torch.rand(num, generator=generator, dtype=torch.float64)
+    if stratified:
+        u = (torch.arange(num, dtype=torch.float64) + u) / num
+    if distribution == "uniform":
+        lams = lo + (hi - lo) * u
+    else:
+        lams = torch.exp(math.log(lo) + (math.log(hi) - math.log(lo)) * u)
+    return lams.clamp(lo, hi).tolist()
+
+
+def complexity_loss(bnn: BNN, x, y, lams: Iterable[float], elbo=None) -> torch.Tensor:
+    """(1/K) Σ_k −L_{λ_k}(x, y): the negative generalised ELBO averaged over the given λ's (a scalar,
+    differentiable in the guide's parameters). One model/guide pass per λ."""
+    elbo = elbo or TraceMeanField_ELBO()
+    losses = []
+    for lam in lams:
+        with complexity_weight(bnn, lam):
+            losses.append(elbo.differentiable_loss(bnn.model, bnn.guide, x, y))
+    if not losses:
+        raise ValueError("complexity_loss needs at least one λ")
+    return torch.stack(losses).mean()
+
+
+_OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+
+
+def fit_complexity(bnn: BNN, train, epochs: int, lr: float = 1e-3, *, lams_per_batch: int = 5,
+                   lam_distribution: str = "uniform", stratified: bool = False, batch_size: int = 128,
+                   optimizer: Union[str, Callable] = "adam", optimizer_kwargs: Optional[dict] = None,
+                   lr_schedule=None, seed: Optional[int] = None, progress: bool = True,
+                   callbacks: Sequence[Callable] = (), grad_clip: Optional[float] = None) -> History:
+    """Train a BNN whose guide is a :class:`HyperMeanField` on E_{λ ~ Λ}[−L_λ].
+
+    Each step draws ``lams_per_batch`` values of λ over the guide's ``lam_range`` and descends the
+    average of their negative generalised ELBOs on the same minibatch (cost: that many model/guide
+    passes per step).
+
+    :param train: ``ArrayLoader``, ``(x, y)`` tensors (batched with ``batch_size``) or a DataLoader.
+    :param lam_distribution: ``"uniform"`` (the seed's U(Λ)) or ``"log-uniform"``.
+    :param stratified: one λ per equal cell of Λ (see :func:`sample_lams`).
+    :param lr_schedule: as in :func:`pyrobnn.inference.fit`.
+    :param callbacks: ``f(bnn, record)`` after each epoch; return ``True`` to stop.
+    :returns: :class:`~pyrobnn.inference.History`, one record per epoch (``loss`` is the mean over
+        the epoch's steps of the λ-averaged negative ELBO; ``seconds`` its wall time).
+    """
+    guide = _hyper_guide(bnn)
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+    if isinstance(lams_per_batch, bool) or not isinstance(lams_per_batch, int) or lams_per_batch < 1:
+        raise ValueError(f"lams_per_batch must be a positive integer, got {lams_per_batch!r}")
+    sample_lams(guide.lam_range, 1, lam_distribution)  # validates the distribution against Λ up front
+    if seed is not None:
+        pyro.set_rng_seed(seed)
+    lam_gen = torch.Generator().manual_seed(0 if seed is None else int(seed))
+    data = _Batches(train, batch_size, seed or 0)
+    n = data.dataset_size
+    if bnn.dataset_size is None:
+        bnn.dataset_size = n
+    elif bnn.dataset_size < n:
+        raise ValueError(f"bnn.dataset_size ({bnn.dataset_size}) is smaller than the training set ({n} examples)")
+    x0, _ = data.first()
+    bnn.initialize(x0)
+    params = [p for p in bnn.parameters() if p.requires_grad]
+    if isinstance(optimizer, str):
+        if optimizer.lower() not in _OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {optimizer!r}; known: {', '.join(_OPTIMIZERS)}")
+        opt = _OPTIMIZERS[optimizer.lower()](params, lr=lr, **(optimizer_kwargs or {}))
+    else:
+        opt = optimizer(params)
+    lr_of = lr_factor_schedule(lr_schedule, epochs)
+    elbo = TraceMeanField_ELBO()
+    steps_per_epoch = len(data)
+    history = History()
+    tqdm = None
+    if progress:
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:  # pragma: no cover
+            tqdm = None
+    bnn.train()
+    for epoch in range(epochs):
+        t0 = time.perf_counter()
+        total, count = 0.0, 0
+        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{epochs}", leave=False) if tqdm else None
+        for step, (xb, yb) in enumerate(data.epoch(epoch)):
+            factor = lr_of(epoch + step / steps_per_epoch)
+            for g in opt.param_groups:
+                g["lr"] = lr * factor
+            lams = sample_lams(guide.lam_range, lams_per_batch, lam_distribution, stratified, lam_gen)
+            loss = complexity_loss(bnn, xb, yb, lams, elbo)
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(f"the λ-averaged loss became {loss.item()} at epoch {epoch + 1}, step "
+                                       f"{step + 1} (λ = {lams}); parameters are those of the previous step. "
+                                       "Lower the learning rate or the initial scale.")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            opt.step()
+            total += loss.item()
+            count += 1
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        record = {"epoch": epoch + 1, "loss": total / max(count, 1),
+                  "elbo_per_datum": -total / max(count, 1) / bnn.dataset_size,
+                  "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
+        history.records.append(record)
+        if any(cb(bnn, record) for cb in callbacks):
+            break
+    bnn.eval()
+    return history
+
+
+# -- fixed guides inside a BNN -------------------------------------------------------------------------
+def with_guide(bnn: BNN, guide: FlatGaussianGuide) -> BNN:
+    """A BNN sharing ``bnn``'s network, priors and likelihood but using ``guide`` (e.g.
+    ``hyper.at(λ)`` or a pruned guide) — for ``sample_outputs``, ``predict`` and ``evaluate``.
+
+    A shallow view, not a copy: it holds the same network modules, so training one trains the other's
+    deterministic parameters. ``bnn`` itself is unchanged."""
+    if not isinstance(bnn, BNN):
+        raise TypeError(f"expected a pyrobnn BNN, got {type(bnn).__name__}")
+    if guide.prototype_trace is None:
+        raise ValueError("the guide is not set up; build it from a set-up guide (e.g. hyper.at(λ))")
+    view = copy.copy(bnn)
+    view._modules = dict(bnn._modules)   # own module table, so replacing the guide leaves bnn alone
+    view._modules["autoguide"] = guide
+    return view
+
+
+# -- pruning by signal-to-noise -------------------------------------------------------------------------
+def _prunable_sites(guide: FlatGaussianGuide, sites: Optional[Sequence[str]]):
+    real = [s for s in guide.site_names() if guide._layout[s][4] is None]  # unconstrained (real) sites
+    if sites is None:
+        return real
+    unknown = [s for s in sites if s not in real]
+    if unknown:
+        raise ValueError(f"sites {unknown} are not real-valued sites of the guide; known: {real}")
+    return list(sites)
+
+
+@torch.no_grad()
+def signal_to_noise(guide: FlatGaussianGuide, sites: Optional[Sequence[str]] = None) -> Dict[str, torch.Tensor]:
+    """|μ|/σ per weight, ``{site: Tensor[site shape]}``, for the real-valued sites of a Gaussian guide."""
+    out = {}
+    for s in _prunable_sites(guide, sites):
+        loc, scale = guide.site_params(s)
+        out[s] = loc.abs() / scale
+    return out
+
+
+@torch.no_grad()
+def relative_density(guide: FlatGaussianGuide, sites: Optional[Sequence[str]] = None) -> Dict[str, torch.Tensor]:
+    """q(0)/q(μ) = exp(−μ²/(2σ²)) per weight, ``{site: Tensor[site shape]}`` (1 = surely removable)."""
+    return {s: torch.exp(-0.5 * r * r) for s, r in signal_to_noise(guide, sites).items()}
+
+
+@torch.no_grad()
+def snr_masks(guide: FlatGaussianGuide, fraction: float, sites: Optional[Sequence[str]] = None) -> Dict[str, torch.Tensor]:
+    """Boolean keep-masks ``{site: Tensor[site shape]}`` removing the ``round(fraction · D)`` weights of
+    lowest SNR over all the sites together (D = their total size); ties are broken by position."""
+    fraction = float(fraction)
+    if not (0.0 <= fraction <= 1.0):
+        raise ValueError(f"the fraction of weights to remove must lie in [0, 1], got {fraction}")
+    snr = signal_to_noise(guide, sites)
+    flat = torch.cat([v.reshape(-1) for v in snr.values()])
+    n_remove = int(round(fraction * flat.numel()))
+    keep = torch.ones(flat.numel(), dtype=torch.bool)
+    if n_remove:
+        order = torch.sort(flat, stable=True).indices
+        keep[order[:n_remove]] = False
+    masks, offset = {}, 0
+    for s, v in snr.items():
+        masks[s] = keep[offset:offset + v.numel()].view(v.shape)
+        offset += v.numel()
+    return masks
+
+
+@torch.no_grad()
+def prune(guide: FlatGaussianGuide, masks: Dict[str, torch.Tensor]) -> MeanField:
+    """A :class:`MeanField` equal to ``guide`` except that weights with ``mask == False`` are removed
+    (μ = 0, σ ≈ 4e-44: nothing reaches the layer's output). ``guide`` is unchanged."""
+    locs, rhos = [], []
+    for s in guide.site_names():
+        loc, scale = guide.site_params(s)
+        rho = scale + torch.log(-torch.expm1(-scale))  # softplus⁻¹, stable for small σ
+        m = masks.get(s)
+        if m is not None:
+            if m.shape != loc.shape:
+                raise ValueError(f"mask of {s!r} has shape {tuple(m.shape)}, the site {tuple(loc.shape)}")
+            loc = torch.where(m, loc, torch.zeros_like(loc))
+            rho = torch.where(m, rho, torch.full_like(rho, _REMOVED_RHO))
+        locs.append(loc.reshape(-1))
+        rhos.append(rho.reshape(-1))
+    return mean_field_like(guide, torch.cat(locs), torch.cat(rhos))
+
+
+@torch.no_grad()
+def pruning_curve(bnn: BNN, guide: FlatGaussianGuide, x, y, fractions: Sequence[float], num_samples: int = 16,
+                  sites: Optional[Sequence[str]] = None, seed: int = 0) -> List[Dict[str, float]]:
+    """Predictive metrics of ``guide`` (in ``bnn``) with each fraction of weights removed by SNR.
+
+    :returns: one dict per fraction: ``{"fraction": f, "removed": n, **bnn.evaluate(...)}`` (accuracy,
+        nll, ... of the ``num_samples``-draw posterior predictive on ``x, y``; the RNG is reseeded to
+        ``seed`` for every fraction so the curves are comparable)."""
+    rows = []
+    for f in fractions:
+        masks = snr_masks(guide, f, sites)
+        view = with_guide(bnn, prune(guide, masks))
+        pyro.set_rng_seed(seed)
+        metrics = view.evaluate(x, y, num_samples)
+        rows.append({"fraction": float(f), "removed": int(sum((~m).sum().item() for m in masks.values())), **metrics})
+    return rows
+
+
+def removable_fraction(curve: Sequence[Dict[str, float]], tolerance: float = 0.01, metric: str = "accuracy") -> float:
+    """The largest fraction f in ``curve`` (from :func:`pruning_curve`, which must include fraction 0)
+    such that at every fraction ≤ f the ``metric`` is at most ``tolerance`` below the unpruned one."""
+    rows = sorted(curve, key=lambda r: r["fraction"])
+    if not rows or rows[0]["fraction"] != 0.0:
+        raise ValueError("the pruning curve must include fraction 0 (the unpruned model)")
+    base, best = rows[0][metric], 0.0
+    for r in rows:
+        if r[metric] < base - tolerance:
+            break
+        best = r["fraction"]
+    return best
