@@ -1,0 +1,516 @@
+"""SG-MCMC for networks, directly: ``sample(bnn, data)`` streams minibatches through an SGLD/pSGLD kernel
+and returns a :class:`SamplePosterior` that predicts with the ensemble of kept draws.
+
+This is the loader-driven twin of ``pyro.infer.MCMC(SGLD(bnn.model))``: the model sees one batch of a
+DataLoader per update (``dataset_size`` N scales its log-likelihood by N/B), instead of full data
+subsampled by a plate. Both give the same chain; this one also works when the data does not fit in
+memory and gives control over what is kept.
+
+Memory. A draw of LeNet-300-100 is 266k numbers (≈1 MB in float32). What is kept is bounded by
+``num_samples`` (draws kept, one every ``thin`` updates after ``warmup``), and ``max_draws``: when more
+draws than that accumulate, every second one is dropped and the effective thinning doubles, so the
+kept draws stay evenly spaced over the whole run under a hard cap (Korattikara et al.'s observation
+applies: consecutive SGLD draws are so correlated that dropping them loses little). Further:
+``store_dtype=torch.bfloat16`` halves the memory (prediction casts back; the rounding error of
+bfloat16, ~0.4 % relative, is small next to the posterior spread of a network weight but not
+negligible for a tight posterior); ``keep_sites`` keeps only some sites (for diagnostics — a posterior
+missing sites cannot predict); ``eval_x`` records the network's outputs on held-out inputs at every
+kept draw, which is all that function-space diagnostics need.
+"""
+from __future__ import annotations
+
+import fnmatch
+import math
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import pyro
+import pyro.poutine as poutine
+import torch
+
+from pyrobnn.bnn import BNN, bayesian
+from pyrobnn.io import read_state, write_state
+
+from .sgld import PSGLD, SGLD
+
+__all__ = ["sample", "SamplePosterior"]
+
+_KERNELS = {"sgld": SGLD, "psgld": PSGLD}
+_DEFAULT_STEP = {"sgld": 1e-5, "psgld": 1e-3}
+
+
+# ----------------------------------------------------------------------------------------------------
+# data
+# ----------------------------------------------------------------------------------------------------
+class _TensorBatches:
+    """Shuffled minibatches of (x, y) without replacement within an epoch, reproducible via ``generator``."""
+
+    def __init__(self, x, y, batch_size, generator):
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(f"x has {x.shape[0]} examples but y has {y.shape[0]}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        self.x, self.y, self.batch_size = x, y, min(batch_size, x.shape[0])
+        self.generator = generator
+
+    def __len__(self):
+        return self.x.shape[0] // self.batch_size
+
+    def __iter__(self):
+        perm = torch.randperm(self.x.shape[0], generator=self.generator)
+        for i in range(len(self)):
+            idx = perm[i * self.batch_size:(i + 1) * self.batch_size]
+            yield self.x[idx], self.y[idx]
+
+
+def _forever(batches):
+    while True:
+        empty = True
+        for batch in batches:
+            empty = False
+            if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+                raise TypeError("each batch must be an (x, y) pair")
+            yield batch[0], batch[1]
+        if empty:
+            raise ValueError("the data loader yielded no batches")
+
+
+def _dataset_size(data, x_y) -> Optional[int]:
+    if x_y is not None:
+        return int(x_y[0].shape[0])
+    ds = getattr(data, "dataset", None)
+    if ds is not None and hasattr(ds, "__len__"):
+        return len(ds)
+    n = getattr(data, "x", None)
+    return int(n.shape[0]) if isinstance(n, torch.Tensor) else None
+
+
+# ----------------------------------------------------------------------------------------------------
+# the posterior object
+# ----------------------------------------------------------------------------------------------------
+class SamplePosterior:
+    """An ensemble of posterior draws of a BNN's latent sites.
+
+    :ivar bnn: the :class:`pyrobnn.BNN` whose ``model`` the draws belong to.
+    :ivar draws: ``{site: Tensor[C, S, *site_shape]}`` (C chains, S draws each), constrained values.
+    :ivar stats: ``{name: Tensor[C, S]}`` per-draw sampler statistics (``potential_energy``,
+        ``step_size``, ``diverging``).
+    :ivar eval_x: held-out inputs ``[B, ...]`` or None; ``eval_outputs`` ``[C, S, B, ...]`` the network's
+        outputs on them at each draw (for function-space diagnostics).
+    """
+
+    def __init__(self, bnn: BNN, draws: Dict[str, torch.Tensor], stats: Optional[Dict[str, torch.Tensor]] = None,
+                 eval_x: Optional[torch.Tensor] = None, eval_outputs: Optional[torch.Tensor] = None,
+                 config: Optional[Dict[str, Any]] = None):
+        if not isinstance(bnn, BNN):
+            raise TypeError(f"SamplePosterior needs a pyrobnn BNN, got {type(bnn).__name__}")
+        if not draws:
+            raise ValueError("a SamplePosterior needs at least one site's draws")
+        lead = None
+        for name, v in draws.items():
+            if not isinstance(v, torch.Tensor) or v.dim() < 2:
+                raise ValueError(f"draws[{name!r}] must be a tensor [chains, draws, ...]")
+            if lead is None:
+                lead = v.shape[:2]
+            elif v.shape[:2] != lead:
+                raise ValueError(f"draws[{name!r}] has leading shape {tuple(v.shape[:2])}, others {tuple(lead)}")
+        self.bnn = bnn
+        self.draws = dict(draws)
+        self.stats = dict(stats or {})
+        self.eval_x = eval_x
+        self.eval_outputs = eval_outputs
+        self.config = dict(config or {})
+
+    @property
+    def num_chains(self) -> int:
+        return next(iter(self.draws.values())).shape[0]
+
+    @property
+    def num_draws(self) -> int:
+        """Draws per chain."""
+        return next(iter(self.draws.values())).shape[1]
+
+    def __repr__(self):
+        return (f"SamplePosterior(chains={self.num_chains}, draws={self.num_draws}, sites={list(self.draws)}, "
+                f"MB={sum(v.numel() * v.element_size() for v in self.draws.values()) / 2**20:.1f})")
+
+    # -- access ----------------------------------------------------------------------------------------
+    def missing_sites(self) -> List[str]:
+        return [s for s in _latent_sites(self.bnn) if s not in self.draws]
+
+    def get_samples(self, group_by_chain: bool = False) -> Dict[str, torch.Tensor]:
+        """``{site: [C, S, ...]}`` or, flattened over chains, ``{site: [C·S, ...]}`` (as ``MCMC.get_samples``)."""
+        if group_by_chain:
+            return dict(self.draws)
+        return {k: v.reshape((-1,) + v.shape[2:]) for k, v in self.draws.items()}
+
+    # -- prediction ------------------------------------------------------------------------------------
+    def _selected(self, num_samples):
+        flat = self.get_samples()
+        total = next(iter(flat.values())).shape[0]
+        if num_samples is not None:
+            if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+                raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+            idx = torch.linspace(0, total - 1, min(num_samples, total)).round().long()
+            flat = {k: v[idx] for k, v in flat.items()}
+        return flat
+
+    def _outputs_and_precision(self, x, num_samples):
+        missing = self.missing_sites()
+        if missing:
+            raise ValueError(f"this posterior kept no draws of sites {missing} (keep_sites); it cannot predict")
+        flat = self._selected(num_samples)
+        outs = outputs_under_draws(self.bnn, flat, self.bnn._check_x(x))
+        precision = flat.get(_PRECISION)
+        return outs, (None if precision is None else precision.to(outs.dtype))
+
+    @torch.no_grad()
+    def sample_outputs(self, x, num_samples: Optional[int] = None) -> torch.Tensor:
+        """Network outputs ``[S', B, ...]`` under the kept draws (all C·S of them, or ``num_samples``
+        evenly spaced ones); see :func:`outputs_under_draws`."""
+        return self._outputs_and_precision(x, num_samples)[0]
+
+    @torch.no_grad()
+    def predict(self, x, num_samples: Optional[int] = None):
+        """Predictive class probabilities ``[B, C]`` (classification) or ``(mean, variance)`` — with a
+        latent noise precision the variance is var(means) + mean over draws of 1/τ."""
+        outs, precision = self._outputs_and_precision(x, num_samples)
+        lik = self.bnn.likelihood
+        if precision is None:
+            return lik.aggregate(outs)
+        means = lik._mean(outs)
+        return means.mean(0), means.var(0, unbiased=False) + precision.reciprocal().mean()
+
+    @torch.no_grad()
+    def evaluate(self, x, y, num_samples: Optional[int] = None) -> Dict[str, float]:
+        """Metrics of the ensemble predictive on ``(x, y)`` (:func:`pyrobnn.metrics.evaluate_outputs`)."""
+        from pyrobnn.metrics import evaluate_outputs, gaussian_nll, rmse
+        outs, precision = self._outputs_and_precision(x, num_samples)
+        lik = self.bnn.likelihood
+        y = lik.check_targets(outs[0], y)
+        if precision is None:
+            return evaluate_outputs(lik, outs, y)
+        with per_draw_precision(lik, precision, outs):
+            lpd = lik.predictive_log_prob(outs, y).mean().item()
+        mean, var = self.predict(x, num_samples)
+        return {"rmse": rmse(mean, y), "nll": -lpd, "gaussian_nll": gaussian_nll(mean, var, y)}
+
+    # -- persistence -----------------------------------------------------------------------------------
+    def save(self, path) -> None:
+        """Write draws, statistics, held-out outputs, the BNN's deterministic parameters and its spec to
+        one safetensors file (atomic, checksummed; :func:`pyrobnn.io.write_state`)."""
+        if self.bnn.input_shape is None:
+            raise ValueError("the BNN has never run on data; nothing to describe its input shape")
+        tensors = {f"draw/{k}": v for k, v in self.draws.items()}
+        tensors.update({f"stat/{k}": v for k, v in self.stats.items()})
+        if self.eval_x is not None:
+            tensors["eval_x"] = self.eval_x
+        if self.eval_outputs is not None:
+            tensors["eval_outputs"] = self.eval_outputs
+        tensors.update({f"bnn/{k}": v for k, v in _deterministic_state(self.bnn).items()})
+        write_state(path, tensors, {"kind": "sample-posterior", "spec": self.bnn.spec(), "config": self.config})
+
+    @classmethod
+    def load(cls, path, net: Optional[torch.nn.Module] = None) -> "SamplePosterior":
+        """Read a file written by :meth:`save`. ``net``: a fresh instance of the architecture when it was
+        not built from :mod:`pyrobnn.models`."""
+        tensors, meta = read_state(path)
+        if meta.get("kind") != "sample-posterior":
+            raise ValueError(f"{path} holds a pyrobnn {meta.get('kind')!r}, not a sample-posterior")
+        bnn = _bnn_from_spec(meta.get("spec"), net, path)
+        state = {k[4:]: v for k, v in tensors.items() if k.startswith("bnn/")}
+        missing, unexpected = bnn.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith("autoguide.")]
+        if missing or unexpected:
+            raise ValueError(f"{path}: parameters do not fit the architecture (missing {missing}, unexpected {unexpected})")
+        draws = {k[5:]: v for k, v in tensors.items() if k.startswith("draw/")}
+        stats = {k[5:]: v for k, v in tensors.items() if k.startswith("stat/")}
+        return cls(bnn, draws, stats, tensors.get("eval_x"), tensors.get("eval_outputs"), meta.get("config"))
+
+    # -- from pyro.infer.MCMC --------------------------------------------------------------------------
+    @classmethod
+    def from_mcmc(cls, mcmc, bnn: Optional[BNN] = None) -> "SamplePosterior":
+        """Wrap a finished ``pyro.infer.MCMC`` run on ``bnn.model`` (any kernel)."""
+        bnn = bnn if bnn is not None else getattr(mcmc.kernel.model, "__self__", None)
+        if not isinstance(bnn, BNN):
+            raise TypeError("from_mcmc needs the BNN whose model was sampled (pass bnn=...)")
+        draws = mcmc.get_samples(group_by_chain=True)
+        return cls(bnn, draws, mcmc_sample_stats(mcmc), config=getattr(mcmc.kernel, "config", dict)())
+
+
+def mcmc_sample_stats(mcmc) -> Dict[str, torch.Tensor]:
+    """Per-draw statistics ``{name: [C, S]}`` of a finished ``pyro.infer.MCMC`` run: ``diverging``
+    always; ``potential_energy`` and ``step_size`` where the kernel records them (SGLD/pSGLD do)."""
+    per_chain = getattr(mcmc, "_diagnostics", None)
+    if not per_chain or per_chain[0] is None:
+        diag = mcmc.diagnostics()
+        per_chain = [{k: v[f"chain {i}"] for k, v in diag.items() if isinstance(v, dict) and f"chain {i}" in v}
+                     for i in range(mcmc.num_chains)]
+    C, S = mcmc.num_chains, mcmc.num_samples
+    stats = {"diverging": torch.zeros(C, S, dtype=torch.bool)}
+    for i, d in enumerate(per_chain):
+        div = d.get("divergences", [])
+        if isinstance(div, (list, tuple)) and len(div):
+            stats["diverging"][i, torch.as_tensor(list(div), dtype=torch.long)] = True
+    for key in ("potential_energy", "step_size"):
+        vals = [d.get(key) for d in per_chain]
+        if all(isinstance(v, (list, tuple)) and len(v) == S for v in vals):
+            stats[key] = torch.tensor(vals, dtype=torch.float64)
+    return stats
+
+
+def _deterministic_state(bnn: BNN) -> Dict[str, torch.Tensor]:
+    return {k: v for k, v in bnn.state_dict().items() if not k.startswith("autoguide.")}
+
+
+def _bnn_from_spec(spec, net, path) -> BNN:
+    from pyrobnn.registry import MODELS
+    if not isinstance(spec, dict):
+        raise ValueError(f"{path}: spec is missing")
+    try:
+        if net is None:
+            if not spec.get("arch"):
+                raise ValueError(f"{path} was saved from a custom network; pass net=<a fresh instance> to load()")
+            net = MODELS.build(spec["arch"])
+        bnn = bayesian(net, prior=spec["prior"], guide=spec["guide"], likelihood=spec["likelihood"],
+                       dataset_size=spec["dataset_size"], layers=spec["layers"], params=spec.get("params", ()),
+                       local_reparameterization=spec["local_reparameterization"])
+        shape = spec["input_shape"]
+    except KeyError as e:
+        raise ValueError(f"{path}: spec lacks {e}") from None
+    if not (isinstance(shape, list) and all(isinstance(s, int) and s > 0 for s in shape)):
+        raise ValueError(f"{path}: bad input_shape {shape!r}")
+    bnn.input_shape = torch.Size(shape)
+    return bnn
+
+
+_PRECISION = "likelihood.precision"
+
+
+class per_draw_precision:
+    """Context in which a ``Gaussian(scale="latent")`` likelihood evaluates ``log_prob(outs [S, B, ...])``
+    with one noise precision per draw (``precision`` ``[S]``) instead of the last one the model drew."""
+
+    def __init__(self, likelihood, precision: torch.Tensor, outs: torch.Tensor):
+        self.likelihood = likelihood
+        mean_dim = likelihood._mean(outs).dim()
+        self.value = precision.reshape((-1,) + (1,) * (mean_dim - 1))
+
+    def __enter__(self):
+        self.saved = self.likelihood._precision
+        self.likelihood._precision = self.value
+        return self
+
+    def __exit__(self, *exc):
+        self.likelihood._precision = self.saved
+        return False
+
+
+def _has_latent_likelihood(bnn) -> bool:
+    return getattr(bnn.likelihood, "scale_mode", None) == "latent"
+
+
+# ----------------------------------------------------------------------------------------------------
+# outputs under a set of draws
+# ----------------------------------------------------------------------------------------------------
+def _latent_sites(bnn: BNN) -> List[str]:
+    names = list(bnn.site_priors)
+    if _has_latent_likelihood(bnn):
+        names.append(_PRECISION)
+    return names
+
+
+def _net_under(bnn: BNN, draw: Dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    return poutine.condition(bnn._net_only, data=draw)(x)
+
+
+def outputs_under_draws(bnn: BNN, draws: Dict[str, torch.Tensor], x: torch.Tensor, chunk: int = 64,
+                        max_rows: int = 1 << 16) -> torch.Tensor:
+    """Network outputs ``[S, B, ...]`` for draws ``{site: [S, *shape]}`` on inputs ``x`` ``[B, ...]``:
+    ``torch.func.vmap`` over chunks of draws, a loop over draws when the network cannot be vmapped."""
+    draws = {k: v for k, v in draws.items() if k != _PRECISION}  # the network does not read it
+    S = next(iter(draws.values())).shape[0]
+    dtype = torch.get_default_dtype()
+    saved_precision = getattr(bnn.likelihood, "_precision", None)
+    rows = max(1, max_rows // max(1, min(chunk, S)))
+    was_training = bnn.training
+    bnn.eval()
+    outs = []
+    try:
+        with torch.no_grad(), poutine.block():
+            for s0 in range(0, S, chunk):
+                part = {k: v[s0:s0 + chunk].to(dtype) for k, v in draws.items()}
+                cols = []
+                for r0 in range(0, x.shape[0], rows):
+                    xb = x[r0:r0 + rows]
+                    try:
+                        o = torch.func.vmap(lambda d: _net_under(bnn, d, xb))(part)
+                    except (RuntimeError, ValueError, NotImplementedError):
+                        n = next(iter(part.values())).shape[0]
+                        o = torch.stack([_net_under(bnn, {k: v[i] for k, v in part.items()}, xb) for i in range(n)])
+                    cols.append(o)
+                outs.append(torch.cat(cols, 1))
+    finally:
+        bnn.train(was_training)
+        if hasattr(bnn.likelihood, "_precision"):
+            bnn.likelihood._precision = saved_precision  # a value set inside vmap must not escape it
+    return torch.cat(outs, 0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the sampler loop
+# ----------------------------------------------------------------------------------------------------
+def sample(bnn: BNN, data: Union[Tuple[torch.Tensor, torch.Tensor], Iterable], kernel: Union[str, SGLD] = "sgld", *,
+           num_samples: int = 100, warmup: int = 1000, thin: int = 10, num_chains: int = 1,
+           step_size=None, batch_size: int = 128, max_draws: Optional[int] = None,
+           keep_sites: Optional[Sequence[str]] = None, store_dtype: Optional[torch.dtype] = None,
+           eval_x: Optional[torch.Tensor] = None, seed: Optional[int] = None, progress: bool = False,
+           **kernel_kwargs) -> SamplePosterior:
+    """Run SGLD/pSGLD on a BNN over a stream of minibatches and keep an ensemble of draws.
+
+    :param bnn: a :class:`pyrobnn.BNN`; ``bnn.dataset_size`` (N) is taken from the data when unset.
+    :param data: ``(x, y)`` tensors (shuffled into batches of ``batch_size`` each epoch) or any
+        re-iterable of ``(x, y)`` batches (a ``torch.utils.data.DataLoader``, ``pyrobnn.data.ArrayLoader``).
+    :param kernel: ``"sgld"``, ``"psgld"`` or a kernel instance built on ``bnn.model``.
+    :param num_samples: draws kept per chain (one every ``thin`` updates after ``warmup`` updates).
+    :param max_draws: cap on draws kept per chain; beyond it the kept set is halved (every second draw)
+        and the thinning doubled, so memory stays bounded and the draws stay evenly spaced.
+    :param keep_sites: fnmatch patterns of sites to keep (default all; the result cannot predict
+        unless all are kept).
+    :param store_dtype: dtype of the kept draws (e.g. ``torch.bfloat16`` to halve memory).
+    :param eval_x: held-out inputs ``[B, ...]``; the network's outputs on them are recorded at every
+        kept draw (``SamplePosterior.eval_outputs`` ``[C, S, B, ...]``) for function-space R-hat/ESS.
+    :param kernel_kwargs: passed to the kernel class (``temperature``, ``alpha``, ``init_strategy``...).
+    :returns: a :class:`SamplePosterior` with draws ``[num_chains, ≤num_samples, ...]``.
+
+    Cyclical schedules with an exploration stage: draws falling in that stage are not kept.
+    """
+    if not isinstance(bnn, BNN):
+        raise TypeError(f"sample() needs a pyrobnn BNN, got {type(bnn).__name__}")
+    for name, v, lo in (("num_samples", num_samples, 1), ("warmup", warmup, 0), ("thin", thin, 1),
+                        ("num_chains", num_chains, 1)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise ValueError(f"{name} must be an integer ≥ {lo}, got {v!r}")
+    if max_draws is not None and (isinstance(max_draws, bool) or not isinstance(max_draws, int) or max_draws < 2):
+        raise ValueError(f"max_draws must be an integer ≥ 2, got {max_draws!r}")
+    generator = torch.Generator()
+    if seed is not None:
+        pyro.set_rng_seed(seed)
+        generator.manual_seed(seed)
+    else:
+        generator.manual_seed(int(torch.randint(0, 2**62, ())))
+    x_y = None
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+        x_y = (data[0], torch.as_tensor(data[1]))
+        batches = _TensorBatches(x_y[0], x_y[1], batch_size, generator)
+    elif hasattr(data, "__iter__"):
+        batches = data
+    else:
+        raise TypeError("data must be an (x, y) pair of tensors or an iterable of (x, y) batches")
+    n = _dataset_size(data, x_y)
+    if bnn.dataset_size is None:
+        if n is None:
+            raise ValueError("set bnn.dataset_size: the number of training examples cannot be read from this loader")
+        bnn.dataset_size = n
+    k = _make_kernel(bnn, kernel, step_size, kernel_kwargs)
+    patterns = list(keep_sites) if keep_sites is not None else None
+
+    saved_subsample = bnn.subsample_size
+    bnn.subsample_size = None  # the loader supplies the minibatch
+    chains: List[Dict[str, list]] = []
+    try:
+        with pyro.validation_enabled(False), poutine.block():
+            stream = _forever(batches)
+            for c in range(num_chains):
+                chains.append(_run_chain(bnn, k, stream, num_samples, warmup, thin, max_draws, patterns,
+                                         store_dtype, eval_x, progress, c))
+    finally:
+        bnn.subsample_size = saved_subsample
+    S = min(len(ch["stats"]["step_size"]) for ch in chains)
+    if S == 0:
+        raise ValueError("no draw was kept (a cyclical schedule's exploration stage covered every kept step?)")
+    draws = {name: torch.stack([torch.stack(ch["draws"][name][:S]) for ch in chains]) for name in chains[0]["draws"]}
+    stats = {key: torch.tensor([ch["stats"][key][:S] for ch in chains],
+                               dtype=torch.bool if key == "diverging" else torch.float64)
+             for key in chains[0]["stats"]}
+    eval_outputs = torch.stack([torch.stack(ch["eval"][:S]) for ch in chains]) if eval_x is not None else None
+    config = {**k.config(), "num_samples": num_samples, "warmup": warmup, "max_draws": max_draws,
+              "num_chains": num_chains, "dataset_size": bnn.dataset_size}
+    return SamplePosterior(bnn, draws, stats, eval_x, eval_outputs, config)
+
+
+def _make_kernel(bnn, kernel, step_size, kernel_kwargs) -> SGLD:
+    if isinstance(kernel, SGLD):
+        if step_size is not None or kernel_kwargs:
+            raise ValueError("pass step_size and kernel options to the kernel instance, not to sample()")
+        if getattr(kernel.model, "__self__", None) is not bnn:
+            raise ValueError("the kernel must be built on this BNN's model (SGLD(bnn.model, ...))")
+        return kernel
+    if not isinstance(kernel, str) or kernel.lower() not in _KERNELS:
+        raise ValueError(f"kernel must be one of {sorted(_KERNELS)} or an SGLD/PSGLD instance, got {kernel!r}")
+    name = kernel.lower()
+    return _KERNELS[name](bnn.model, _DEFAULT_STEP[name] if step_size is None else step_size, **kernel_kwargs)
+
+
+def _run_chain(bnn, k: SGLD, stream, num_samples, warmup, thin, max_draws, patterns, store_dtype, eval_x,
+               progress, chain_id):
+    xb, yb = next(stream)
+    k.setup(0, xb, yb)
+    params = k.initial_params
+    kept = [n for n, _ in k._sites if patterns is None or any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    if not kept:
+        raise ValueError(f"keep_sites {patterns} match no site of {[n for n, _ in k._sites]}")
+    inv = {n: t for n, t in k._sites}
+    out = {"draws": {n: [] for n in kept}, "stats": {"potential_energy": [], "step_size": [], "diverging": []},
+           "eval": []}
+    every = thin
+    total = warmup + num_samples * thin
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=total, desc=f"chain {chain_id}", leave=False)
+    since = 0
+    diverged = False
+    try:
+        for t in range(total):
+            xb, yb = next(stream)
+            params = k.step(params, xb, yb)
+            diverged |= not math.isfinite(k._last_potential)
+            if bar is not None:
+                bar.update(1)
+            if t < warmup:
+                continue
+            since += 1
+            if since < every:
+                continue
+            since = 0
+            if k.schedule.is_exploring(k._t - 1):
+                diverged = False
+                continue
+            for n in kept:
+                v = params[n].detach()
+                v = v if inv[n] is None else inv[n](v)
+                out["draws"][n].append(v.to(store_dtype) if store_dtype is not None else v.clone())
+            out["stats"]["potential_energy"].append(k._last_potential)
+            out["stats"]["step_size"].append(k._last_step_size)
+            out["stats"]["diverging"].append(diverged)
+            diverged = False
+            if eval_x is not None:
+                draw = {n: (params[n] if inv[n] is None else inv[n](params[n])).detach() for n in inv}
+                with torch.no_grad():
+                    out["eval"].append(outputs_under_draws(bnn, {n: v[None] for n, v in draw.items()}, eval_x)[0])
+            count = len(out["stats"]["step_size"])
+            if max_draws is not None and count > max_draws:
+                # keep every second draw counting back from the newest, so that with the doubled
+                # thinning the next draw continues the same even spacing
+                start = (count - 1) % 2
+                for n in kept:
+                    out["draws"][n] = out["draws"][n][start::2]
+                for key in out["stats"]:
+                    out["stats"][key] = out["stats"][key][start::2]
+                out["eval"] = out["eval"][start::2]
+                every *= 2
+    finally:
+        if bar is not None:
+            bar.close()
+        k.cleanup()
+    return out

@@ -1,0 +1,549 @@
+"""Stochastic-gradient Langevin dynamics (SGLD) and preconditioned SGLD (pSGLD) as Pyro MCMC kernels.
+
+Both are ``pyro.infer.mcmc.MCMCKernel`` subclasses, so they run under ``pyro.infer.MCMC`` like HMC/NUTS::
+
+    bnn.subsample_size = 128                       # the model draws its own minibatch
+    mcmc = pyro.infer.MCMC(SGLD(bnn.model, step_size=1e-5), num_samples=200, warmup_steps=500)
+    mcmc.run(x_train, y_train)                     # full data; the plate picks M rows per step
+
+Minibatches. The model takes the full data and subsamples it with ``pyro.plate(..., subsample_size=M)``;
+Pyro then scales the minibatch log-likelihood by N/M itself. Pyro's ``initialize_model`` (used by
+HMC/NUTS) refuses such models, so these kernels build their own potential: each step re-runs the model
+with the latent sites fixed to the current state (a fresh minibatch each time), skips the plate's
+subsample site, and sums every site's scaled, masked log-density.
+
+The state lives in unconstrained space: a site with support S is reached through ``biject_to(S)`` and
+the log |det Jacobian| is added to the log-density. Real-support sites (every weight of a BNN) skip the
+transform entirely, so a network's hot path is one model run, one backward, one update.
+
+Update rules (Welling & Teh 2011; Li et al. 2016), with U(θ) = −log p(θ) − (N/M) Σ_batch log p(y|x,θ)
+and η_t the step size at update t, T the temperature (1 = the posterior)::
+
+    SGLD:   θ ← θ − (η_t/2) ∇U + N(0, η_t T)
+    pSGLD:  V ← βV + (1−β) (∇U)²,   P = 1 / (λ + √V)
+            θ ← θ − (η_t/2) P ∇U + N(0, η_t T P)          (the small Γ correction term is dropped)
+
+Counting. One call of :meth:`SGLD.sample` is one update during warm-up and ``thin`` updates afterwards,
+so ``MCMC(num_samples=S, warmup_steps=W)`` performs W + S·thin updates and keeps S draws.
+
+Memory. ``pyro.infer.MCMC`` keeps every draw of every site it saves (and copies them once more when
+it stacks them at the end). For a 266k-weight LeNet-300-100 that is ≈1 MB per draw, ≈2 GB for 1000
+draws. Trade-offs, from cheapest to most expensive in information: ``thin`` (fewer, less correlated
+draws — almost free, since consecutive SGLD draws are strongly autocorrelated anyway),
+``MCMC(..., save_params=[...])`` (keep only the listed sites; the others cannot be used for
+prediction afterwards), or :func:`pyrobnn.inference.sample` (a cap on kept draws that thins adaptively,
+optional half-precision storage, and function-space outputs recorded on the fly).
+
+Divergences. A step whose potential is NaN/inf is not taken; the chain returns to its last state with
+a finite potential and the step is recorded in ``diagnostics()["divergences"]`` (draw indices, as
+``arviz.from_pyro`` expects).
+"""
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from typing import Any, Callable, Dict, List, Optional, Union
+
+import pyro
+import pyro.poutine as poutine
+import torch
+from pyro.distributions.util import scale_and_mask
+from pyro.infer.autoguide.initialization import InitMessenger, init_to_sample
+from pyro.infer.mcmc.mcmc_kernel import MCMCKernel
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.subsample_messenger import _Subsample
+from torch.distributions import Independent, biject_to, constraints
+
+__all__ = ["StepSize", "ConstantStepSize", "PolynomialDecay", "CyclicalStepSize", "as_schedule",
+           "SGLD", "PSGLD", "init_to_network_default"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# step-size schedules
+# ----------------------------------------------------------------------------------------------------
+def _check_pos(name, v):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+        raise ValueError(f"{name} must be a positive finite number, got {v!r}")
+    return float(v)
+
+
+class StepSize:
+    """A step-size schedule: ``schedule(t)`` is η at update ``t = 0, 1, ...`` (warm-up included)."""
+
+    def __call__(self, t: int) -> float:
+        raise NotImplementedError
+
+    def is_exploring(self, t: int) -> bool:
+        """True where the schedule asks for an optimisation (noise-free) update; see
+        :class:`CyclicalStepSize`."""
+        return False
+
+    def config(self) -> Dict[str, Any]:
+        return {}
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
+        return f"{type(self).__name__}({args})"
+
+
+class ConstantStepSize(StepSize):
+    """η_t = ``step_size``."""
+
+    def __init__(self, step_size: float):
+        self.step_size = _check_pos("step_size", step_size)
+
+    def __call__(self, t):
+        return self.step_size
+
+    def config(self):
+        return {"step_size": self.step_size}
+
+
+class PolynomialDecay(StepSize):
+    """η_t = a (b + t)^(−γ) (Welling & Teh 2011). γ ∈ (0.5, 1] satisfies the Robbins–Monro conditions
+    Σ η_t = ∞, Σ η_t² < ∞; γ ≈ 0.55 is the usual choice."""
+
+    def __init__(self, a: float, b: float = 1.0, gamma: float = 0.55):
+        self.a = _check_pos("a", a)
+        self.b = _check_pos("b", b)
+        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 <= gamma <= 1:
+            raise ValueError(f"gamma must lie in [0, 1], got {gamma!r}")
+        self.gamma = float(gamma)
+
+    def __call__(self, t):
+        return self.a * (self.b + t) ** (-self.gamma)
+
+    def config(self):
+        return {"a": self.a, "b": self.b, "gamma": self.gamma}
+
+
+class CyclicalStepSize(StepSize):
+    """Cyclical SG-MCMC (Zhang et al. 2020): ``num_cycles`` cosine cycles over ``num_steps`` updates,
+
+        η_t = (η₀/2) [cos(π · mod(t, ⌈K/C⌉) / ⌈K/C⌉) + 1],
+
+    so each cycle starts with large steps (escaping to a new mode) and ends with small ones (sampling
+    it). With ``exploration > 0`` the first fraction of each cycle is an exploration stage:
+    :meth:`is_exploring` is true there and the kernels take noise-free (SGD) steps; draws from that
+    stage should be discarded (:func:`pyrobnn.inference.sample` does; ``pyro.infer.MCMC`` keeps
+    every draw, so leave ``exploration=0`` there).
+    """
+
+    def __init__(self, step_size: float, num_steps: int, num_cycles: int = 4, exploration: float = 0.0):
+        self.step_size = _check_pos("step_size", step_size)
+        for name, v in (("num_steps", num_steps), ("num_cycles", num_cycles)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if num_cycles > num_steps:
+            raise ValueError(f"num_cycles ({num_cycles}) cannot exceed num_steps ({num_steps})")
+        if not (isinstance(exploration, (int, float)) and 0 <= exploration < 1):
+            raise ValueError(f"exploration must lie in [0, 1), got {exploration!r}")
+        self.num_steps, self.num_cycles, self.exploration = num_steps, num_cycles, float(exploration)
+        self.cycle_length = math.ceil(num_steps / num_cycles)
+
+    def _phase(self, t):
+        return (t % self.cycle_length) / self.cycle_length
+
+    def __call__(self, t):
+        return 0.5 * self.step_size * (math.cos(math.pi * self._phase(t)) + 1.0)
+
+    def is_exploring(self, t):
+        return self._phase(t) < self.exploration
+
+    def config(self):
+        return {"step_size": self.step_size, "num_steps": self.num_steps, "num_cycles": self.num_cycles,
+                "exploration": self.exploration}
+
+
+class _CallableStepSize(StepSize):
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, t):
+        return float(self.fn(t))
+
+
+def as_schedule(step_size: Union[float, StepSize, Callable[[int], float]]) -> StepSize:
+    """A float → :class:`ConstantStepSize`; a schedule passes through; any callable ``t -> η`` is wrapped."""
+    if isinstance(step_size, StepSize):
+        return step_size
+    if isinstance(step_size, (int, float)) and not isinstance(step_size, bool):
+        return ConstantStepSize(step_size)
+    if callable(step_size):
+        return _CallableStepSize(step_size)
+    raise TypeError(f"step_size must be a positive float, a StepSize or a callable t -> float, got {step_size!r}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# initialisation
+# ----------------------------------------------------------------------------------------------------
+def init_to_network_default(site=None):
+    """Initial values the way PyTorch initialises Linear/Conv layers: U(−1/√fan_in, 1/√fan_in) for a
+    weight ``[out, in, *k]`` (fan_in = in·Πk); a bias ``[out]`` gets the bound of its sibling weight when
+    the site is named ``"<prefix>.bias"`` and the weight ``"<prefix>.weight"`` has been seen, else 1.
+    Other sites (e.g. a noise precision) start at a prior draw. A fresh draw at every call, so chains
+    start at different points (unlike the network's own fixed initial weights)."""
+    if site is None:
+        return init_to_network_default
+    return _NetworkInit()(site)
+
+
+class _NetworkInit:
+    def __init__(self):
+        self.fan_in: Dict[str, int] = {}
+
+    def __call__(self, site):
+        name, fn = site["name"], site["fn"]
+        shape = fn.batch_shape + fn.event_shape
+        support = fn.support
+        if _is_real(support) and len(shape) >= 1:
+            prefix, _, leaf = name.rpartition(".")
+            if len(shape) >= 2:
+                fan_in = math.prod(shape[1:])
+                self.fan_in[prefix] = fan_in
+            else:
+                fan_in = self.fan_in.get(prefix, 1) if leaf == "bias" else 1
+            bound = 1.0 / math.sqrt(fan_in)
+            return torch.empty(shape).uniform_(-bound, bound)
+        return init_to_sample(site)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the potential
+# ----------------------------------------------------------------------------------------------------
+def _is_real(support) -> bool:
+    while isinstance(support, constraints.independent):
+        support = support.base_constraint
+    return support is constraints.real
+
+
+class _LogJoint(Messenger):
+    """Fixes latent sites to given values and accumulates Σ_sites scale·mask·log p (one pass, no trace)."""
+
+    def __init__(self, values: Dict[str, torch.Tensor]):
+        super().__init__()
+        self.values = values
+        self.total = 0.0
+
+    def _pyro_sample(self, msg):
+        if msg["is_observed"] or isinstance(msg["fn"], _Subsample):
+            return
+        try:
+            msg["value"] = self.values[msg["name"]]
+        except KeyError:
+            raise ValueError(f"the model issued a latent site {msg['name']!r} that its first run did not have; "
+                             "SG-MCMC kernels need a fixed set of latent sites") from None
+        msg["is_observed"] = True
+
+    def _pyro_post_sample(self, msg):
+        fn = msg["fn"]
+        if isinstance(fn, _Subsample):
+            return
+        value = msg["value"]
+        lp = None
+        if msg["mask"] is None and not msg["args"] and not msg["kwargs"]:
+            lp = _scalar_normal_log_prob_sum(fn, value)
+        if lp is None:
+            lp = fn.log_prob(value, *msg["args"], **msg["kwargs"])
+            lp = scale_and_mask(lp, msg["scale"], msg["mask"])
+            lp = lp.sum() if lp.dim() else lp
+        else:
+            lp = scale_and_mask(lp, msg["scale"], None)
+        self.total = self.total + lp
+
+
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def _scalar_normal_log_prob_sum(fn, value):
+    """Σ log N(value; m, s²) in two passes (one dot product) when ``fn`` is a pyrobnn scalar-parameter
+    Normal prior (``scalar_loc``/``scalar_scale`` floats), possibly wrapped in ``Independent``; else None.
+    The generic path builds three full-size temporaries for the same number."""
+    base = fn
+    while isinstance(base, Independent):
+        base = base.base_dist
+    scale = getattr(base, "scalar_scale", None)
+    if scale is None or value.shape != fn.batch_shape + fn.event_shape:
+        return None
+    loc = base.scalar_loc
+    z = (value if loc == 0.0 else value - loc).reshape(-1)
+    return torch.dot(z, z) * (-0.5 / scale ** 2) - z.numel() * (math.log(scale) + _HALF_LOG_2PI)
+
+
+# ----------------------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------------------
+class SGLD(MCMCKernel):
+    """Stochastic-gradient Langevin dynamics for any Pyro model with continuous latent sites.
+
+    :param model: a Pyro model; give it the full data and let a ``pyro.plate(..., subsample_size=M)``
+        choose the minibatch (for a :class:`pyrobnn.BNN`: ``bnn.model`` with ``bnn.subsample_size = M``,
+        or ``mcmc.run(x, y, subsample_size=M)``).
+    :param step_size: η — a float, a :class:`StepSize` schedule (constant, :class:`PolynomialDecay`,
+        :class:`CyclicalStepSize`) or a callable ``t -> η``; ``t`` counts updates, warm-up included.
+    :param thin: updates per kept draw after warm-up (warm-up calls do one update each).
+    :param temperature: T; the injected noise has variance η·T (T < 1: a "cold" posterior).
+    :param init_strategy: a Pyro init function (site → constrained value). Default: for a BNN's model
+        :func:`init_to_network_default` (PyTorch-style fan-in init, a fresh draw per chain), else
+        ``init_to_sample`` (a prior draw).
+    :param transforms: optional ``{site: transform}`` from constrained to unconstrained space; by
+        default ``biject_to(support).inv``.
+
+    ``initial_params`` (property) are unconstrained values ``{site: tensor}``, as for HMC.
+    """
+
+    def __init__(self, model: Callable, step_size: Union[float, StepSize, Callable] = 1e-4, *,
+                 thin: int = 1, temperature: float = 1.0, init_strategy: Optional[Callable] = None,
+                 transforms: Optional[Dict[str, Any]] = None):
+        if not callable(model):
+            raise TypeError(f"model must be a callable Pyro model, got {type(model).__name__}")
+        if isinstance(thin, bool) or not isinstance(thin, int) or thin < 1:
+            raise ValueError(f"thin must be a positive integer, got {thin!r}")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+                or not math.isfinite(temperature) or temperature < 0:
+            raise ValueError(f"temperature must be a finite number ≥ 0, got {temperature!r}")
+        self.model = model
+        self.schedule = as_schedule(step_size)
+        self.thin = thin
+        self.temperature = float(temperature)
+        self._init_strategy = init_strategy
+        self._user_transforms = transforms
+        self.transforms = None
+        self._initial_params = None
+        self._reset()
+
+    # -- protocol: state ---------------------------------------------------------------------------
+    def _reset(self):
+        self._t = 0                      # updates performed (drives the schedule)
+        self._calls = 0                  # sample() calls (warm-up + draws)
+        self._warmup_steps = 0
+        self._warmup = True
+        self._divergences: List[int] = []
+        self._num_divergent_warmup = 0
+        self._potential_trace: List[float] = []
+        self._step_size_trace: List[float] = []
+        self._last_potential = float("nan")
+        self._last_step_size = float("nan")
+        self._last_good = None
+        self._diverged = False
+        self._args, self._kwargs = (), {}
+        self._sites: List[tuple] = []    # (name, transform or None)
+        self._reset_state()
+
+    def _reset_state(self):
+        """Per-chain optimiser state of subclasses (pSGLD's second-moment estimate)."""
+
+    @property
+    def initial_params(self):
+        return self._initial_params
+
+    @initial_params.setter
+    def initial_params(self, params):
+        if params is not None:
+            if not isinstance(params, dict) or not all(isinstance(v, torch.Tensor) for v in params.values()):
+                raise TypeError("initial_params must be a dict {site name: unconstrained tensor}")
+            params = {k: v.detach() for k, v in params.items()}
+        self._initial_params = params
+
+    @property
+    def step_size(self) -> float:
+        """The step size of the most recent update."""
+        return self._last_step_size
+
+    # -- protocol: set-up --------------------------------------------------------------------------
+    def _default_init(self):
+        from pyrobnn.bnn import BNN
+        if isinstance(getattr(self.model, "__self__", None), BNN):
+            return _NetworkInit()
+        return init_to_sample
+
+    def setup(self, warmup_steps, *args, **kwargs):
+        """Trace the model once (initial values from ``init_strategy``), find its latent sites and their
+        transforms, and set ``initial_params`` if none were given."""
+        keep_initial = self._initial_params
+        self._reset()
+        self._initial_params = keep_initial
+        self._warmup_steps = int(warmup_steps)
+        self._warmup = self._warmup_steps > 0
+        self._args, self._kwargs = args, kwargs
+        init_fn = self._init_strategy or self._default_init()
+        with poutine.block(), torch.no_grad():
+            trace = poutine.trace(InitMessenger(init_fn)(self.model)).get_trace(*args, **kwargs)
+        sites, transforms, init = [], {}, {}
+        for name, site in trace.nodes.items():
+            if site["type"] != "sample" or site["is_observed"] or isinstance(site["fn"], _Subsample):
+                continue
+            fn = site["fn"]
+            if fn.support.is_discrete:
+                raise ValueError(f"{type(self).__name__} needs continuous latent sites; site {name!r} is discrete")
+            for frame in site["cond_indep_stack"]:
+                if frame.full_size is not None and frame.full_size != frame.size:
+                    raise ValueError(f"latent site {name!r} lies inside the subsampled plate {frame.name!r}; "
+                                     "local latent variables are not supported by SG-MCMC kernels")
+            if self._user_transforms is not None and name in self._user_transforms:
+                to_unconstrained = self._user_transforms[name]
+                transform = to_unconstrained.inv
+            elif _is_real(fn.support):
+                to_unconstrained, transform = None, None
+            else:
+                transform = biject_to(fn.support)
+                to_unconstrained = transform.inv
+            if to_unconstrained is not None:
+                transforms[name] = to_unconstrained
+            sites.append((name, transform))
+            value = site["value"].detach()
+            init[name] = value if to_unconstrained is None else to_unconstrained(value).detach()
+        if not sites:
+            raise ValueError("the model has no latent sample sites to sample")
+        self._sites = sites
+        self.transforms = transforms
+        if self._initial_params is None:
+            self._initial_params = init
+        else:
+            missing = [n for n, _ in sites if n not in self._initial_params]
+            if missing:
+                raise ValueError(f"initial_params lack sites {missing}")
+            for n, _ in sites:
+                want = init[n].shape
+                if self._initial_params[n].shape != want:
+                    raise ValueError(f"initial_params[{n!r}] has shape {tuple(self._initial_params[n].shape)}, "
+                                     f"the site has {tuple(want)}")
+        self._last_good = self._initial_params
+
+    def cleanup(self):
+        # as HMC: the next chain (sequential chain method) starts from a fresh init unless MCMC sets one
+        self._initial_params = None
+
+    def end_warmup(self):
+        """Leave warm-up: later calls of :meth:`sample` do ``thin`` updates and record their statistics.
+        Called automatically after ``warmup_steps`` calls (``pyro.infer.MCMC`` does not call it)."""
+        self._warmup = False
+
+    # -- the step ----------------------------------------------------------------------------------
+    def potential_and_grad(self, params: Dict[str, torch.Tensor], *args, **kwargs):
+        """U(θ) = −log p(θ, minibatch) − log|det J| at unconstrained ``params``, and ∇U (a list in site
+        order). Runs the model once (a fresh minibatch from its subsample plate)."""
+        leaves, values = [], {}
+        logdet = 0.0
+        for name, transform in self._sites:
+            u = params[name].detach().requires_grad_()
+            leaves.append(u)
+            if transform is None:
+                values[name] = u
+            else:
+                v = transform(u)
+                values[name] = v
+                logdet = logdet + transform.log_abs_det_jacobian(u, v).sum()
+        joint = _LogJoint(values)
+        with joint:
+            self.model(*args, **kwargs)
+        potential = -(joint.total + logdet)
+        if not isinstance(potential, torch.Tensor) or not potential.requires_grad:
+            raise ValueError("the model's log-density does not depend on its latent sites")
+        grads = torch.autograd.grad(potential, leaves)
+        return potential.detach(), grads
+
+    def _update(self, zs: List[torch.Tensor], grads, eta: float, explore: bool) -> List[torch.Tensor]:
+        new = torch._foreach_add(zs, list(grads), alpha=-0.5 * eta)
+        if not explore and self.temperature > 0:
+            noise = math.sqrt(eta * self.temperature)
+            for p in new:
+                p.add_(torch.randn_like(p), alpha=noise)
+        return new
+
+    def step(self, params: Dict[str, torch.Tensor], *args, **kwargs) -> Dict[str, torch.Tensor]:
+        """One update from unconstrained ``params`` with the model run on ``(*args, **kwargs)`` — the
+        streaming entry point (:func:`pyrobnn.inference.sample` passes one data batch per step)."""
+        eta = self.schedule(self._t)
+        explore = self.schedule.is_exploring(self._t)
+        potential, grads = self.potential_and_grad(params, *args, **kwargs)
+        pe = potential.item()
+        self._t += 1
+        self._last_step_size = eta
+        if not math.isfinite(pe):
+            # a divergent state: do not move from it; go back to the last state with a finite potential
+            self._last_potential = pe
+            self._diverged = True
+            return self._last_good
+        self._last_potential = pe
+        self._last_good = params
+        new = self._update([params[n] for n, _ in self._sites], grads, eta, explore)
+        return {n: v for (n, _), v in zip(self._sites, new)}
+
+    def sample(self, params):
+        """One call of the MCMC driver: one update in warm-up, ``thin`` updates afterwards."""
+        if self._warmup and self._calls >= self._warmup_steps:
+            self.end_warmup()
+        self._diverged = False
+        n = 1 if self._warmup else self.thin
+        for _ in range(n):
+            params = self.step(params, *self._args, **self._kwargs)
+        if self._warmup:
+            self._num_divergent_warmup += int(self._diverged)
+        else:
+            if self._diverged:
+                self._divergences.append(self._calls - self._warmup_steps)
+            self._potential_trace.append(self._last_potential)
+            self._step_size_trace.append(self._last_step_size)
+        self._calls += 1
+        return params
+
+    # -- protocol: reporting -----------------------------------------------------------------------
+    def logging(self):
+        return OrderedDict([("step size", f"{self._last_step_size:.2e}"),
+                            ("potential", f"{self._last_potential:.4g}")])
+
+    def diagnostics(self):
+        """``divergences`` (draw indices, as ``arviz.from_pyro`` reads them), and per draw the minibatch
+        ``potential_energy`` U (at the state the draw's last update started from) and ``step_size``."""
+        return {"divergences": list(self._divergences),
+                "divergences (warm-up)": self._num_divergent_warmup,
+                "potential_energy": list(self._potential_trace),
+                "step_size": list(self._step_size_trace)}
+
+    def config(self) -> Dict[str, Any]:
+        return {"kernel": type(self).__name__.lower(), "schedule": type(self.schedule).__name__,
+                "schedule_config": self.schedule.config(), "thin": self.thin, "temperature": self.temperature}
+
+
+class PSGLD(SGLD):
+    """Preconditioned SGLD (Li et al. 2016): an RMSProp-style diagonal preconditioner
+    P = 1/(λ + √V), V ← βV + (1−β)(∇U)², scales both the drift and the noise. V starts at the first
+    squared gradient (not at 0, which would make the first steps huge). The Γ(θ) correction term is
+    dropped, as in the paper's experiments; it is O(1−β) small when V changes slowly.
+
+    :param alpha: β, the moving-average decay of the squared gradient.
+    :param eps: λ, the diagonal bias of the preconditioner.
+    Other arguments as :class:`SGLD`. Step sizes are on a different scale than SGLD's: P ≈ 1/|∇U|.
+    """
+
+    def __init__(self, model, step_size=1e-3, *, alpha: float = 0.99, eps: float = 1e-5, **kwargs):
+        if not (isinstance(alpha, (int, float)) and 0 <= alpha < 1):
+            raise ValueError(f"alpha must lie in [0, 1), got {alpha!r}")
+        self.alpha = float(alpha)
+        self.eps = _check_pos("eps", eps)
+        super().__init__(model, step_size, **kwargs)
+
+    def _reset_state(self):
+        self._square_avg: Optional[List[torch.Tensor]] = None
+
+    def _update(self, zs, grads, eta, explore):
+        grads = list(grads)
+        if self._square_avg is None:
+            self._square_avg = [g * g for g in grads]
+        else:
+            torch._foreach_mul_(self._square_avg, self.alpha)
+            torch._foreach_addcmul_(self._square_avg, grads, grads, value=1.0 - self.alpha)
+        precond = torch._foreach_sqrt(self._square_avg)
+        torch._foreach_add_(precond, self.eps)
+        torch._foreach_reciprocal_(precond)
+        drift = torch._foreach_mul(grads, precond)
+        new = torch._foreach_add(zs, drift, alpha=-0.5 * eta)
+        if not explore and self.temperature > 0:
+            scale = eta * self.temperature
+            for p, pc in zip(new, precond):
+                p.addcmul_(torch.randn_like(p), pc.mul_(scale).sqrt_())
+        return new
+
+    def config(self):
+        return {**super().config(), "alpha": self.alpha, "eps": self.eps}
