@@ -3,9 +3,9 @@ from .fit import History, TrainingDiverged, fit, latest_checkpoint, load_checkpo
 
 __all__ = ["History", "TrainingDiverged", "fit", "latest_checkpoint", "load_checkpoint"]
 from .complexity import (complexity_loss, complexity_weight, fit_complexity, prune, pruning_curve,  # noqa: E402
-                         relative_density, removable_fraction, sample_lams, signal_to_noise, snr_masks, with_guide)
-__all__ += ["complexity_loss", "complexity_weight", "fit_complexity", "prune", "pruning_curve", "relative_density",
-            "removable_fraction", "sample_lams", "signal_to_noise", "snr_masks", "with_guide"]
+                         removable_fraction, sample_lams, with_guide)
+__all__ += ["complexity_loss", "complexity_weight", "fit_complexity", "prune", "pruning_curve",
+            "removable_fraction", "sample_lams", "with_guide"]
 from .sampling import SamplePosterior, sample  # noqa: E402
 from .sgld import PSGLD, SGLD, ConstantStepSize, CyclicalStepSize, PolynomialDecay, StepSize  # noqa: E402
 

@@ -13,7 +13,8 @@ both model and guide (a Messenger around the network), which turns the ELBO's KL
 
 Pruning (seed 3): the relative density of the posterior at zero, ρ_i = q(0)/q(μ_i) = exp(−μ_i²/(2σ_i²)),
 is a monotone function of the signal-to-noise ratio |μ_i|/σ_i; removing a fraction f of the weights
-removes the f·D with the highest density at 0 (lowest SNR), globally over all sites. A removed weight has
+removes the f·D with the highest density at 0 (lowest SNR), globally over all sites (the masks are
+:func:`pyrobnn.sparsity.masks`; :func:`prune` turns them into a guide whose removed weights are gone). A removed weight has
 μ = 0 and σ ≈ 4e-44, so it contributes nothing to any forward pass.
 """
 from __future__ import annotations
@@ -35,8 +36,8 @@ from pyrobnn.guides.mean_field import MeanField
 
 from .fit import History, TrainingDiverged, _Batches, lr_factor_schedule
 
-__all__ = ["complexity_weight", "sample_lams", "complexity_loss", "fit_complexity", "with_guide",
-           "signal_to_noise", "relative_density", "snr_masks", "prune", "pruning_curve", "removable_fraction"]
+__all__ = ["complexity_weight", "sample_lams", "complexity_loss", "fit_complexity", "with_guide", "prune",
+           "pruning_curve", "removable_fraction"]
 
 #: ρ of a removed weight: softplus(−100) ≈ 4e-44, i.e. σ = 0 in float32 arithmetic, with a finite log σ.
 _REMOVED_RHO = -100.0
@@ -220,54 +221,7 @@ def with_guide(bnn: BNN, guide: FlatGaussianGuide) -> BNN:
     return view
 
 
-# -- pruning by signal-to-noise -------------------------------------------------------------------------
-def _prunable_sites(guide: FlatGaussianGuide, sites: Optional[Sequence[str]]):
-    real = [s for s in guide.site_names() if guide._layout[s][4] is None]  # unconstrained (real) sites
-    if sites is None:
-        return real
-    unknown = [s for s in sites if s not in real]
-    if unknown:
-        raise ValueError(f"sites {unknown} are not real-valued sites of the guide; known: {real}")
-    return list(sites)
-
-
-@torch.no_grad()
-def signal_to_noise(guide: FlatGaussianGuide, sites: Optional[Sequence[str]] = None) -> Dict[str, torch.Tensor]:
-    """|μ|/σ per weight, ``{site: Tensor[site shape]}``, for the real-valued sites of a Gaussian guide."""
-    out = {}
-    for s in _prunable_sites(guide, sites):
-        loc, scale = guide.site_params(s)
-        out[s] = loc.abs() / scale
-    return out
-
-
-@torch.no_grad()
-def relative_density(guide: FlatGaussianGuide, sites: Optional[Sequence[str]] = None) -> Dict[str, torch.Tensor]:
-    """q(0)/q(μ) = exp(−μ²/(2σ²)) per weight, ``{site: Tensor[site shape]}`` (1 = surely removable)."""
-    return {s: torch.exp(-0.5 * r * r) for s, r in signal_to_noise(guide, sites).items()}
-
-
-@torch.no_grad()
-def snr_masks(guide: FlatGaussianGuide, fraction: float, sites: Optional[Sequence[str]] = None) -> Dict[str, torch.Tensor]:
-    """Boolean keep-masks ``{site: Tensor[site shape]}`` removing the ``round(fraction · D)`` weights of
-    lowest SNR over all the sites together (D = their total size); ties are broken by position."""
-    fraction = float(fraction)
-    if not (0.0 <= fraction <= 1.0):
-        raise ValueError(f"the fraction of weights to remove must lie in [0, 1], got {fraction}")
-    snr = signal_to_noise(guide, sites)
-    flat = torch.cat([v.reshape(-1) for v in snr.values()])
-    n_remove = int(round(fraction * flat.numel()))
-    keep = torch.ones(flat.numel(), dtype=torch.bool)
-    if n_remove:
-        order = torch.sort(flat, stable=True).indices
-        keep[order[:n_remove]] = False
-    masks, offset = {}, 0
-    for s, v in snr.items():
-        masks[s] = keep[offset:offset + v.numel()].view(v.shape)
-        offset += v.numel()
-    return masks
-
-
+# -- pruning by signal-to-noise (masks from pyrobnn.sparsity) -------------------------------------------
 @torch.no_grad()
 def prune(guide: FlatGaussianGuide, masks: Dict[str, torch.Tensor]) -> MeanField:
     """A :class:`MeanField` equal to ``guide`` except that weights with ``mask == False`` are removed
@@ -289,19 +243,33 @@ def prune(guide: FlatGaussianGuide, masks: Dict[str, torch.Tensor]) -> MeanField
 
 @torch.no_grad()
 def pruning_curve(bnn: BNN, guide: FlatGaussianGuide, x, y, fractions: Sequence[float], num_samples: int = 16,
-                  sites: Optional[Sequence[str]] = None, seed: int = 0) -> List[Dict[str, float]]:
-    """Predictive metrics of ``guide`` (in ``bnn``) with each fraction of weights removed by SNR.
+                  sites=None, seed: int = 0) -> List[Dict[str, float]]:
+    """Metrics of ``guide`` (in ``bnn``) with each fraction of weights removed by lowest SNR.
 
-    :returns: one dict per fraction: ``{"fraction": f, "removed": n, **bnn.evaluate(...)}`` (accuracy,
-        nll, ... of the ``num_samples``-draw posterior predictive on ``x, y``; the RNG is reseeded to
-        ``seed`` for every fraction so the curves are comparable)."""
+    Masks are :func:`pyrobnn.sparsity.masks` with ``fraction=f`` (global over the real-valued layer
+    sites, or those matching ``sites``). Two predictions per fraction: the ``num_samples``-draw
+    posterior predictive of the pruned guide (:func:`prune`; the RNG is reseeded to ``seed`` for every
+    fraction so curves are comparable) and the masked posterior-mean network (keys prefixed ``mean_``).
+
+    :returns: one dict per fraction: ``{"fraction": f, "removed": n, "total": D, accuracy, nll, ...,
+        mean_accuracy, mean_nll, ...}`` (classification keys; regression gives rmse, nll, ...).
+    """
+    from pyrobnn import sparsity
+    from pyrobnn.metrics import evaluate_outputs
+
+    view = with_guide(bnn, guide)
     rows = []
     for f in fractions:
-        masks = snr_masks(guide, f, sites)
-        view = with_guide(bnn, prune(guide, masks))
+        masks = sparsity.masks(view, criterion="snr", fraction=float(f), sites=sites)
+        pruned_view = with_guide(bnn, prune(guide, masks))
         pyro.set_rng_seed(seed)
-        metrics = view.evaluate(x, y, num_samples)
-        rows.append({"fraction": float(f), "removed": int(sum((~m).sum().item() for m in masks.values())), **metrics})
+        metrics = pruned_view.evaluate(x, y, num_samples)
+        out = sparsity.masked_mean_forward(view, x, masks)
+        y_t = bnn.likelihood.check_targets(out, y)
+        mean_metrics = evaluate_outputs(bnn.likelihood, out.unsqueeze(0), y_t)
+        rows.append({"fraction": float(f), "removed": int(sum((~m).sum().item() for m in masks.values())),
+                     "total": int(sum(m.numel() for m in masks.values())), **metrics,
+                     **{f"mean_{k}": v for k, v in mean_metrics.items()}})
     return rows
 
 

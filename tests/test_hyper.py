@@ -10,9 +10,9 @@ from pyro.infer import Predictive, TraceMeanField_ELBO
 
 import pyrobnn
 from pyrobnn.guides import HyperMeanField, MeanField
+from pyrobnn import sparsity
 from pyrobnn.inference.complexity import (complexity_loss, complexity_weight, fit_complexity, prune,
-                                          pruning_curve, relative_density, removable_fraction, sample_lams,
-                                          signal_to_noise, snr_masks, with_guide)
+                                          pruning_curve, removable_fraction, sample_lams, with_guide)
 
 KINDS = ["linear", "lowrank", "piecewise"]
 
@@ -274,20 +274,16 @@ def test_registered_by_name():
     assert bnn.spec()["guide"]["kind"] == "piecewise"
 
 
-def test_snr_masks_prune_and_curve():
+def test_prune_by_snr_and_curve():
     bnn = _hyper_bnn("linear")
     _randomise(bnn.autoguide)
     mf = bnn.autoguide.at(0.5)
-    snr = signal_to_noise(mf)
-    dens = relative_density(mf)
-    for s in snr:
-        torch.testing.assert_close(dens[s], torch.exp(-snr[s] ** 2 / 2))
-        loc, scale = mf.site_params(s)
-        torch.testing.assert_close(snr[s], loc.abs() / scale)
+    view = with_guide(bnn, mf)
+    snr = {s: sparsity.snr(view, s) for s in mf.site_names()}
     total = sum(v.numel() for v in snr.values())          # 6·5 + 5 + 5·3 + 3 = 53
     assert total == 53
-    masks = snr_masks(mf, 0.4)
-    removed = torch.cat([(~m).reshape(-1) for m in masks.values()])
+    masks = sparsity.masks(view, criterion="snr", fraction=0.4)
+    removed = torch.cat([(~masks[s]).reshape(-1) for s in snr])
     all_snr = torch.cat([v.reshape(-1) for v in snr.values()])
     assert int(removed.sum()) == round(0.4 * 53)
     assert all_snr[removed].max() <= all_snr[~removed].min()      # the lowest-SNR weights go first
@@ -300,12 +296,14 @@ def test_snr_masks_prune_and_curve():
         torch.testing.assert_close(scale[m], scale0[m], rtol=1e-5, atol=1e-7)
     # everything removed: the network is the zero function (up to the layers' 1e-8 LRT jitter)
     x, y = _data(10)
-    outs = with_guide(bnn, prune(mf, snr_masks(mf, 1.0))).sample_outputs(x, 3)
+    outs = with_guide(bnn, prune(mf, sparsity.masks(view, fraction=1.0))).sample_outputs(x, 3)
     assert outs.abs().max() < 1e-6
     curve = pruning_curve(bnn, mf, x, y, [0.0, 0.5, 1.0], num_samples=4, seed=4)
-    assert [r["removed"] for r in curve] == [0, round(0.5 * 53), 53]
+    assert [r["removed"] for r in curve] == [0, round(0.5 * 53), 53] and curve[0]["total"] == 53
     pyro.set_rng_seed(4)
-    assert curve[0]["accuracy"] == with_guide(bnn, mf).evaluate(x, y, 4)["accuracy"]
+    assert curve[0]["accuracy"] == view.evaluate(x, y, 4)["accuracy"]
+    mean_pred = sparsity.masked_mean_forward(view, x, sparsity.masks(view, fraction=0.5)).argmax(-1)
+    assert curve[1]["mean_accuracy"] == pytest.approx((mean_pred == y).float().mean().item())
 
 
 def test_removable_fraction():
