@@ -1,0 +1,354 @@
+"""``fit``: the SVI loop for a BNN — minibatches with Pyro's N/M scaling, KL warm-up, learning-rate
+schedule, tqdm progress with the running ELBO, validation metrics, atomic checkpoints, exact resume,
+and a NaN guard that stops without touching the last good parameters or checkpoint.
+
+The loss is ``pyro.infer.TraceMeanField_ELBO().differentiable_loss(bnn.model, bnn.guide, x, y)`` —
+the same ELBO ``pyro.infer.SVI`` optimises — stepped with an ordinary ``torch.optim`` optimiser over
+``bnn.parameters()`` (one optimiser for all parameters; its state is checkpointed as tensors).
+"""
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import math
+import os
+import random
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import pyro
+import torch
+from pyro.infer import TraceMeanField_ELBO
+
+from pyrobnn.bnn import BNN
+from pyrobnn.data import ArrayLoader
+from pyrobnn.io import flatten_state, read_state, unflatten_state, write_state
+
+__all__ = ["fit", "History", "TrainingDiverged", "kl_warmup_schedule", "lr_factor_schedule",
+           "latest_checkpoint", "load_checkpoint"]
+
+
+class TrainingDiverged(FloatingPointError):
+    """The loss became NaN or infinite; parameters are those of the last good step."""
+
+
+@dataclass
+class History:
+    records: List[Dict[str, Any]] = field(default_factory=list)
+
+    def __getitem__(self, i):
+        return self.records[i]
+
+    def __len__(self):
+        return len(self.records)
+
+    def column(self, key):
+        return [r.get(key) for r in self.records]
+
+    def to_csv(self, path):
+        keys = []
+        for r in self.records:
+            keys += [k for k in r if k not in keys]
+        tmp = Path(str(path) + ".tmp")
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            w.writerows(self.records)
+        os.replace(tmp, path)
+
+
+# -- schedules ------------------------------------------------------------------------------------------
+def kl_warmup_schedule(spec) -> Callable[[float], float]:
+    """KL weight as a function of (fractional) epoch.
+
+    ``None`` → 1; ``(hold, ramp)`` → 0 for ``hold`` epochs then linear to 1 over ``ramp`` epochs
+    (the sparse-VD recipe is ``(5, 15)``); a float → constant; a callable is used as is."""
+    if spec is None:
+        return lambda e: 1.0
+    if callable(spec):
+        return spec
+    if isinstance(spec, (int, float)) and not isinstance(spec, bool):
+        if not (0 <= spec):
+            raise ValueError(f"kl weight must be ≥ 0, got {spec}")
+        return lambda e: float(spec)
+    if isinstance(spec, (tuple, list)) and len(spec) == 2:
+        hold, ramp = float(spec[0]), float(spec[1])
+        if hold < 0 or ramp < 0:
+            raise ValueError(f"kl_warmup (hold, ramp) must be ≥ 0, got {spec}")
+        return lambda e: 0.0 if e < hold else (1.0 if ramp == 0 else min(1.0, (e - hold) / ramp))
+    raise ValueError(f"kl_warmup must be None, a number, (hold_epochs, ramp_epochs) or a callable, got {spec!r}")
+
+
+def lr_factor_schedule(spec, epochs: int) -> Callable[[float], float]:
+    """Learning-rate multiplier as a function of (fractional) epoch.
+
+    ``None`` → 1; ``"cosine"`` → ½(1 + cos(π e/E)); ``"linear-decay"`` or ``("linear-decay", k)`` →
+    constant until epoch k (default E/2) then linear to 0 at E; a callable is used as is."""
+    if spec is None:
+        return lambda e: 1.0
+    if callable(spec):
+        return spec
+    name, arg = (spec, None) if isinstance(spec, str) else (spec[0], spec[1] if len(spec) > 1 else None)
+    if name == "cosine":
+        return lambda e: 0.5 * (1 + math.cos(math.pi * min(e, epochs) / epochs))
+    if name == "linear-decay":
+        start = float(arg) if arg is not None else epochs / 2
+        if not (0 <= start <= epochs):
+            raise ValueError(f"linear-decay start {start} must lie in [0, {epochs}]")
+        return lambda e: 1.0 if e < start else max(0.0, (epochs - e) / max(epochs - start, 1e-12))
+    raise ValueError(f"unknown lr_schedule {spec!r}; use None, 'cosine', ('linear-decay', start) or a callable")
+
+
+# -- data --------------------------------------------------------------------------------------------------
+class _Batches:
+    """Uniform view over ArrayLoader, (x, y) tensors and torch DataLoaders."""
+
+    def __init__(self, data, batch_size, seed):
+        self.resumable = True
+        if isinstance(data, ArrayLoader):
+            self.loader = data
+        elif isinstance(data, (tuple, list)) and len(data) == 2:
+            self.loader = ArrayLoader(data[0], data[1], batch_size=batch_size, seed=seed)
+        elif isinstance(data, torch.utils.data.DataLoader):
+            self.loader = data
+            self.resumable = False  # arbitrary DataLoaders resume at epoch boundaries
+        else:
+            raise TypeError("train data must be a pyrobnn.data.ArrayLoader, an (x, y) pair or a torch DataLoader")
+
+    @property
+    def dataset_size(self):
+        if isinstance(self.loader, ArrayLoader):
+            return self.loader.dataset_size
+        return len(self.loader.dataset)
+
+    def __len__(self):
+        return len(self.loader)
+
+    def epoch(self, e, start=0):
+        if hasattr(self.loader, "set_epoch"):
+            self.loader.set_epoch(e)
+        elif hasattr(getattr(self.loader, "sampler", None), "set_epoch"):
+            self.loader.sampler.set_epoch(e)
+        if isinstance(self.loader, ArrayLoader):
+            yield from self.loader.batches(start)
+        else:
+            for i, batch in enumerate(self.loader):
+                if i >= start:
+                    yield batch[0], batch[1]
+
+    def first(self):
+        for xb, yb in self.epoch(0):
+            return xb, yb
+        raise ValueError("the training data yielded no batch")
+
+
+def _val_xy(val):
+    if val is None:
+        return None
+    if isinstance(val, ArrayLoader):
+        return val.x, val.y
+    if isinstance(val, (tuple, list)) and len(val) == 2:
+        return torch.as_tensor(val[0]), torch.as_tensor(val[1])
+    raise TypeError("val must be an (x, y) pair or an ArrayLoader")
+
+
+# -- checkpoints -------------------------------------------------------------------------------------------
+def _rng_state():
+    return {"torch": torch.get_rng_state(), "numpy": json.dumps(_np_state()), "python": json.dumps(random.getstate())}
+
+
+def _np_state():
+    s = np.random.get_state()
+    return [s[0], s[1].tolist(), s[2], s[3], s[4]]
+
+
+def _set_rng_state(st):
+    torch.set_rng_state(st["torch"])
+    s = json.loads(st["numpy"])
+    np.random.set_state((s[0], np.array(s[1], dtype=np.uint32), s[2], s[3], s[4]))
+    py = json.loads(st["python"])
+    random.setstate((py[0], tuple(py[1]), py[2]))
+
+
+def _ckpt_name(epoch, step):
+    return f"ckpt-e{epoch:05d}-s{step:07d}.safetensors"
+
+
+def latest_checkpoint(directory) -> Optional[Tuple[Path, Dict, Dict]]:
+    """The newest readable checkpoint in ``directory`` as (path, tensors, meta); torn or corrupt files
+    are skipped with a warning (falling back to the previous one)."""
+    paths = sorted(glob.glob(os.path.join(str(directory), "ckpt-e*-s*.safetensors")), reverse=True)
+    for p in paths:
+        try:
+            tensors, meta = read_state(p)
+            if meta.get("kind") == "checkpoint":
+                return Path(p), tensors, meta
+        except ValueError as e:
+            warnings.warn(f"skipping unreadable checkpoint {p}: {e}")
+    return None
+
+
+def load_checkpoint(bnn: BNN, path) -> Dict:
+    """Load only the BNN parameters of a checkpoint file into ``bnn`` (must be initialised)."""
+    tensors, meta = read_state(path)
+    if meta.get("kind") != "checkpoint":
+        raise ValueError(f"{path} is not a pyrobnn training checkpoint")
+    bnn.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    return meta
+
+
+def _save_checkpoint(directory, bnn, opt, history, epoch, step, keep):
+    tensors = {f"model.{k}": v for k, v in bnn.state_dict().items()}
+    skel, t2 = flatten_state({"optimizer": opt.state_dict(), "rng": _rng_state()}, prefix="state")
+    tensors.update(t2)
+    path = Path(directory) / _ckpt_name(epoch, step)
+    write_state(path, tensors, {"kind": "checkpoint", "epoch": epoch, "step": step, "state": skel,
+                                "history": history.records, "spec": _safe_spec(bnn)})
+    old = sorted(glob.glob(os.path.join(str(directory), "ckpt-e*-s*.safetensors")))
+    for p in old[:-keep]:
+        os.unlink(p)
+    return path
+
+
+def _safe_spec(bnn):
+    try:
+        return bnn.spec()
+    except ValueError:
+        return None
+
+
+# -- the loop ----------------------------------------------------------------------------------------------
+_OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+
+
+def fit(bnn: BNN, train, epochs: int, lr: float = 1e-3, *, batch_size: int = 128,
+        optimizer: Union[str, Callable] = "adam", optimizer_kwargs: Optional[dict] = None,
+        kl_warmup=None, lr_schedule=None, val=None, num_samples: int = 16,
+        checkpoint_dir: Optional[str] = None, checkpoint_every: Optional[int] = None, keep_checkpoints: int = 2,
+        resume: bool = False, seed: Optional[int] = None, progress: bool = True,
+        callbacks: Sequence[Callable] = (), grad_clip: Optional[float] = None) -> History:
+    """Train ``bnn`` by SVI on the mean-field ELBO.
+
+    :param train: ``ArrayLoader``, ``(x, y)`` tensors (batched with ``batch_size``) or a DataLoader.
+    :param epochs: total epochs (a resumed run continues up to this number).
+    :param kl_warmup: ``None``, a constant, ``(hold_epochs, ramp_epochs)`` or ``f(epoch) -> weight``.
+    :param lr_schedule: ``None``, ``"cosine"``, ``("linear-decay", start_epoch)`` or ``f(epoch) -> factor``.
+    :param val: ``(x, y)`` evaluated each epoch with ``num_samples`` posterior draws.
+    :param checkpoint_dir: write an atomic checkpoint at each epoch end (and every ``checkpoint_every``
+        steps); ``resume=True`` continues from the newest readable one, with data order and RNG state.
+    :param callbacks: ``f(bnn, record)`` after each epoch; return ``True`` to stop early.
+    :returns: :class:`History` with one record per epoch.
+    """
+    if not isinstance(bnn, BNN):
+        raise TypeError(f"fit() trains a pyrobnn BNN, got {type(bnn).__name__}")
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+    if resume and checkpoint_dir is None:
+        raise ValueError("resume=True needs checkpoint_dir")
+    if seed is not None:
+        pyro.set_rng_seed(seed)
+    data = _Batches(train, batch_size, seed or 0)
+    n = data.dataset_size
+    if bnn.dataset_size is None:
+        bnn.dataset_size = n
+    elif bnn.dataset_size < n:
+        raise ValueError(f"bnn.dataset_size ({bnn.dataset_size}) is smaller than the training set ({n} examples)")
+    val_xy = _val_xy(val)
+    x0, y0 = data.first()
+    bnn.initialize(x0)
+    params = [p for p in bnn.parameters() if p.requires_grad]
+    if isinstance(optimizer, str):
+        if optimizer.lower() not in _OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {optimizer!r}; known: {', '.join(_OPTIMIZERS)}")
+        opt = _OPTIMIZERS[optimizer.lower()](params, lr=lr, **(optimizer_kwargs or {}))
+    else:
+        opt = optimizer(params)
+    kl_of = kl_warmup_schedule(kl_warmup)
+    lr_of = lr_factor_schedule(lr_schedule, epochs)
+    elbo = TraceMeanField_ELBO()
+    history = History()
+    start_epoch, start_step = 0, 0
+    last_ckpt = None
+    if resume:
+        found = latest_checkpoint(checkpoint_dir)
+        if found is not None:
+            last_ckpt, tensors, meta = found
+            bnn.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+            state = unflatten_state(meta["state"], tensors)
+            opt.load_state_dict(state["optimizer"])
+            _set_rng_state(state["rng"])
+            history.records = list(meta.get("history", []))
+            start_epoch, start_step = int(meta["epoch"]), int(meta["step"])
+            if start_step and not data.resumable:
+                warnings.warn("resuming a torch DataLoader mid-epoch: the epoch restarts from its first batch")
+                start_step = 0
+    steps_per_epoch = len(data)
+    if start_step >= steps_per_epoch:
+        start_epoch, start_step = start_epoch + 1, 0
+    if checkpoint_dir is not None:
+        os.makedirs(checkpoint_dir, exist_ok=True)
+    bar = None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        progress = False
+    for epoch in range(start_epoch, epochs):
+        bnn.train()
+        t0 = time.perf_counter()
+        total, count = 0.0, 0
+        if progress:
+            bar = tqdm(total=steps_per_epoch, initial=start_step, desc=f"epoch {epoch + 1}/{epochs}",
+                       leave=False, dynamic_ncols=True)
+        step = start_step
+        for xb, yb in data.epoch(epoch, start_step):
+            e = epoch + step / steps_per_epoch
+            bnn.kl_weight = kl_of(e)
+            factor = lr_of(e)
+            for g in opt.param_groups:
+                g["lr"] = lr * factor
+            loss = elbo.differentiable_loss(bnn.model, bnn.guide, xb, yb)
+            if not torch.isfinite(loss):
+                where = f" Last good checkpoint: {last_ckpt}." if last_ckpt else ""
+                raise TrainingDiverged(f"the ELBO became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
+                                       f"parameters are those of the previous step.{where} Lower the learning "
+                                       "rate or the initial scale.")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            opt.step()
+            total += loss.item()
+            count += 1
+            step += 1
+            if bar is not None:
+                bar.update(1)
+                if step % 10 == 0:
+                    bar.set_postfix(elbo_per_datum=f"{-total / count / bnn.dataset_size:.4f}", kl_w=f"{bnn.kl_weight:.2f}")
+            if checkpoint_dir is not None and checkpoint_every and step % checkpoint_every == 0 \
+                    and step < steps_per_epoch:
+                last_ckpt = _save_checkpoint(checkpoint_dir, bnn, opt, history, epoch, step, keep_checkpoints)
+        if bar is not None:
+            bar.close()
+        start_step = 0
+        record = {"epoch": epoch + 1, "loss": total / max(count, 1), "elbo_per_datum": -total / max(count, 1) / bnn.dataset_size,
+                  "kl_weight": bnn.kl_weight, "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
+        if val_xy is not None:
+            record.update({f"val_{k}": v for k, v in bnn.evaluate(val_xy[0], val_xy[1], num_samples).items()})
+        history.records.append(record)
+        if checkpoint_dir is not None:
+            last_ckpt = _save_checkpoint(checkpoint_dir, bnn, opt, history, epoch + 1, 0, keep_checkpoints)
+        if progress:
+            shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in record.items()}
+            tqdm.write(" ".join(f"{k}={v}" for k, v in shown.items()))
+        if any(cb(bnn, record) for cb in callbacks):
+            break
+    bnn.kl_weight = 1.0
+    bnn.eval()
+    return history

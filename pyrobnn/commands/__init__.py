@@ -1,0 +1,1 @@
+"""One module per ``pyrobnn`` subcommand; each defines ``register(subparsers)``."""
