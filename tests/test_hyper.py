@@ -313,3 +313,20 @@ def test_removable_fraction():
     assert removable_fraction(curve, 0.06) == 0.9
     with pytest.raises(ValueError, match="fraction 0"):
         removable_fraction(curve[1:])
+
+
+def test_at_guide_gives_arviz_inference_data():
+    from pyrobnn.diagnostics import to_inference_data
+    bnn = _hyper_bnn("piecewise")
+    _randomise(bnn.autoguide)
+    x, y = _data(12)
+    mf = bnn.autoguide.at(0.6)
+    idata = to_inference_data(with_guide(bnn, mf), data=(x, y), num_samples=10, max_coords=4)
+    assert idata.posterior["0.bias"].shape == (1, 10, 4)          # 5 biases stored as 4 random coordinates
+    assert idata.log_likelihood["obs"].shape == (1, 10, 12)
+    # the draws are those of q at λ = 0.6 (same generator seed → the same draws)
+    want = mf.sample_latents(10, generator=torch.Generator().manual_seed(0))["2.bias"]
+    torch.testing.assert_close(torch.as_tensor(idata.posterior["2.bias"].values[0]), want)
+    with bnn.autoguide.conditioned(0.6):
+        also = bnn.autoguide.sample_latents(10, generator=torch.Generator().manual_seed(0))["2.bias"]
+    torch.testing.assert_close(also, want)
