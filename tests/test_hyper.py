@@ -330,3 +330,14 @@ def test_at_guide_gives_arviz_inference_data():
     with bnn.autoguide.conditioned(0.6):
         also = bnn.autoguide.sample_latents(10, generator=torch.Generator().manual_seed(0))["2.bias"]
     torch.testing.assert_close(also, want)
+
+
+def test_save_and_load_roundtrip(tmp_path):
+    bnn = _hyper_bnn("lowrank", rank=2)
+    _randomise(bnn.autoguide)
+    pyrobnn.save(bnn, tmp_path / "hyper.safetensors")
+    loaded = pyrobnn.load(tmp_path / "hyper.safetensors", net=_net())
+    assert isinstance(loaded.autoguide, HyperMeanField) and loaded.autoguide.kind == "lowrank"
+    for lam in (0.0, 0.45, 1.0):
+        for a, b in zip(bnn.autoguide.flat_at(lam), loaded.autoguide.flat_at(lam)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -68,7 +68,8 @@ def mean_field_like(source: FlatGaussianGuide, loc: torch.Tensor, rho: torch.Ten
     for what, t in (("loc", loc), ("rho", rho)):
         if t.shape != (total,):
             raise ValueError(f"{what} must have shape [{total}] (all sites, flat), got {tuple(t.shape)}")
-    model = getattr(source, "_raw_model", None) or source.model
+    # the user's model, unwrapped where the source kept it (a 1-tuple, so it is never a submodule)
+    model = source._raw_model[0] if hasattr(source, "_raw_model") else source.model
     mf = MeanField(model, init_loc_fn=source.init_loc_fn,
                    local_reparameterization=source.local_reparameterization,
                    create_plates=source.create_plates, **kwargs)
@@ -134,7 +135,7 @@ class HyperMeanField(FlatGaussianGuide):
         self.knots = [float(k) for k in knots]
         self.init_scale = float(init_scale)
         self.init_seed = int(init_seed)
-        self._raw_model = model
+        self._raw_model = (model,)   # a tuple, as AutoGuide keeps its model: never registered as a submodule
         self._lowrank_sites: Dict[str, Tuple[int, int, int]] = {}
         self.flat_names = ()
         super().__init__(model, init_loc_fn=init_loc_fn, local_reparameterization=local_reparameterization,
