@@ -115,3 +115,51 @@ def test_bayesian_with_log_uniform_prior_has_placeholder_sites():
     bnn.initialize(torch.rand(2, 1, 4, 4))
     assert all(v[5] for v in bnn.autoguide._layout.values())  # local reparameterisation everywhere
     assert all(isinstance(p, LogUniform) for p in bnn.site_priors.values())
+
+
+@pytest.mark.parametrize("clip", [(-8.0, 8.0), (-2.0, 2.0), None])
+def test_fused_additive_noise_kl_matches_autograd_reference(clip):
+    """The fused (θ, log σ²) → KL function: values and gradients equal the plain autograd formula
+    (log α clipped; zero gradient where clipped), checked also with torch.autograd.gradcheck."""
+    from pyrobnn.priors.log_uniform import sparse_vd_kl
+    torch.manual_seed(0)
+    theta = (torch.randn(40, dtype=torch.float64) * 0.5).requires_grad_()
+    log_var = (torch.randn(40, dtype=torch.float64) * 4 - 3).requires_grad_()
+    weights = torch.rand(40, dtype=torch.float64)
+    kl = sparse_vd_kl(theta, log_var, clip)
+    la = log_var - (theta * theta + 1e-16).log()
+    if clip is not None:
+        la = la.clamp(*clip)
+        assert ((la == clip[0]) | (la == clip[1])).any() and ((la > clip[0]) & (la < clip[1])).any()
+    ref = kl_log_uniform(la)
+    torch.testing.assert_close(kl, ref)
+    g_fused = torch.autograd.grad((kl * weights).sum(), (theta, log_var), retain_graph=True)
+    g_ref = torch.autograd.grad((ref * weights).sum(), (theta, log_var), retain_graph=True)
+    for a, b in zip(g_fused, g_ref):
+        torch.testing.assert_close(a, b)
+    # the usual case, a broadcast scalar upstream gradient
+    g_fused = torch.autograd.grad(kl.sum() * 0.3, (theta, log_var))
+    g_ref = torch.autograd.grad(ref.sum() * 0.3, (theta, log_var))
+    for a, b in zip(g_fused, g_ref):
+        torch.testing.assert_close(a, b)
+    if clip is None:
+        assert torch.autograd.gradcheck(lambda t, v: sparse_vd_kl(t, v, None), (theta, log_var))
+
+
+def test_model_log_prob_at_placeholder_reuses_the_kl_terms():
+    """At a locally reparameterised site the model's log p(θ) = −Σ log|θ| (one reduction of the
+    cached log θ²) and the guide's log q(θ) = −Σ ½ log σ² − n ½ log 2π."""
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4))
+    bnn = pyrobnn.bayesian(net, prior="log-uniform", guide="additive-noise", dataset_size=10)
+    x = torch.rand(2, 3)
+    bnn.initialize(x)
+    guide_tr = pyro.poutine.trace(bnn.guide).get_trace(x)
+    model_tr = pyro.poutine.trace(pyro.poutine.replay(bnn.model, guide_tr)).get_trace(x, torch.tensor([0, 1]))
+    theta, sigma = bnn.autoguide.site_params("0.weight")
+    torch.testing.assert_close(model_tr.nodes["0.weight"]["fn"].log_prob(model_tr.nodes["0.weight"]["value"]),
+                               -theta.abs().log().sum())
+    torch.testing.assert_close(guide_tr.nodes["0.weight"]["fn"].log_prob(guide_tr.nodes["0.weight"]["value"]),
+                               torch.distributions.Normal(theta, sigma).log_prob(theta).sum())
+    # an ordinary value takes the ordinary path
+    w = torch.randn(4, 3)
+    torch.testing.assert_close(model_tr.nodes["0.weight"]["fn"].log_prob(w), -w.abs().log().sum())

@@ -21,30 +21,52 @@ import math
 import numbers
 from typing import Optional, Sequence, Tuple
 
+import pyro.distributions as dist
 import torch
+from pyro.distributions.util import sum_rightmost
 from pyro.infer.autoguide.initialization import init_to_median
 
 from ..registry import GUIDES
-from .base import FlatGaussianGuide, GuideNormal
+from .base import FlatGaussianGuide, GuideNormal, local_reparam_params
 
 __all__ = ["AdditiveNoise", "AdditiveNoiseNormal", "init_to_median_or_fan_in"]
 
 #: added to θ² inside log θ² so a weight at exactly zero has a finite log α (then clipped) and gradient
 _THETA2_EPS = 1e-16
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
 class AdditiveNoiseNormal(GuideNormal):
-    """N(θ, σ²) at one site of :class:`AdditiveNoise`, with log σ² and the clipped log α cached.
+    """N(θ, σ²) at one site of :class:`AdditiveNoise`, parameterised by θ and log σ².
 
-    :param loc: θ, any shape. :param scale: σ (same shape). :param log_variance: log σ² (same shape).
+    σ, σ², log σ and the clipped log α are derived from ``log_variance`` on first use and cached: the
+    locally reparameterised path needs only σ² = exp(log σ²) (the layer) and the KL (which reads
+    ``log_variance`` and ``log_alpha_clip``, see :func:`pyrobnn.priors.log_uniform.sparse_vd_terms`),
+    so σ itself is never computed there.
+
+    :param loc: θ, any shape. :param log_variance: log σ² (same shape).
     :param log_alpha_clip: ``(low, high)`` or None.
     """
 
-    def __init__(self, loc, scale, log_variance, log_alpha_clip=(-8.0, 8.0), placeholder=False):
-        super().__init__(loc, scale, placeholder=placeholder)
+    def __init__(self, loc, log_variance, log_alpha_clip=(-8.0, 8.0), placeholder=False):
+        # Normal.__init__ assigns ``scale``; the property below stores it, so pass loc (same shape)
+        # and then forget it: σ is computed from log σ² when first asked for.
+        super().__init__(loc, loc, placeholder=placeholder)
+        self._scale = None
         self.log_variance = log_variance
         self.log_alpha_clip = log_alpha_clip
         self._log_alpha = None
+        self._sparse_vd_terms = None
+
+    @property
+    def scale(self):
+        if self._scale is None:
+            self._scale = (0.5 * self.log_variance).exp()
+        return self._scale
+
+    @scale.setter
+    def scale(self, value):
+        self._scale = value
 
     @property
     def log_scale(self):
@@ -53,8 +75,14 @@ class AdditiveNoiseNormal(GuideNormal):
         return self._log_scale
 
     @property
+    def variance(self):
+        if self._var is None:
+            self._var = self.log_variance.exp()
+        return self._var
+
+    @property
     def log_alpha(self):
-        """log σ² − log θ², clipped to ``log_alpha_clip``; shape of ``loc``."""
+        """log σ² − log(θ² + 1e-16), clipped to ``log_alpha_clip``; shape of ``loc``."""
         if self._log_alpha is None:
             theta = self.loc
             la = self.log_variance - (theta * theta + _THETA2_EPS).log()
@@ -67,7 +95,27 @@ class AdditiveNoiseNormal(GuideNormal):
         new.log_variance = self.log_variance.expand(batch_shape)
         new.log_alpha_clip = self.log_alpha_clip
         new._log_alpha = None
+        new._sparse_vd_terms = None
         return new
+
+    def to_event(self, reinterpreted_batch_ndims=None):
+        if reinterpreted_batch_ndims is None:
+            reinterpreted_batch_ndims = len(self.batch_shape)
+        if reinterpreted_batch_ndims == 0:
+            return self
+        return _IndependentAdditiveNoise(self, reinterpreted_batch_ndims)
+
+
+class _IndependentAdditiveNoise(dist.Independent):
+    """At the site's own placeholder, log q(θ) = −Σ ½ log σ² − n ½ log 2π: one reduction of log σ²
+    (Pyro evaluates it for every site although the mean-field ELBO does not use it)."""
+
+    def log_prob(self, value):
+        base = self.base_dist
+        if local_reparam_params(value) is not base:
+            return super().log_prob(value)
+        n = math.prod(base.batch_shape[len(base.batch_shape) - self.reinterpreted_batch_ndims:])
+        return sum_rightmost(base.log_variance, self.reinterpreted_batch_ndims) * -0.5 - n * _HALF_LOG_2PI
 
 
 def init_to_median_or_fan_in(site=None):
@@ -145,13 +193,24 @@ class AdditiveNoise(FlatGaussianGuide):
         return {"theta": init_loc, "log_sigma2": torch.full_like(init_loc, self.init_log_sigma2)}
 
     def _site_params(self, flat, i, shape):
-        # The third item is log σ² (not γ): only this class's _site_normal reads it, and the base
-        # class subsamples it along plates like loc and scale.
-        log_var = flat["log_sigma2"][i].view(shape)
-        return flat["theta"][i].view(shape), (0.5 * log_var).exp(), log_var
+        # (θ, log σ², None): the base class passes the second item, subsampled along plates like θ,
+        # to _site_normal below as "scale"; here it is log σ², so σ is only computed where it is
+        # used. site_params() (the public (loc, scale) view) is overridden accordingly.
+        return flat["theta"][i].view(shape), flat["log_sigma2"][i].view(shape), None
 
-    def _site_normal(self, loc, scale, log_var, placeholder):
-        return AdditiveNoiseNormal(loc, scale, log_var, self.log_alpha_clip, placeholder=placeholder)
+    def _site_normal(self, loc, log_var, gamma, placeholder):
+        return AdditiveNoiseNormal(loc, log_var, self.log_alpha_clip, placeholder=placeholder)
+
+    def site_params(self, name: str):
+        """Unconstrained ``(θ, σ)`` of a site (θ a view of the flat parameter)."""
+        theta, log_var = self.site_log_params(name)
+        return theta, (0.5 * log_var).exp()
+
+    def site_log_params(self, name: str):
+        """``(θ, log σ²)`` of a site (views of the flat parameters)."""
+        i = self._index[name]
+        theta, log_var, _ = self._site_params(self._flat_params(register=False), i, self._layout[name][2])
+        return theta, log_var
 
     # -- public -----------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -162,10 +221,7 @@ class AdditiveNoise(FlatGaussianGuide):
             raise RuntimeError("the guide has no parameters yet; run it (or bnn.initialize(x)) once first")
         if site not in self._index:
             raise KeyError(f"unknown site {site!r}; sites: {', '.join(self._layout)}")
-        flat = self._flat_params(register=False)
-        i = self._index[site]
-        shape = self._layout[site][2]
-        theta, log_var = flat["theta"][i].view(shape), flat["log_sigma2"][i].view(shape)
+        theta, log_var = self.site_log_params(site)
         la = log_var - (theta * theta + _THETA2_EPS).log()
         if clip and self.log_alpha_clip is not None:
             la = la.clamp(*self.log_alpha_clip)

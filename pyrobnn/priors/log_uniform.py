@@ -13,7 +13,10 @@ expanded and made an event (``LogUniform().expand(shape).to_event(k)`` is an ``I
 is a ``LogUniform``; torch's Independent–Independent rule sums this elementwise KL).
 
 Where log α comes from:
-  * a site of :class:`pyrobnn.guides.AdditiveNoise` carries its own (clipped) ``log_alpha``;
+  * a site of :class:`pyrobnn.guides.AdditiveNoise` (a Normal carrying ``log_variance`` and
+    ``log_alpha_clip``): log α = log σ² − log(θ² + 1e-16) clipped to the guide's range, computed with
+    the KL and its gradient in one fused autograd function (:func:`sparse_vd_terms`, cached on the
+    site's distribution);
   * any other Normal: log α = 2 log σ − log(μ² + 1e-16), clipped to :data:`DEFAULT_LOG_ALPHA_CLIP`.
 Clipping keeps the gradient finite where μ → 0; outside [−8, 8] the approximation is flat (log α ≫ 0)
 or linear in log α (log α ≪ 0), so the clip changes the KL's gradient, not the optimum's location.
@@ -23,14 +26,15 @@ from __future__ import annotations
 import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
+from pyro.distributions.util import sum_rightmost
 from torch.distributions import constraints
 from torch.distributions.kl import register_kl
 
-from ..guides.base import GuideNormal
+from ..guides.base import GuideNormal, _scalar, local_reparam_params
 from ..registry import PRIORS
 
-__all__ = ["LogUniform", "kl_log_uniform", "neg_kl_log_uniform", "log_alpha_of_normal", "K1", "K2", "K3",
-           "DEFAULT_LOG_ALPHA_CLIP", "THETA2_EPS"]
+__all__ = ["LogUniform", "kl_log_uniform", "neg_kl_log_uniform", "log_alpha_of_normal", "sparse_vd_terms",
+           "sparse_vd_kl", "K1", "K2", "K3", "DEFAULT_LOG_ALPHA_CLIP", "THETA2_EPS"]
 
 K1, K2, K3 = 0.63576, 1.87320, 1.48695
 #: log α is clipped to this range wherever the KL is evaluated on a Normal that does not carry its own
@@ -67,7 +71,17 @@ class LogUniform(dist.TorchDistribution):
     def expand(self, batch_shape, _instance=None):
         return LogUniform(torch.Size(batch_shape))
 
+    def to_event(self, reinterpreted_batch_ndims=None):
+        if reinterpreted_batch_ndims is None:
+            reinterpreted_batch_ndims = len(self.batch_shape)
+        if reinterpreted_batch_ndims == 0:
+            return self
+        return _IndependentLogUniform(self, reinterpreted_batch_ndims)
+
     def log_prob(self, value):
+        lt = _shared_log_theta2(value)
+        if lt is not None:
+            return lt * -0.5
         lp = -value.abs().log()
         if lp.shape != self.batch_shape and self.batch_shape:
             lp = lp.expand(torch.broadcast_shapes(lp.shape, self.batch_shape))
@@ -97,6 +111,29 @@ class LogUniform(dist.TorchDistribution):
         return f"LogUniform({shape})"
 
 
+class _IndependentLogUniform(dist.Independent):
+    """``LogUniform(...).to_event(k)``: at a sparse-VD placeholder (the value is θ, tagged with its
+    guide Normal) the log-density −Σ log|θ| = −½ Σ log θ² reuses log(θ² + 1e-16) already computed for
+    the KL, as a single reduction. Elsewhere it is the ordinary Independent log-density."""
+
+    def log_prob(self, value):
+        lt = _shared_log_theta2(value)
+        if lt is None:
+            return super().log_prob(value)
+        lp = sum_rightmost(lt, self.reinterpreted_batch_ndims) * -0.5
+        if self.batch_shape and lp.shape != self.batch_shape:
+            lp = lp.expand(torch.broadcast_shapes(lp.shape, self.batch_shape))
+        return lp
+
+
+def _shared_log_theta2(value):
+    """log(θ² + 1e-16) of an additive-noise placeholder value (computed with its KL), else None."""
+    q = local_reparam_params(value)
+    if q is None or getattr(q, "log_variance", None) is None:
+        return None
+    return sparse_vd_terms(q)[1]
+
+
 # -- the KL approximation ------------------------------------------------------------------------------------
 def neg_kl_log_uniform(log_alpha: torch.Tensor) -> torch.Tensor:
     """−KL(N(θ, αθ²) ‖ log-uniform) ≈ k₁ sigmoid(k₂ + k₃ log α) − ½ log(1 + 1/α) − k₁, elementwise."""
@@ -121,6 +158,81 @@ def log_alpha_of_normal(q, clip=DEFAULT_LOG_ALPHA_CLIP) -> torch.Tensor:
     return la.clamp(clip[0], clip[1]) if clip is not None else la
 
 
+_CONSTANTS = {}
+
+
+def _constants(like):
+    """0-dim tensors (ε, −k₂) of ``like``'s dtype/device, made once (broadcast operands of fused ops)."""
+    key = (like.dtype, like.device)
+    c = _CONSTANTS.get(key)
+    if c is None:
+        c = _CONSTANTS[key] = (torch.tensor(THETA2_EPS, dtype=like.dtype, device=like.device),
+                               torch.tensor(-K2, dtype=like.dtype, device=like.device))
+    return c
+
+
+class _SparseVDKL(torch.autograd.Function):
+    """Elementwise KL(N(θ, σ²) ‖ log-uniform) from (θ, log σ²) with log α clipped, and its gradient.
+
+    One pass computes the KL, log(θ² + ε) (returned, not differentiable) and the two partial
+    derivatives, so the backward is two scalings. With u = log α (clipped), s = sigmoid(−k₂ − k₃u),
+    p = sigmoid(u):  KL = k₁ s − ½ log p,  dKL/du = ½ (p − 1 − 2 k₁k₃ s(1 − s)) (0 where clipped),
+    du/d log σ² = 1,  du/dθ = −2θ / (θ² + ε). Using −log sigmoid(u) = log(1 + 1/α) needs no softplus.
+    """
+
+    @staticmethod
+    def forward(ctx, theta, log_var, low, high):
+        eps, neg_k2 = _constants(theta)
+        t = torch.addcmul(eps, theta, theta)
+        log_t = t.log()
+        raw = log_var - log_t
+        la = raw if low is None else raw.clamp(low, high)
+        s = torch.add(neg_k2, la, alpha=-K3).sigmoid_()
+        p = torch.sigmoid(la)
+        kl = torch.add(p.log(), s, alpha=-2 * K1).mul_(-0.5)
+        u = torch.add(p, torch.addcmul(s, s, s, value=-1), alpha=-2 * K1 * K3).sub_(1)  # 2·dKL/du
+        if low is not None:
+            u.masked_fill_(raw != la, 0.0)
+        d_theta = torch.div(theta, t).mul_(u)  # −dKL/dθ
+        ctx.save_for_backward(u, d_theta)
+        ctx.mark_non_differentiable(log_t)
+        return kl, log_t
+
+    @staticmethod
+    def backward(ctx, grad_kl, _grad_log_t):
+        u, d_theta = ctx.saved_tensors
+        g = _scalar(grad_kl)
+        if g is not None:  # the usual case: grad of a (weighted) sum is one broadcast scalar
+            return d_theta * (-g), u * (0.5 * g), None, None
+        return d_theta * grad_kl.neg(), u * grad_kl * 0.5, None, None
+
+
+def sparse_vd_terms(q):
+    """(elementwise KL, log(θ² + ε)) of an additive-noise Normal ``q`` (``q.loc`` = θ,
+    ``q.log_variance`` = log σ², ``q.log_alpha_clip``), computed once and cached on ``q``."""
+    cached = getattr(q, "_sparse_vd_terms", None)
+    if cached is None:
+        clip = q.log_alpha_clip
+        low, high = (None, None) if clip is None else (float(clip[0]), float(clip[1]))
+        cached = _SparseVDKL.apply(q.loc, q.log_variance, low, high)
+        q._sparse_vd_terms = cached
+    return cached
+
+
+def sparse_vd_kl(theta: torch.Tensor, log_var: torch.Tensor, clip=DEFAULT_LOG_ALPHA_CLIP) -> torch.Tensor:
+    """Elementwise KL from raw (θ, log σ²) tensors of one shape, log α clipped to ``clip`` (or None)."""
+    low, high = (None, None) if clip is None else (float(clip[0]), float(clip[1]))
+    return _SparseVDKL.apply(theta, log_var, low, high)[0]
+
+
+def _kl(q, p):
+    if getattr(q, "log_variance", None) is not None and hasattr(q, "log_alpha_clip"):
+        kl = sparse_vd_terms(q)[0]
+    else:
+        kl = kl_log_uniform(log_alpha_of_normal(q))
+    return _broadcast(kl, p)
+
+
 def _broadcast(kl, p):
     if p.batch_shape and kl.shape != p.batch_shape:
         kl = kl.expand(torch.broadcast_shapes(kl.shape, p.batch_shape))
@@ -129,14 +241,14 @@ def _broadcast(kl, p):
 
 @register_kl(GuideNormal, LogUniform)
 def _kl_guide_normal_log_uniform(q, p):
-    return _broadcast(kl_log_uniform(log_alpha_of_normal(q)), p)
+    return _kl(q, p)
 
 
 @register_kl(dist.Normal, LogUniform)
 def _kl_normal_log_uniform(q, p):
-    return _broadcast(kl_log_uniform(log_alpha_of_normal(q)), p)
+    return _kl(q, p)
 
 
 @register_kl(torch.distributions.Normal, LogUniform)
 def _kl_torch_normal_log_uniform(q, p):
-    return _broadcast(kl_log_uniform(log_alpha_of_normal(q)), p)
+    return _kl(q, p)
