@@ -28,6 +28,8 @@ import pyro.poutine as poutine
 import torch
 
 from pyrobnn.bnn import BNN, bayesian
+from pyrobnn.diagnostics import PRECISION_SITE as _PRECISION
+from pyrobnn.diagnostics import mcmc_sample_stats, outputs_under_draws, per_draw_precision
 from pyrobnn.io import read_state, write_state
 
 from .sgld import PSGLD, SGLD
@@ -63,7 +65,11 @@ class _TensorBatches:
 
 
 def _forever(batches):
+    epoch = 0
     while True:
+        if hasattr(batches, "set_epoch"):  # pyrobnn.data.ArrayLoader: a new permutation each epoch
+            batches.set_epoch(epoch)
+        epoch += 1
         empty = True
         for batch in batches:
             empty = False
@@ -77,6 +83,9 @@ def _forever(batches):
 def _dataset_size(data, x_y) -> Optional[int]:
     if x_y is not None:
         return int(x_y[0].shape[0])
+    n = getattr(data, "dataset_size", None)
+    if isinstance(n, int):
+        return n
     ds = getattr(data, "dataset", None)
     if ds is not None and hasattr(ds, "__len__"):
         return len(ds)
@@ -237,27 +246,6 @@ class SamplePosterior:
         return cls(bnn, draws, mcmc_sample_stats(mcmc), config=getattr(mcmc.kernel, "config", dict)())
 
 
-def mcmc_sample_stats(mcmc) -> Dict[str, torch.Tensor]:
-    """Per-draw statistics ``{name: [C, S]}`` of a finished ``pyro.infer.MCMC`` run: ``diverging``
-    always; ``potential_energy`` and ``step_size`` where the kernel records them (SGLD/pSGLD do)."""
-    per_chain = getattr(mcmc, "_diagnostics", None)
-    if not per_chain or per_chain[0] is None:
-        diag = mcmc.diagnostics()
-        per_chain = [{k: v[f"chain {i}"] for k, v in diag.items() if isinstance(v, dict) and f"chain {i}" in v}
-                     for i in range(mcmc.num_chains)]
-    C, S = mcmc.num_chains, mcmc.num_samples
-    stats = {"diverging": torch.zeros(C, S, dtype=torch.bool)}
-    for i, d in enumerate(per_chain):
-        div = d.get("divergences", [])
-        if isinstance(div, (list, tuple)) and len(div):
-            stats["diverging"][i, torch.as_tensor(list(div), dtype=torch.long)] = True
-    for key in ("potential_energy", "step_size"):
-        vals = [d.get(key) for d in per_chain]
-        if all(isinstance(v, (list, tuple)) and len(v) == S for v in vals):
-            stats[key] = torch.tensor(vals, dtype=torch.float64)
-    return stats
-
-
 def _deterministic_state(bnn: BNN) -> Dict[str, torch.Tensor]:
     return {k: v for k, v in bnn.state_dict().items() if not k.startswith("autoguide.")}
 
@@ -283,28 +271,6 @@ def _bnn_from_spec(spec, net, path) -> BNN:
     return bnn
 
 
-_PRECISION = "likelihood.precision"
-
-
-class per_draw_precision:
-    """Context in which a ``Gaussian(scale="latent")`` likelihood evaluates ``log_prob(outs [S, B, ...])``
-    with one noise precision per draw (``precision`` ``[S]``) instead of the last one the model drew."""
-
-    def __init__(self, likelihood, precision: torch.Tensor, outs: torch.Tensor):
-        self.likelihood = likelihood
-        mean_dim = likelihood._mean(outs).dim()
-        self.value = precision.reshape((-1,) + (1,) * (mean_dim - 1))
-
-    def __enter__(self):
-        self.saved = self.likelihood._precision
-        self.likelihood._precision = self.value
-        return self
-
-    def __exit__(self, *exc):
-        self.likelihood._precision = self.saved
-        return False
-
-
 def _has_latent_likelihood(bnn) -> bool:
     return getattr(bnn.likelihood, "scale_mode", None) == "latent"
 
@@ -317,43 +283,6 @@ def _latent_sites(bnn: BNN) -> List[str]:
     if _has_latent_likelihood(bnn):
         names.append(_PRECISION)
     return names
-
-
-def _net_under(bnn: BNN, draw: Dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    return poutine.condition(bnn._net_only, data=draw)(x)
-
-
-def outputs_under_draws(bnn: BNN, draws: Dict[str, torch.Tensor], x: torch.Tensor, chunk: int = 64,
-                        max_rows: int = 1 << 16) -> torch.Tensor:
-    """Network outputs ``[S, B, ...]`` for draws ``{site: [S, *shape]}`` on inputs ``x`` ``[B, ...]``:
-    ``torch.func.vmap`` over chunks of draws, a loop over draws when the network cannot be vmapped."""
-    draws = {k: v for k, v in draws.items() if k != _PRECISION}  # the network does not read it
-    S = next(iter(draws.values())).shape[0]
-    dtype = torch.get_default_dtype()
-    saved_precision = getattr(bnn.likelihood, "_precision", None)
-    rows = max(1, max_rows // max(1, min(chunk, S)))
-    was_training = bnn.training
-    bnn.eval()
-    outs = []
-    try:
-        with torch.no_grad(), poutine.block():
-            for s0 in range(0, S, chunk):
-                part = {k: v[s0:s0 + chunk].to(dtype) for k, v in draws.items()}
-                cols = []
-                for r0 in range(0, x.shape[0], rows):
-                    xb = x[r0:r0 + rows]
-                    try:
-                        o = torch.func.vmap(lambda d: _net_under(bnn, d, xb))(part)
-                    except (RuntimeError, ValueError, NotImplementedError):
-                        n = next(iter(part.values())).shape[0]
-                        o = torch.stack([_net_under(bnn, {k: v[i] for k, v in part.items()}, xb) for i in range(n)])
-                    cols.append(o)
-                outs.append(torch.cat(cols, 1))
-    finally:
-        bnn.train(was_training)
-        if hasattr(bnn.likelihood, "_precision"):
-            bnn.likelihood._precision = saved_precision  # a value set inside vmap must not escape it
-    return torch.cat(outs, 0)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -469,12 +398,13 @@ def _run_chain(bnn, k: SGLD, stream, num_samples, warmup, thin, max_draws, patte
         from tqdm.auto import tqdm
         bar = tqdm(total=total, desc=f"chain {chain_id}", leave=False)
     since = 0
-    diverged = False
+    recorded_at = -2
     try:
         for t in range(total):
             xb, yb = next(stream)
             params = k.step(params, xb, yb)
-            diverged |= not math.isfinite(k._last_potential)
+            if not math.isfinite(k._last_potential) and recorded_at == t - 1:
+                out["stats"]["diverging"][-1] = True   # the draw kept after the last update was that state
             if bar is not None:
                 bar.update(1)
             if t < warmup:
@@ -484,7 +414,6 @@ def _run_chain(bnn, k: SGLD, stream, num_samples, warmup, thin, max_draws, patte
                 continue
             since = 0
             if k.schedule.is_exploring(k._t - 1):
-                diverged = False
                 continue
             for n in kept:
                 v = params[n].detach()
@@ -492,8 +421,8 @@ def _run_chain(bnn, k: SGLD, stream, num_samples, warmup, thin, max_draws, patte
                 out["draws"][n].append(v.to(store_dtype) if store_dtype is not None else v.clone())
             out["stats"]["potential_energy"].append(k._last_potential)
             out["stats"]["step_size"].append(k._last_step_size)
-            out["stats"]["diverging"].append(diverged)
-            diverged = False
+            out["stats"]["diverging"].append(False)
+            recorded_at = t
             if eval_x is not None:
                 draw = {n: (params[n] if inv[n] is None else inv[n](params[n])).detach() for n in inv}
                 with torch.no_grad():

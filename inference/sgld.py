@@ -34,9 +34,11 @@ draws — almost free, since consecutive SGLD draws are strongly autocorrelated 
 prediction afterwards), or :func:`pyrobnn.inference.sample` (a cap on kept draws that thins adaptively,
 optional half-precision storage, and function-space outputs recorded on the fly).
 
-Divergences. A step whose potential is NaN/inf is not taken; the chain returns to its last state with
-a finite potential and the step is recorded in ``diagnostics()["divergences"]`` (draw indices, as
-``arviz.from_pyro`` expects).
+Divergences. An update whose starting state has a NaN/inf potential is not taken: the chain returns
+to its last state with a finite potential. A kept draw is such a state only until the next update
+evaluates it, so ``diagnostics()["divergences"]`` lists the indices of the kept draws found divergent
+that way (as ``arviz.from_pyro`` reads them: those draws are flagged ``diverging``);
+``"divergent updates"`` counts all rejected updates, warm-up and thinned-away states included.
 """
 from __future__ import annotations
 
@@ -44,7 +46,6 @@ import math
 from collections import OrderedDict
 from typing import Any, Callable, Dict, List, Optional, Union
 
-import pyro
 import pyro.poutine as poutine
 import torch
 from pyro.distributions.util import scale_and_mask
@@ -319,7 +320,7 @@ class SGLD(MCMCKernel):
         self._warmup_steps = 0
         self._warmup = True
         self._divergences: List[int] = []
-        self._num_divergent_warmup = 0
+        self._num_divergent_updates = 0
         self._potential_trace: List[float] = []
         self._step_size_trace: List[float] = []
         self._last_potential = float("nan")
@@ -474,15 +475,17 @@ class SGLD(MCMCKernel):
         """One call of the MCMC driver: one update in warm-up, ``thin`` updates afterwards."""
         if self._warmup and self._calls >= self._warmup_steps:
             self.end_warmup()
-        self._diverged = False
         n = 1 if self._warmup else self.thin
-        for _ in range(n):
+        for i in range(n):
+            self._diverged = False
             params = self.step(params, *self._args, **self._kwargs)
-        if self._warmup:
-            self._num_divergent_warmup += int(self._diverged)
-        else:
             if self._diverged:
-                self._divergences.append(self._calls - self._warmup_steps)
+                self._num_divergent_updates += 1
+                # the state this update started from is the previous call's draw when i == 0
+                draw = self._calls - 1 - self._warmup_steps
+                if i == 0 and draw >= 0:
+                    self._divergences.append(draw)
+        if not self._warmup:
             self._potential_trace.append(self._last_potential)
             self._step_size_trace.append(self._last_step_size)
         self._calls += 1
@@ -497,7 +500,7 @@ class SGLD(MCMCKernel):
         """``divergences`` (draw indices, as ``arviz.from_pyro`` reads them), and per draw the minibatch
         ``potential_energy`` U (at the state the draw's last update started from) and ``step_size``."""
         return {"divergences": list(self._divergences),
-                "divergences (warm-up)": self._num_divergent_warmup,
+                "divergent updates": self._num_divergent_updates,
                 "potential_energy": list(self._potential_trace),
                 "step_size": list(self._step_size_trace)}
 

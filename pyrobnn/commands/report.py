@@ -1,0 +1,186 @@
+"""``pyrobnn report DIR``: render a run's saved ArviZ InferenceData (netCDF) to PNG plots and an HTML page.
+
+Looks for ``DIR/inference_data.nc`` (else the first ``*.nc`` in DIR, or DIR itself when it is a file) and
+writes into ``DIR/report/`` (``--out`` to change):
+
+* ``trace.png`` — ``az.plot_trace`` of the per-draw scalars (layer norms, scalar sites, log posterior);
+* ``ppc.png`` — ``az.plot_ppc`` (replicated vs observed data), when the file has those groups;
+* ``reliability.png`` — classification: accuracy vs confidence of the held-out predictive; regression:
+  observed vs nominal coverage of central predictive intervals (from the held-out ``f_test`` and the
+  draws of the noise precision, or else from the posterior predictive on the training data);
+* ``index.html`` — the plots, the function-space R-hat/ESS (the meaningful convergence check for a
+  network, see :mod:`pyrobnn.diagnostics`), ``az.summary`` of the scalars and any metrics stored in
+  the file's ``pyrobnn_metrics`` attribute.
+"""
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+
+def register(sub):
+    p = sub.add_parser("report", help="render a run's InferenceData (netCDF) to PNG plots and an HTML page")
+    p.add_argument("dir", help="run directory holding inference_data.nc (or a .nc file)")
+    p.add_argument("--out", default=None, help="output directory (default DIR/report)")
+    p.add_argument("--max-vars", type=int, default=6, help="variables in the trace plot")
+    p.set_defaults(func=run)
+
+
+def find_inference_data(path) -> Path:
+    path = Path(path)
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise FileNotFoundError(f"no such directory: {path}")
+    preferred = path / "inference_data.nc"
+    if preferred.is_file():
+        return preferred
+    found = sorted(path.glob("*.nc"))
+    if not found:
+        raise FileNotFoundError(f"{path} holds no InferenceData (*.nc); save one with idata.to_netcdf(...)")
+    return found[0]
+
+
+def _scalar_vars(idata, limit):
+    names = []
+    for name, var in idata.posterior.data_vars.items():
+        if var.ndim == 2:  # (chain, draw)
+            names.append(name)
+    names.sort(key=lambda n: (not n.endswith("_norm"), n))
+    return names[:limit]
+
+
+def _regression_coverage(idata):
+    """(nominal, observed) coverage of central predictive intervals, or None."""
+    import numpy as np
+    levels = np.linspace(0.1, 0.9, 9)
+    if "predictions" in idata.groups() and "f_test" in idata.predictions and \
+            "predictions_constant_data" in idata.groups() and "y_test" in idata.predictions_constant_data:
+        f = np.asarray(idata.predictions["f_test"].values)
+        y = np.asarray(idata.predictions_constant_data["y_test"].values)
+        f = f.reshape((-1,) + f.shape[2:])
+        rng = np.random.default_rng(0)
+        if "likelihood.precision" in idata.posterior:
+            sigma = np.asarray(idata.posterior["likelihood.precision"].values).reshape(-1) ** -0.5
+            sigma = sigma.reshape((-1,) + (1,) * (f.ndim - 1))
+        else:
+            sigma = 0.0
+        reps = f + sigma * rng.standard_normal(f.shape)
+    elif "posterior_predictive" in idata.groups() and "observed_data" in idata.groups():
+        name = next(iter(idata.observed_data.data_vars))
+        reps = np.asarray(idata.posterior_predictive[name].values)
+        reps = reps.reshape((-1,) + reps.shape[2:])
+        y = np.asarray(idata.observed_data[name].values)
+    else:
+        return None
+    pit = (reps < y[None]).mean(0).reshape(-1)
+    observed = [float(np.mean(np.abs(pit - 0.5) <= lv / 2)) for lv in levels]
+    return levels, np.asarray(observed)
+
+
+def render(idata_path, out_dir, max_vars: int = 6) -> Path:
+    """Write the plots and ``index.html`` for the InferenceData at ``idata_path``; returns the page."""
+    import arviz as az
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    import torch
+
+    from pyrobnn.diagnostics import function_space_diagnostics
+    from pyrobnn.plots import plot_reliability, savefig
+
+    idata = az.from_netcdf(str(idata_path))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sections, images = [], []
+
+    if "posterior" not in idata.groups():
+        raise ValueError(f"{idata_path} has no posterior group")
+    scalars = _scalar_vars(idata, max_vars)
+    if not scalars:  # no per-draw scalars: take one coordinate of the first variable
+        first = next(iter(idata.posterior.data_vars))
+        scalars = [first]
+    axes = az.plot_trace(idata, var_names=scalars, compact=True, figsize=(10, 1.8 * len(scalars)))
+    savefig(np.ravel(axes)[0].figure, out / "trace.png")
+    images.append(("Trace of per-draw scalars", "trace.png"))
+
+    if "posterior_predictive" in idata.groups() and "observed_data" in idata.groups():
+        ax = az.plot_ppc(idata, num_pp_samples=min(50, idata.posterior.sizes["draw"] * idata.posterior.sizes["chain"]),
+                         random_seed=0)
+        savefig(np.ravel(ax)[0].figure, out / "ppc.png")
+        images.append(("Posterior predictive check (training data)", "ppc.png"))
+
+    task = idata.posterior.attrs.get("pyrobnn_task")
+    has_probs = "predictions" in idata.groups() and "p_test" in idata.predictions and \
+        "predictions_constant_data" in idata.groups() and "y_test" in idata.predictions_constant_data
+    if has_probs:
+        p = np.asarray(idata.predictions["p_test"].values)
+        p = p.reshape((-1,) + p.shape[2:]).mean(0)
+        if p.ndim == 1:
+            p = np.stack([1 - p, p], -1)
+        y = torch.as_tensor(np.asarray(idata.predictions_constant_data["y_test"].values)).long()
+        plot_reliability({"posterior predictive": torch.as_tensor(p, dtype=torch.float32)}, y, out / "reliability.png")
+        images.append(("Reliability (held-out data)", "reliability.png"))
+    elif task != "classification":
+        cov = _regression_coverage(idata)
+        if cov is not None:
+            levels, observed = cov
+            fig, ax = plt.subplots(figsize=(4.2, 4))
+            ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
+            ax.plot(levels, observed, marker="o", label="posterior predictive")
+            ax.set(xlabel="nominal coverage of central interval", ylabel="observed coverage", xlim=(0, 1),
+                   ylim=(0, 1), title="Reliability (interval coverage)")
+            ax.legend(loc="upper left", fontsize=8)
+            savefig(fig, out / "reliability.png")
+            images.append(("Reliability (predictive-interval coverage)", "reliability.png"))
+
+    attrs = dict(idata.posterior.attrs)
+    metrics = attrs.get("pyrobnn_metrics")
+    if metrics:
+        try:
+            metrics = json.loads(metrics)
+            rows = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{v:.4g}</td></tr>" if isinstance(v, float)
+                           else f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>"
+                           for k, v in metrics.items())
+            sections.append(f"<h2>Metrics</h2><table>{rows}</table>")
+        except (ValueError, TypeError):
+            pass
+    if "predictions" in idata.groups():
+        try:
+            fs = function_space_diagnostics(idata)
+            rows = "".join(f"<tr><td>{k}</td><td>{v:.4g}</td></tr>" for k, v in fs.items())
+            sections.append("<h2>Function-space convergence (held-out predictions)</h2>"
+                            "<p>R-hat/ESS of the predictions, which are invariant to the network's weight "
+                            "symmetries; weight-space R-hat is not a meaningful check for a network.</p>"
+                            f"<table>{rows}</table>")
+        except ValueError as e:
+            sections.append(f"<p>function-space diagnostics unavailable: {html.escape(str(e))}</p>")
+    summary = az.summary(idata, var_names=scalars, kind="all" if idata.posterior.sizes["draw"] > 3 else "stats")
+    sections.append("<h2>Posterior summary (per-draw scalars)</h2>" + summary.to_html(float_format="%.4g"))
+    if "sample_stats" in idata.groups() and "diverging" in idata.sample_stats:
+        n_div = int(np.asarray(idata.sample_stats["diverging"].values).sum())
+        sections.append(f"<p>Divergent draws: {n_div}</p>")
+
+    body = "".join(f"<h2>{html.escape(t)}</h2><img src='{f}' style='max-width:100%'>" for t, f in images)
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>pyrobnn report</title>"
+            "<style>body{font-family:sans-serif;max-width:1000px;margin:auto}table{border-collapse:collapse}"
+            "td,th{border:1px solid #ccc;padding:2px 6px}</style></head><body>"
+            f"<h1>pyrobnn report: {html.escape(Path(idata_path).name)}</h1>"
+            f"<p>{idata.posterior.sizes['chain']} chain(s) × {idata.posterior.sizes['draw']} draws; groups: "
+            f"{html.escape(', '.join(idata.groups()))}</p>{''.join(sections)}{body}</body></html>")
+    index = out / "index.html"
+    index.write_text(page, encoding="utf-8")
+    return index
+
+
+def run(args):
+    if isinstance(args.max_vars, bool) or args.max_vars < 1:
+        raise ValueError(f"--max-vars must be a positive integer, got {args.max_vars}")
+    path = find_inference_data(args.dir)
+    base = path.parent if path.is_file() else Path(args.dir)
+    out = Path(args.out) if args.out else base / "report"
+    index = render(path, out, args.max_vars)
+    print(index)
+    return 0

@@ -1,0 +1,446 @@
+"""ArviZ bridge: posterior draws of a BNN (or any Pyro model) → ``arviz.InferenceData``.
+
+:func:`to_inference_data` accepts a finished ``pyro.infer.MCMC`` run, a
+:class:`pyrobnn.inference.SamplePosterior`, or a :class:`pyrobnn.BNN` with a trained guide (draws from
+the guide), and builds the groups with ``arviz.from_dict`` — which also exists in ArviZ 1.x, unlike
+``from_pyro``:
+
+* ``posterior`` — the latent sites by name. A site with more than ``max_coords`` numbers (any weight
+  matrix) is stored as a seeded random subset of its coordinates, dimension ``"<site>_coord"`` whose
+  coordinate values are the flat indices into the site (``numpy.unravel_index`` with the shape in
+  ``attrs["pyrobnn_site_shapes"]`` recovers the tensor index), plus per-draw layer summaries
+  ``"<site>_norm"`` (L2 norm), ``"<site>_mean"`` and ``"<site>_std"``;
+* ``log_likelihood`` — log p(y_n | θ_s) per observation and draw (for ``az.loo`` / ``az.waic``);
+* ``posterior_predictive`` — one replicated y per draw; ``observed_data`` — y;
+* ``predictions`` / ``predictions_constant_data`` — function-space quantities on held-out inputs
+  (class probabilities ``p_test`` or regression means ``f_test``) and their targets ``y_test``;
+* ``sample_stats`` — ``lp`` (minus the minibatch potential), ``step_size``, ``diverging``.
+
+Why function space. A neural network's posterior is invariant under weight symmetries: permuting the
+hidden units of a layer, or flipping the signs of a unit's in- and outgoing weights for odd
+activations (tanh), gives the same function. Independent chains settle in different, equivalent
+copies of a mode, so weight-space R-hat is large (and ESS tiny) even when every chain has converged to
+the same predictive distribution — weight-space R-hat of a network is not a meaningful convergence
+check. Quantities that are invariant under the symmetries — the network's predictions on held-out
+inputs — are: :func:`function_space_diagnostics` reports R-hat and ESS on them. The weight-space
+columns of ``az.summary`` are kept for completeness (per-layer norms are invariant to permutations,
+and are a useful second look).
+"""
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import numpy as np
+import pyro.poutine as poutine
+import torch
+
+__all__ = ["to_inference_data", "function_space_diagnostics", "outputs_under_draws", "per_draw_precision",
+           "mcmc_sample_stats"]
+
+PRECISION_SITE = "likelihood.precision"
+
+
+# ----------------------------------------------------------------------------------------------------
+# network outputs under draws
+# ----------------------------------------------------------------------------------------------------
+def _net_under(bnn, draw: Dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    return poutine.condition(bnn._net_only, data=draw)(x)
+
+
+def outputs_under_draws(bnn, draws: Dict[str, torch.Tensor], x: torch.Tensor, chunk: int = 64,
+                        max_rows: int = 1 << 16) -> torch.Tensor:
+    """Network outputs ``[S, B, ...]`` of a BNN for draws ``{site: [S, *site_shape]}`` on ``x`` ``[B, ...]``.
+
+    Draws run ``chunk`` at a time through ``torch.func.vmap`` (one batched functional forward); a
+    Python loop over draws is the fallback for networks that cannot be vmapped. Inputs are split into
+    blocks of ``max_rows // chunk`` rows to bound the activations' memory.
+    """
+    draws = {k: v for k, v in draws.items() if k != PRECISION_SITE}  # the network does not read it
+    if not draws:
+        raise ValueError("no weight draws given")
+    S = next(iter(draws.values())).shape[0]
+    dtype = torch.get_default_dtype()
+    rows = max(1, max_rows // max(1, min(chunk, S)))
+    saved_precision = getattr(bnn.likelihood, "_precision", None)
+    was_training = bnn.training
+    bnn.eval()
+    outs = []
+    try:
+        with torch.no_grad(), poutine.block():
+            for s0 in range(0, S, chunk):
+                part = {k: v[s0:s0 + chunk].to(dtype) for k, v in draws.items()}
+                cols = []
+                for r0 in range(0, x.shape[0], rows):
+                    xb = x[r0:r0 + rows]
+                    try:
+                        o = torch.func.vmap(lambda d: _net_under(bnn, d, xb))(part)
+                    except (RuntimeError, ValueError, NotImplementedError):
+                        n = next(iter(part.values())).shape[0]
+                        o = torch.stack([_net_under(bnn, {k: v[i] for k, v in part.items()}, xb) for i in range(n)])
+                    cols.append(o)
+                outs.append(torch.cat(cols, 1))
+    finally:
+        bnn.train(was_training)
+        if hasattr(bnn.likelihood, "_precision"):
+            bnn.likelihood._precision = saved_precision  # a value set inside vmap must not escape it
+    return torch.cat(outs, 0)
+
+
+class per_draw_precision:
+    """Context in which a ``Gaussian(scale="latent")`` likelihood evaluates ``log_prob(outs [S, B, ...])``
+    with one noise precision per draw (``precision`` ``[S]``) instead of the last one the model drew."""
+
+    def __init__(self, likelihood, precision: Optional[torch.Tensor], outs: torch.Tensor):
+        self.likelihood = likelihood
+        self.value = None
+        if precision is not None:
+            mean_dim = likelihood._mean(outs).dim()
+            self.value = precision.to(outs.dtype).reshape((-1,) + (1,) * (mean_dim - 1))
+
+    def __enter__(self):
+        if self.value is not None:
+            self.saved = self.likelihood._precision
+            self.likelihood._precision = self.value
+        return self
+
+    def __exit__(self, *exc):
+        if self.value is not None:
+            self.likelihood._precision = self.saved
+        return False
+
+
+def mcmc_sample_stats(mcmc) -> Dict[str, torch.Tensor]:
+    """Per-draw statistics ``{name: [C, S]}`` of a finished ``pyro.infer.MCMC`` run: ``diverging``
+    always; ``potential_energy`` and ``step_size`` where the kernel records them (SGLD/pSGLD do)."""
+    per_chain = getattr(mcmc, "_diagnostics", None)
+    C, S = mcmc.num_chains, mcmc.num_samples
+    if not per_chain or per_chain[0] is None:
+        diag = mcmc.diagnostics()
+        per_chain = [{k: v[f"chain {i}"] for k, v in diag.items() if isinstance(v, dict) and f"chain {i}" in v}
+                     for i in range(C)]
+    stats = {"diverging": torch.zeros(C, S, dtype=torch.bool)}
+    for i, d in enumerate(per_chain):
+        div = d.get("divergences", [])
+        if isinstance(div, (list, tuple)) and len(div):
+            stats["diverging"][i, torch.as_tensor(list(div), dtype=torch.long)] = True
+    for key in ("potential_energy", "step_size"):
+        vals = [d.get(key) for d in per_chain]
+        if all(isinstance(v, (list, tuple)) and len(v) == S for v in vals):
+            stats[key] = torch.tensor(vals, dtype=torch.float64)
+    return stats
+
+
+# ----------------------------------------------------------------------------------------------------
+# gathering draws from the supported sources
+# ----------------------------------------------------------------------------------------------------
+def _is_bnn(obj) -> bool:
+    from .bnn import BNN
+    return isinstance(obj, BNN)
+
+
+def _from_source(obj, bnn, data, num_samples, seed):
+    """→ (draws {site: [C,S,...]}, stats {name: [C,S]}, bnn|None, data|None, model info, eval (x, outs)|None)."""
+    from pyro.infer import MCMC
+    if isinstance(obj, MCMC):
+        if obj._samples is None:
+            raise ValueError("this MCMC object has not been run")
+        draws = obj.get_samples(group_by_chain=True)
+        stats = mcmc_sample_stats(obj)
+        owner = getattr(obj.kernel.model, "__self__", None)
+        bnn = bnn if bnn is not None else (owner if _is_bnn(owner) else None)
+        args, kwargs = tuple(obj._args or ()), dict(obj._kwargs or {})
+        if data is None and bnn is not None and len(args) >= 2 and args[1] is not None:
+            data = (args[0], args[1])
+        return draws, stats, bnn, data, (obj.kernel.model, args, kwargs), None
+    if hasattr(obj, "draws") and hasattr(obj, "bnn") and hasattr(obj, "eval_outputs"):  # a SamplePosterior
+        ev = None if obj.eval_outputs is None else (obj.eval_x, obj.eval_outputs)
+        return dict(obj.draws), dict(obj.stats), obj.bnn, data, None, ev
+    if _is_bnn(obj):
+        return _guide_draws(obj, data, num_samples, seed), {}, obj, data, None, None
+    raise TypeError("to_inference_data takes a pyro.infer.MCMC run, a pyrobnn SamplePosterior or a BNN with "
+                    f"a trained guide; got {type(obj).__name__}")
+
+
+def _guide_draws(bnn, data, num_samples, seed) -> Dict[str, torch.Tensor]:
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+    guide = bnn.autoguide
+    if getattr(guide, "prototype_trace", None) is None:
+        raise ValueError("the BNN's guide has not been initialised; train it (or call bnn.initialize(x)) first")
+    generator = torch.Generator().manual_seed(seed)
+    if hasattr(guide, "sample_latents"):
+        draws = guide.sample_latents(num_samples, generator=generator)
+    else:
+        if data is None:
+            raise ValueError("pass data=(x, y) to draw from this guide")
+        torch.manual_seed(seed)
+        with torch.no_grad(), poutine.block():
+            traces = [poutine.trace(guide).get_trace(data[0]) for _ in range(num_samples)]
+        names = [n for n, s in traces[0].nodes.items() if s["type"] == "sample"]
+        draws = {n: torch.stack([t.nodes[n]["fn"].sample() for t in traces]) for n in names}
+    return {k: v.detach()[None] for k, v in draws.items()}
+
+
+def _thin(arrays: Dict[str, torch.Tensor], max_draws: Optional[int]) -> Dict[str, torch.Tensor]:
+    if max_draws is None or not arrays:
+        return arrays
+    S = next(iter(arrays.values())).shape[1]
+    if S <= max_draws:
+        return arrays
+    idx = torch.linspace(0, S - 1, max_draws).round().long()
+    return {k: v[:, idx] for k, v in arrays.items()}
+
+
+# ----------------------------------------------------------------------------------------------------
+# the builder
+# ----------------------------------------------------------------------------------------------------
+def to_inference_data(obj, *, bnn=None, data: Optional[Tuple[Any, Any]] = None,
+                      test: Optional[Any] = None, num_samples: int = 200, max_coords: int = 16,
+                      max_draws: Optional[int] = None, seed: int = 0, log_likelihood: bool = True,
+                      posterior_predictive: bool = True, summaries: bool = True, chunk: int = 32,
+                      attrs: Optional[Dict[str, Any]] = None):
+    """Build an ``arviz.InferenceData`` from posterior draws (see the module docstring for the groups).
+
+    :param obj: a finished ``pyro.infer.MCMC``, a ``SamplePosterior`` or a ``BNN`` (draws from its guide).
+    :param bnn: the BNN the draws belong to (found automatically for ``bnn.model`` runs and posteriors).
+    :param data: ``(x, y)`` training data for ``log_likelihood`` / ``posterior_predictive`` /
+        ``observed_data`` (default: the data an MCMC run was given).
+    :param test: held-out ``(x, y)`` or ``x`` for the function-space ``predictions`` group (a
+        SamplePosterior's recorded ``eval_outputs`` are used when omitted).
+    :param num_samples: draws from the guide when ``obj`` is a BNN.
+    :param max_coords: sites larger than this are stored as that many random coordinates + summaries.
+    :param max_draws: keep at most this many evenly spaced draws per chain.
+    :param seed: seeds the coordinate subset (and guide draws), so repeated calls agree.
+    :param chunk: draws per batched forward pass.
+    :param attrs: extra attributes of the posterior group (``pyrobnn report`` shows a dict stored
+        under ``"pyrobnn_metrics"`` as a table).
+    """
+    import arviz as az
+
+    if isinstance(max_coords, bool) or not isinstance(max_coords, int) or max_coords < 1:
+        raise ValueError(f"max_coords must be a positive integer, got {max_coords!r}")
+    if max_draws is not None and (isinstance(max_draws, bool) or not isinstance(max_draws, int) or max_draws < 1):
+        raise ValueError(f"max_draws must be a positive integer, got {max_draws!r}")
+    draws, stats, bnn, data, model_info, evaluated = _from_source(obj, bnn, data, num_samples, seed)
+    if bnn is not None and not _is_bnn(bnn):
+        raise TypeError(f"bnn must be a pyrobnn BNN, got {type(bnn).__name__}")
+    draws = _thin({k: torch.as_tensor(v) for k, v in draws.items()}, max_draws)
+    stats = _thin(stats, max_draws)
+    C, S = next(iter(draws.values())).shape[:2]
+    coords: Dict[str, Any] = {}
+    dims: Dict[str, Sequence[str]] = {}
+    pred_dims: Dict[str, Sequence[str]] = {}
+    extra = {k: (json.dumps(v) if isinstance(v, (dict, list, tuple)) else v) for k, v in (attrs or {}).items()}
+    attrs = {"inference_library": "pyrobnn", **extra}
+    generator = torch.Generator().manual_seed(seed)
+
+    # -- posterior ---------------------------------------------------------------------------------
+    posterior, shapes, subsampled = {}, {}, []
+    for name, v in draws.items():
+        v = v.detach().to(torch.float64 if v.dtype == torch.float64 else torch.float32)
+        site_shape = tuple(v.shape[2:])
+        shapes[name] = list(site_shape)
+        numel = math.prod(site_shape)
+        if numel <= max_coords:
+            posterior[name] = v.numpy()
+            continue
+        subsampled.append(name)
+        flat = v.reshape(C, S, numel)
+        idx = torch.randperm(numel, generator=generator)[:max_coords].sort().values
+        posterior[name] = flat[:, :, idx].numpy()
+        dims[name] = [f"{name}_coord"]
+        coords[f"{name}_coord"] = idx.numpy()
+        if summaries:
+            posterior[f"{name}_norm"] = flat.norm(dim=-1).numpy()
+            posterior[f"{name}_mean"] = flat.mean(-1).numpy()
+            posterior[f"{name}_std"] = flat.std(-1).numpy()
+    attrs["pyrobnn_site_shapes"] = json.dumps(shapes)
+    attrs["pyrobnn_subsampled_sites"] = json.dumps(subsampled)
+
+    # -- sample stats ------------------------------------------------------------------------------
+    sample_stats = {}
+    if "potential_energy" in stats:
+        sample_stats["lp"] = (-stats["potential_energy"]).numpy()
+    if "step_size" in stats:
+        sample_stats["step_size"] = stats["step_size"].numpy()
+    if "diverging" in stats:
+        sample_stats["diverging"] = stats["diverging"].numpy().astype(bool)
+
+    groups: Dict[str, Dict[str, np.ndarray]] = {"posterior": posterior, "sample_stats": sample_stats}
+    flat_draws = {k: v.reshape((C * S,) + v.shape[2:]) for k, v in draws.items()}
+    if bnn is not None:
+        attrs["pyrobnn_likelihood"] = getattr(type(bnn.likelihood), "registry_name", type(bnn.likelihood).__name__)
+        attrs["pyrobnn_task"] = bnn.likelihood.task
+        missing = [s for s in bnn.site_priors if s not in draws]
+        if data is not None and (log_likelihood or posterior_predictive):
+            if missing:
+                warnings.warn(f"draws of sites {missing} were not kept; log_likelihood and posterior_predictive "
+                              "are left out")
+            else:
+                ll, ppc, y = _bnn_observations(bnn, flat_draws, data, C, S, chunk)
+                if log_likelihood:
+                    groups["log_likelihood"] = {"obs": ll}
+                if posterior_predictive:
+                    groups["posterior_predictive"] = {"obs": ppc}
+                groups["observed_data"] = {"obs": y}
+                obs_dims = ["observation"] + [f"obs_dim_{i}" for i in range(1, y.ndim)]
+                dims["obs"] = obs_dims
+        if test is not None or evaluated is not None:
+            if test is not None and missing:
+                warnings.warn(f"draws of sites {missing} were not kept; no predictions group")
+            else:
+                preds, const = _bnn_predictions(bnn, flat_draws, test, evaluated, C, S, chunk)
+                groups["predictions"] = preds
+                if const:
+                    groups["predictions_constant_data"] = const
+                for k, arr in {**preds, **const}.items():
+                    lead = 0 if k in const else 2
+                    pred_dims[k] = ["test_point"] + [f"{k}_dim_{i}" for i in range(1, arr.ndim - lead)]
+    elif model_info is not None and (log_likelihood or posterior_predictive):
+        groups.update(_model_observations(model_info, flat_draws, C, S, log_likelihood, posterior_predictive))
+
+    kwargs = {g: d for g, d in groups.items() if d}
+    # on the posterior group, so that they survive a netCDF round trip
+    return az.from_dict(**kwargs, coords=coords, dims=dims, pred_dims=pred_dims, posterior_attrs=attrs)
+
+
+def _bnn_observations(bnn, flat_draws, data, C, S, chunk):
+    x, y = data
+    x = bnn._check_x(x)
+    lik = bnn.likelihood
+    precision = flat_draws.get(PRECISION_SITE)
+    lls, ppcs = [], []
+    y_checked = None
+    for s0 in range(0, C * S, chunk):
+        part = {k: v[s0:s0 + chunk] for k, v in flat_draws.items()}
+        outs = outputs_under_draws(bnn, part, x, chunk=chunk)
+        if y_checked is None:
+            y_checked = lik.check_targets(outs[0], y)
+        prec = None if precision is None else precision[s0:s0 + chunk]
+        with torch.no_grad(), per_draw_precision(lik, prec, outs):
+            yy = y_checked.unsqueeze(0).expand((outs.shape[0],) + y_checked.shape)
+            lls.append(lik.log_prob(outs, yy))
+            ppcs.append(lik.distribution(outs).sample())
+    ll = torch.cat(lls).reshape((C, S) + lls[0].shape[1:])
+    ppc = torch.cat(ppcs).reshape((C, S) + ppcs[0].shape[1:])
+    return ll.double().numpy(), ppc.numpy(), y_checked.numpy()
+
+
+def _bnn_predictions(bnn, flat_draws, test, evaluated, C, S, chunk):
+    lik = bnn.likelihood
+    y_test = None
+    if test is not None:
+        if isinstance(test, (tuple, list)) and len(test) == 2:
+            x_test, y_test = test
+        else:
+            x_test = test
+        outs = outputs_under_draws(bnn, flat_draws, bnn._check_x(x_test), chunk=chunk)
+    else:
+        _, outs = evaluated
+        outs = outs.reshape((-1,) + outs.shape[2:])
+        if outs.shape[0] != C * S:
+            raise ValueError("the recorded eval_outputs do not match the draws (thinned differently?)")
+    outs = outs.reshape((C, S) + outs.shape[1:])
+    preds, const = {}, {}
+    from .likelihoods import Bernoulli, Categorical
+    if isinstance(lik, Categorical):
+        preds["p_test"] = outs.softmax(-1).numpy()
+    elif isinstance(lik, Bernoulli):
+        logit = outs.squeeze(-1) if outs.shape[-1] == 1 else outs
+        preds["p_test"] = torch.sigmoid(logit).numpy()
+    else:
+        preds["f_test"] = lik._mean(outs).numpy()
+    if y_test is not None:
+        yt = lik.check_targets(outs[0, 0], y_test)
+        const["y_test"] = yt.numpy()
+    return preds, const
+
+
+def _model_observations(model_info, flat_draws, C, S, want_ll, want_ppc):
+    """log-likelihood / replicated data of a generic Pyro model, one conditioned run per draw."""
+    model, args, kwargs = model_info
+    n = C * S
+    ll, ppc, obs = {}, {}, {}
+    skipped = set()
+    with torch.no_grad(), poutine.block():
+        for i in range(n):
+            draw = {k: v[i] for k, v in flat_draws.items()}
+            tr = poutine.trace(poutine.condition(model, data=draw)).get_trace(*args, **kwargs)
+            for name, site in tr.nodes.items():
+                if site["type"] != "sample" or not site["is_observed"] or name in draw:
+                    continue
+                if any(f.full_size is not None and f.full_size != f.size for f in site["cond_indep_stack"]):
+                    skipped.add(name)  # a minibatch, not the data set: per-observation terms would be wrong
+                    continue
+                fn = site["fn"]
+                ll.setdefault(name, []).append(fn.log_prob(site["value"]))
+                ppc.setdefault(name, []).append(fn.sample())
+                obs[name] = site["value"]
+    if skipped:
+        warnings.warn(f"observed sites {sorted(skipped)} lie in a subsampled plate; their log_likelihood and "
+                      "posterior_predictive are left out (run the model on full data, or use a BNN)")
+    out = {}
+    if want_ll and ll:
+        out["log_likelihood"] = {k: torch.stack(v).reshape((C, S) + v[0].shape).double().numpy() for k, v in ll.items()}
+    if want_ppc and ppc:
+        out["posterior_predictive"] = {k: torch.stack(v).reshape((C, S) + v[0].shape).numpy() for k, v in ppc.items()}
+    if obs and ll:
+        out["observed_data"] = {k: v.numpy() for k, v in obs.items()}
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# function-space convergence
+# ----------------------------------------------------------------------------------------------------
+def function_space_diagnostics(source, *, x=None, var_name: Optional[str] = None) -> Dict[str, float]:
+    """R-hat and ESS of the network's predictions on held-out inputs — the convergence check that is
+    invariant to weight-space symmetries (see the module docstring).
+
+    :param source: an ``InferenceData`` with a ``predictions`` group (``p_test``/``f_test``), a
+        ``SamplePosterior`` (its ``eval_outputs``, or outputs on ``x``), or an array ``[C, S, ...]`` of
+        per-draw predictions.
+    :returns: ``rhat_max``, ``rhat_median``, ``ess_bulk_min``, ``ess_bulk_median``, ``ess_tail_min``,
+        ``num_quantities`` (rank-normalised split R-hat and ESS of ArviZ, over every predicted number).
+    """
+    import arviz as az
+
+    if isinstance(source, az.InferenceData):
+        if "predictions" not in source.groups():
+            raise ValueError("this InferenceData has no predictions group; pass test=... to to_inference_data")
+        ds = source.predictions
+        name = var_name or next(iter(ds.data_vars))
+        arr = np.asarray(ds[name].values)
+    elif hasattr(source, "draws") and hasattr(source, "eval_outputs"):
+        if x is not None:
+            C, S = source.num_chains, source.num_draws
+            outs = source.sample_outputs(x)
+            arr = outs.reshape((C, S) + outs.shape[1:])
+        elif source.eval_outputs is not None:
+            arr = source.eval_outputs
+        else:
+            raise ValueError("this posterior recorded no eval_outputs; pass x=held-out inputs")
+        lik = source.bnn.likelihood
+        arr = torch.as_tensor(arr).float()
+        arr = arr.softmax(-1) if lik.task == "classification" and arr.shape[-1] > 1 else lik._mean(arr) \
+            if lik.task == "regression" else torch.sigmoid(arr)
+        arr = arr.numpy()
+    else:
+        arr = np.asarray(source.detach().cpu() if isinstance(source, torch.Tensor) else source)
+    if arr.ndim < 2:
+        raise ValueError(f"predictions must have shape [chains, draws, ...], got {arr.shape}")
+    arr = arr.reshape(arr.shape[0], arr.shape[1], -1).astype(np.float64)
+    # quantities that never vary (e.g. a probability saturated at 1) have undefined R-hat; skip them
+    varying = arr.reshape(-1, arr.shape[-1]).std(0) > 1e-12
+    if not varying.any():
+        raise ValueError("every predicted quantity is constant across draws")
+    arr = arr[:, :, varying]
+    data = {"f": arr}
+    rhat = np.asarray(az.rhat(az.convert_to_dataset(data))["f"].values)
+    ess_bulk = np.asarray(az.ess(az.convert_to_dataset(data), method="bulk")["f"].values)
+    ess_tail = np.asarray(az.ess(az.convert_to_dataset(data), method="tail")["f"].values)
+    return {"rhat_max": float(np.nanmax(rhat)), "rhat_median": float(np.nanmedian(rhat)),
+            "ess_bulk_min": float(np.nanmin(ess_bulk)), "ess_bulk_median": float(np.nanmedian(ess_bulk)),
+            "ess_tail_min": float(np.nanmin(ess_tail)), "num_quantities": int(arr.shape[-1])}

@@ -1,0 +1,364 @@
+"""SGLD / pSGLD kernels, step-size schedules and the sample() API (inference/sgld.py, inference/sampling.py)."""
+import math
+import warnings
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer import MCMC
+
+import pyrobnn
+from pyrobnn.diagnostics import function_space_diagnostics
+from pyrobnn.inference import (PSGLD, SGLD, ConstantStepSize, CyclicalStepSize, PolynomialDecay, SamplePosterior,
+                               sample)
+from pyrobnn.inference.sgld import as_schedule, init_to_network_default
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="num_chains=")  # sequential chains on a 2-core machine
+        yield
+
+
+# ----------------------------------------------------------------------------------------------------
+# schedules
+# ----------------------------------------------------------------------------------------------------
+def test_constant_and_polynomial_schedules_give_their_formulas():
+    assert ConstantStepSize(0.3)(0) == 0.3 == ConstantStepSize(0.3)(10_000)
+    s = PolynomialDecay(a=0.5, b=10.0, gamma=0.55)
+    for t in (0, 1, 99, 12345):
+        assert s(t) == pytest.approx(0.5 * (10.0 + t) ** -0.55, rel=1e-12)
+    assert as_schedule(1e-3)(7) == 1e-3
+    assert as_schedule(lambda t: 1.0 / (t + 1))(3) == 0.25
+
+
+def test_cyclical_schedule_follows_zhang_et_al():
+    s = CyclicalStepSize(0.2, num_steps=100, num_cycles=4)   # cycle length ceil(100/4) = 25
+    assert s(0) == pytest.approx(0.2)
+    assert s(25) == pytest.approx(0.2) and s(50) == pytest.approx(0.2)          # restarts
+    for t in (3, 12, 24, 37):
+        r = (t % 25) / 25
+        assert s(t) == pytest.approx(0.1 * (math.cos(math.pi * r) + 1), rel=1e-12)
+    assert s(12) > s(13) > s(24)                                                   # decays within a cycle
+    e = CyclicalStepSize(0.2, num_steps=100, num_cycles=4, exploration=0.4)      # first 10 of 25 explore
+    assert [e.is_exploring(t) for t in (0, 9, 10, 24, 25, 35)] == [True, True, False, False, True, False]
+
+
+@pytest.mark.parametrize("bad", [dict(step_size=0.0, num_steps=10), dict(step_size=1.0, num_steps=3, num_cycles=4),
+                                 dict(step_size=1.0, num_steps=10, exploration=1.0)])
+def test_cyclical_schedule_rejects_bad_arguments(bad):
+    with pytest.raises(ValueError):
+        CyclicalStepSize(**bad)
+
+
+def test_schedule_and_kernel_arguments_are_validated():
+    with pytest.raises(ValueError):
+        PolynomialDecay(a=-1.0)
+    with pytest.raises(TypeError):
+        as_schedule("fast")
+    with pytest.raises(ValueError):
+        SGLD(lambda: None, thin=0)
+    with pytest.raises(ValueError):
+        PSGLD(lambda: None, alpha=1.0)
+    with pytest.raises(TypeError):
+        SGLD("not a model")
+
+
+# ----------------------------------------------------------------------------------------------------
+# exact update rules
+# ----------------------------------------------------------------------------------------------------
+X1 = torch.tensor([[1.0, 2.0], [0.5, -1.0], [2.0, 0.0], [-1.0, 1.0]])
+Y1 = torch.tensor([1.0, 0.0, 2.0, -0.5])
+
+
+def _tiny_model(x, y):
+    w = pyro.sample("w", dist.Normal(0.0, 2.0).expand([2]).to_event(1))
+    with pyro.plate("data", x.shape[0]):
+        pyro.sample("obs", dist.Normal(x @ w, 0.5), obs=y)
+
+
+def _grad_U(w):
+    """∇U for _tiny_model in closed form: w/4 + Xᵀ(Xw − y)/0.25."""
+    return w / 4.0 + X1.T @ (X1 @ w - Y1) / 0.25
+
+
+def test_sgld_step_is_exactly_the_welling_teh_update():
+    k = SGLD(_tiny_model, step_size=0.01)
+    k.setup(0, X1, Y1)
+    w0 = torch.tensor([0.3, -0.2])
+    torch.manual_seed(5)
+    new = k.sample({"w": w0})["w"]
+    torch.manual_seed(5)
+    expected = w0 - 0.005 * _grad_U(w0) + math.sqrt(0.01) * torch.randn(2)
+    assert torch.allclose(new, expected, atol=1e-6)
+    assert k.diagnostics()["divergences"] == []
+
+
+def test_sgld_potential_is_minus_log_joint():
+    k = SGLD(_tiny_model)
+    k.setup(0, X1, Y1)
+    w = torch.tensor([0.7, 0.1])
+    potential, (grad,) = k.potential_and_grad({"w": w}, X1, Y1)
+    log_joint = dist.Normal(0.0, 2.0).log_prob(w).sum() + dist.Normal(X1 @ w, 0.5).log_prob(Y1).sum()
+    assert potential.item() == pytest.approx(-log_joint.item(), rel=1e-6)
+    assert torch.allclose(grad, _grad_U(w), atol=1e-5)
+
+
+def test_psgld_step_is_the_preconditioned_update():
+    k = PSGLD(_tiny_model, step_size=0.01, alpha=0.9, eps=1e-3)
+    k.setup(0, X1, Y1)
+    w0, w1 = torch.tensor([0.3, -0.2]), None
+    torch.manual_seed(1)
+    w1 = k.sample({"w": w0})["w"]
+    w2 = k.sample({"w": w1})["w"]
+    torch.manual_seed(1)
+    g0 = _grad_U(w0)
+    v = g0 * g0                                               # V starts at the first squared gradient
+    p = 1.0 / (1e-3 + v.sqrt())
+    e1 = w0 - 0.005 * p * g0 + torch.randn(2) * (0.01 * p).sqrt()
+    g1 = _grad_U(e1)
+    v = 0.9 * v + 0.1 * g1 * g1
+    p = 1.0 / (1e-3 + v.sqrt())
+    e2 = e1 - 0.005 * p * g1 + torch.randn(2) * (0.01 * p).sqrt()
+    assert torch.allclose(w1, e1, atol=1e-6) and torch.allclose(w2, e2, atol=1e-5)
+
+
+def test_zero_temperature_and_exploration_take_noise_free_steps():
+    w0 = torch.tensor([0.3, -0.2])
+    k = SGLD(_tiny_model, step_size=0.01, temperature=0.0)
+    k.setup(0, X1, Y1)
+    assert torch.allclose(k.sample({"w": w0})["w"], w0 - 0.005 * _grad_U(w0), atol=1e-6)
+    k = SGLD(_tiny_model, step_size=CyclicalStepSize(0.01, num_steps=10, num_cycles=1, exploration=0.5))
+    k.setup(0, X1, Y1)
+    assert torch.allclose(k.sample({"w": w0})["w"], w0 - 0.005 * _grad_U(w0), atol=1e-6)
+
+
+def test_thin_and_warmup_count_updates_and_draws():
+    mcmc = MCMC(SGLD(_tiny_model, step_size=1e-3, thin=4), num_samples=5, warmup_steps=3, disable_progbar=True)
+    mcmc.run(X1, Y1)
+    assert mcmc.kernel._t == 3 + 5 * 4
+    assert mcmc.get_samples()["w"].shape == (5, 2)
+    diag = mcmc.diagnostics()
+    assert len(diag["step_size"]["chain 0"]) == 5 and len(diag["potential_energy"]["chain 0"]) == 5
+
+
+# ----------------------------------------------------------------------------------------------------
+# constrained sites and divergences
+# ----------------------------------------------------------------------------------------------------
+def test_positive_site_uses_log_jacobian_and_matches_conjugate_gamma_posterior():
+    # y_n ~ N(0, 1/τ), τ ~ Gamma(a, b): posterior Gamma(a + N/2, b + Σy²/2), mean 8.125, sd ≈ 0.86
+    torch.manual_seed(0)
+    pyro.set_rng_seed(0)
+    y = torch.randn(160) * 0.35
+    a, b = 2.0, 1.0
+    a_post, b_post = a + 80, b + 0.5 * (y * y).sum().item()
+
+    def model(y):
+        tau = pyro.sample("tau", dist.Gamma(a, b))
+        with pyro.plate("data", 160, subsample_size=80) as idx:
+            pyro.sample("obs", dist.Normal(0.0, tau.rsqrt()), obs=y[idx])
+
+    kernel = SGLD(model, step_size=2e-3, thin=5)          # curvature in log τ ≈ 82: η·λ ≈ 0.16
+    mcmc = MCMC(kernel, num_samples=1500, warmup_steps=300, disable_progbar=True,
+                initial_params={"tau": torch.tensor(math.log(a_post / b_post))})
+    mcmc.run(y)
+    tau = mcmc.get_samples()["tau"]
+    assert "tau" in kernel.transforms                               # log transform, undone by MCMC
+    assert (tau > 0).all()
+    mean, sd = a_post / b_post, math.sqrt(a_post) / b_post
+    # minibatch noise (ηV/4 ≈ 0.04) and discretisation (ηλ/4 ≈ 0.04) inflate the sd by ≈ 4 %;
+    # Monte-Carlo error ≈ 0.06 sd on the mean and ≈ 4 % on the sd (ESS ≈ 300)
+    assert abs(tau.mean().item() - mean) < 0.3 * sd
+    assert 0.9 < tau.std().item() / sd < 1.2
+
+
+def test_divergent_steps_are_rejected_and_reported_for_arviz():
+    import arviz as az
+
+    def model():
+        w = pyro.sample("w", dist.Normal(0.0, 1.0))
+        pyro.factor("wall", torch.where(w > 0.5, torch.tensor(-math.inf), torch.tensor(0.0)))
+
+    pyro.set_rng_seed(3)
+    mcmc = MCMC(SGLD(model, step_size=0.5), num_samples=200, warmup_steps=10, disable_progbar=True,
+                initial_params={"w": torch.tensor(0.0)})
+    mcmc.run()
+    w = mcmc.get_samples()["w"]
+    div = mcmc.diagnostics()["divergences"]["chain 0"]
+    assert len(div) > 5
+    # exactly the kept draws in the zero-density region are flagged; the chain always came back
+    assert sorted(div) == torch.nonzero(w > 0.5).flatten().tolist()
+    idata = az.from_pyro(mcmc, log_likelihood=False)
+    assert int(idata.sample_stats["diverging"].sum()) == len(div)
+
+
+def test_discrete_sites_and_local_latents_in_subsampled_plates_are_refused():
+    def discrete():
+        pyro.sample("k", dist.Bernoulli(0.5))
+
+    with pytest.raises(ValueError, match="continuous"):
+        SGLD(discrete).setup(0)
+
+    def local(x):
+        with pyro.plate("data", 10, subsample_size=5):
+            pyro.sample("z", dist.Normal(0.0, 1.0))
+
+    with pytest.raises(ValueError, match="local latent"):
+        SGLD(local).setup(0, torch.zeros(10))
+
+
+# ----------------------------------------------------------------------------------------------------
+# acceptance 1: conjugate Bayesian linear regression, exact posterior, 4 chains
+# ----------------------------------------------------------------------------------------------------
+N, D, M, SIGMA = 200, 3, 100, 0.5
+
+
+def _regression():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(N, D, generator=g)
+    y = x @ torch.tensor([1.0, -2.0, 0.5]) + SIGMA * torch.randn(N, generator=g)
+    precision = torch.eye(D) + x.T @ x / SIGMA ** 2            # prior N(0, I)
+    cov = torch.linalg.inv(precision)
+    return x, y, cov @ x.T @ y / SIGMA ** 2, cov
+
+
+def _linear_model(x, y):
+    w = pyro.sample("w", dist.Normal(0.0, 1.0).expand([D]).to_event(1))
+    with pyro.plate("data", N, subsample_size=M) as idx:
+        pyro.sample("obs", dist.Normal(x[idx] @ w, SIGMA), obs=y[idx])
+
+
+@pytest.mark.parametrize("kernel_cls,step", [(SGLD, 1.1e-4), (PSGLD, 4.4e-3)])
+def test_conjugate_linear_regression_matches_exact_posterior(kernel_cls, step):
+    """Posterior precision eigenvalues ≈ 710–910 (sd ≈ 0.035); η·λ_max ≈ 0.1 for SGLD (pSGLD's
+    preconditioner P ≈ 1/40 gives about the same effective step), so discretisation and minibatch
+    noise inflate the variance by ≈5 % (sd by ≈2.5 %). Chains start over-dispersed (±3 sd) around the
+    mean; one draw per 13 updates (the autocorrelation time is ≈ 2/(η·λ_min) ≈ 26 updates).
+    Tolerances: |mean error| < 0.3 sd and sd within ±15 % — about 4 and 3 Monte-Carlo standard errors
+    at the 150–250 effective draws such a run gives."""
+    x, y, mean, cov = _regression()
+    sd = cov.diag().sqrt()
+    pyro.set_rng_seed(1)
+    init = {"w": mean + 3 * sd * torch.randn(4, D, generator=torch.Generator().manual_seed(2))}
+    mcmc = MCMC(kernel_cls(_linear_model, step_size=step, thin=13), num_samples=250, warmup_steps=200,
+                num_chains=4, initial_params=init, disable_progbar=True)
+    mcmc.run(x, y)
+    w = mcmc.get_samples(group_by_chain=True)["w"]                 # [4, 250, 3]
+    flat = w.reshape(-1, D)
+    assert ((flat.mean(0) - mean).abs() / sd).max() < 0.3
+    ratio = flat.std(0) / sd
+    assert ((ratio > 0.85) & (ratio < 1.15)).all(), ratio
+    # function space: predictions at held-out inputs, 4 chains
+    x_test = torch.randn(10, D, generator=torch.Generator().manual_seed(9))
+    diag = function_space_diagnostics(w @ x_test.T)                 # [4, 250, 10]
+    assert diag["rhat_max"] < 1.05
+    assert diag["num_quantities"] == 10
+
+
+# ----------------------------------------------------------------------------------------------------
+# initialisation, multiple chains, BNN models
+# ----------------------------------------------------------------------------------------------------
+def test_init_to_network_default_uses_fan_in_bounds_and_fresh_draws():
+    net = torch.nn.Sequential(torch.nn.Linear(50, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    bnn = pyrobnn.bayesian(net, dataset_size=20)
+    x, y = torch.randn(20, 50), torch.randint(0, 2, (20,))
+    k = SGLD(bnn.model)
+    k.setup(0, x, y)
+    first = {n: v.clone() for n, v in k.initial_params.items()}
+    assert first["0.weight"].abs().max() <= 1 / math.sqrt(50) and first["0.bias"].abs().max() <= 1 / math.sqrt(50)
+    assert first["2.weight"].abs().max() <= 1 / math.sqrt(8) and first["2.bias"].abs().max() <= 1 / math.sqrt(8)
+    assert first["0.weight"].abs().max() > 0.5 / math.sqrt(50)
+    k.cleanup()
+    k.setup(0, x, y)
+    assert not torch.equal(first["0.weight"], k.initial_params["0.weight"])   # chains start apart
+    assert init_to_network_default() is init_to_network_default
+
+
+def test_lenet300_bnn_runs_under_pyro_mcmc_with_minibatches_and_converts_to_arviz():
+    """Acceptance 2: MCMC(SGLD(bnn.model)) on LeNet-300-100 with minibatches; from_pyro and
+    to_inference_data both succeed."""
+    import arviz as az
+    import pyrobnn.models
+    torch.manual_seed(0)
+    pyro.set_rng_seed(0)
+    n = 256
+    x, y = torch.rand(n, 784), torch.randint(0, 10, (n,))
+    bnn = pyrobnn.bayesian(pyrobnn.models.build("lenet300"), dataset_size=n)
+    mcmc = MCMC(SGLD(bnn.model, step_size=1e-5), num_samples=4, warmup_steps=2, num_chains=2, disable_progbar=True)
+    mcmc.run(x, y, subsample_size=32)
+    samples = mcmc.get_samples(group_by_chain=True)
+    assert samples["fc1.weight"].shape == (2, 4, 300, 784)
+    assert sum(v[0, 0].numel() for v in samples.values()) == 266_610
+    assert torch.isfinite(samples["fc3.weight"]).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        idata_pyro = az.from_pyro(mcmc)
+    assert idata_pyro.posterior["fc1.weight"].shape == (2, 4, 300, 784)
+    idata = pyrobnn.to_inference_data(mcmc, max_coords=8)
+    assert idata.posterior["fc1.weight"].shape == (2, 4, 8)
+    assert idata.log_likelihood["obs"].shape == (2, 4, n)       # full data, not the minibatch
+    assert idata.observed_data["obs"].shape == (n,)
+    assert az.summary(idata, var_names=["fc1.weight_norm"]).shape[0] == 1
+
+
+# ----------------------------------------------------------------------------------------------------
+# the sample() API
+# ----------------------------------------------------------------------------------------------------
+def _toy_regression_bnn():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 3, generator=g)
+    y = (x[:, 0] - x[:, 1]).tanh() + 0.1 * torch.randn(200, generator=g)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    bnn = pyrobnn.bayesian(net, likelihood={"name": "gaussian", "scale": "latent"})
+    return bnn, x, y
+
+
+def test_sample_keeps_evenly_spaced_draws_under_a_cap_and_saves_loads(tmp_path):
+    bnn, x, y = _toy_regression_bnn()
+    post = sample(bnn, (x, y), "sgld", num_samples=30, warmup=100, thin=2, num_chains=2, step_size=1e-4,
+                  batch_size=50, max_draws=10, eval_x=x[:7], seed=0)
+    assert bnn.dataset_size == 200 and bnn.subsample_size is None
+    # 30 draws under a cap of 10: halved at 11 (→6, thin 4) and at 11 again (→6, thin 8), then 2 more
+    assert post.num_chains == 2 and post.num_draws == 8
+    assert post.draws["0.weight"].shape == (2, 8, 8, 3)
+    assert post.eval_outputs.shape == (2, 8, 7, 1)
+    assert (post.draws["likelihood.precision"] > 0).all()
+    # the recorded held-out outputs are the network under the kept draws
+    again = post.sample_outputs(x[:7]).reshape(2, 8, 7, 1)
+    assert torch.allclose(again, post.eval_outputs, atol=1e-5)
+    metrics = post.evaluate(x, y)
+    assert set(metrics) == {"rmse", "nll", "gaussian_nll"} and metrics["rmse"] < 0.7
+    path = tmp_path / "post.safetensors"
+    post.save(path)
+    loaded = SamplePosterior.load(path, net=torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(),
+                                                                torch.nn.Linear(8, 1)))
+    assert torch.equal(loaded.draws["0.weight"], post.draws["0.weight"])
+    assert torch.allclose(loaded.predict(x)[0], post.predict(x)[0])
+    assert loaded.evaluate(x, y) == pytest.approx(metrics)
+
+
+def test_sample_with_psgld_cyclical_keep_sites_and_bfloat16():
+    bnn, x, y = _toy_regression_bnn()
+    sched = CyclicalStepSize(1e-3, num_steps=160, num_cycles=2, exploration=0.5)   # cycles of 80 updates
+    post = sample(bnn, (x, y), PSGLD(bnn.model, step_size=sched), num_samples=40, warmup=0, thin=4,
+                  keep_sites=["0.*"], store_dtype=torch.bfloat16, seed=1)
+    assert set(post.draws) == {"0.weight", "0.bias"}
+    assert post.draws["0.weight"].dtype == torch.bfloat16
+    assert post.num_draws == 20            # draws in the exploration halves of both cycles are dropped
+    with pytest.raises(ValueError, match="cannot predict"):
+        post.predict(x)
+
+
+def test_sample_validates_its_inputs():
+    bnn, x, y = _toy_regression_bnn()
+    with pytest.raises(ValueError):
+        sample(bnn, (x, y), "hmc")
+    with pytest.raises(ValueError):
+        sample(bnn, (x, y), num_samples=0)
+    with pytest.raises(TypeError):
+        sample(torch.nn.Linear(2, 2), (x, y))
+    with pytest.raises(ValueError, match="this BNN"):
+        other, _, _ = _toy_regression_bnn()
+        sample(bnn, (x, y), SGLD(other.model))
