@@ -12,3 +12,5 @@ __version__ = "0.1.0"
 __all__ = ["BNN", "bayesian", "guides", "likelihoods", "load", "metrics", "priors", "registry", "save"]
 from . import sparsity  # noqa: E402  (issue 3: sparse VD pruning and export)
 __all__ += ["sparsity"]
+from .diagnostics import to_inference_data  # noqa: E402  (issue 5: ArviZ bridge)
+__all__ += ["to_inference_data"]
