@@ -1,0 +1,232 @@
+"""Cost of one SGLD step on LeNet-300-100 (266,610 weights), batch 128: pyrobnn vs hand-written PyTorch
+vs the ``posteriors`` library, in one process, interleaved rounds, medians.
+
+All contenders do the same mathematics on the same data (MNIST-5k training split, N = 4,000):
+a minibatch of M = 128 drawn without replacement (``torch.randperm(N)[:M]``, what ``pyro.plate``'s
+subsampling does), U = (N/M)·Σ_batch cross-entropy + ½‖θ‖² (N(0, 1) prior), ∇U by autograd, and
+θ ← θ − (η/2)∇U + N(0, η). Contenders:
+
+* ``hand``: plain PyTorch — functional forward, ``torch.autograd.grad``, in-place update;
+* ``pyrobnn-kernel``: ``SGLD(bnn.model).sample(params)`` — the Pyro model re-run on full data with
+  ``bnn.subsample_size = 128`` (the plate draws the minibatch), what ``pyro.infer.MCMC`` calls per step;
+* ``pyrobnn-stream``: ``kernel.step(params, xb, yb)`` on a batch indexed by the caller — the hot path
+  of ``pyrobnn.inference.sample(bnn, loader)``;
+* ``posteriors``: ``posteriors.sgmcmc.sgld`` (lr = η/2, T = 1) with a ``torch.func.functional_call``
+  log posterior, ``inplace=True``;
+* ``mcmc-driver``: ``pyro.infer.MCMC(SGLD(bnn.model), ...).run(x, y)`` per step, everything kept
+  (includes the driver's per-run set-up — one model trace — amortised over ``--driver-steps`` steps,
+  its per-draw flatten/copy of all 266k numbers, its logging hook and the final stacking);
+  ``mcmc-driver-lean``: the same keeping one small site (``save_params``). The difference to
+  ``pyrobnn-kernel`` is the driver's overhead, reported separately.
+
+Before timing, one step of ``hand`` and of ``pyrobnn-kernel`` from the same state and RNG state are
+checked to agree (same minibatch, same noise), so both really compute the same update.
+
+    python benchmarks/sgld_step.py --rounds 15 --steps 10 --threads 1
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+import warnings
+
+import pyro
+import torch
+import torch.nn.functional as F
+
+import pyrobnn
+from pyrobnn.data import load_mnist5k
+from pyrobnn.inference import SGLD
+from pyrobnn.models import build
+
+N_BATCH = 128
+ETA = 1e-6
+
+
+def make_data():
+    ds = load_mnist5k()
+    return ds.x_train.reshape(len(ds.x_train), 784).contiguous(), ds.y_train.long()
+
+
+def make_hand(x, y, params0):
+    n = x.shape[0]
+    state = [p.detach().clone() for p in params0]
+
+    def step():
+        idx = torch.randperm(n)[:N_BATCH]
+        xb, yb = x[idx], y[idx]
+        ps = [p.requires_grad_() for p in state]
+        h = F.linear(xb, ps[0], ps[1]).relu()
+        h = F.linear(h, ps[2], ps[3]).relu()
+        out = F.linear(h, ps[4], ps[5])
+        U = F.cross_entropy(out, yb, reduction="sum") * (n / N_BATCH) + 0.5 * sum((p * p).sum() for p in ps)
+        grads = torch.autograd.grad(U, ps)
+        with torch.no_grad():
+            for i, (p, g) in enumerate(zip(ps, grads)):
+                p = p.detach()
+                p.add_(g, alpha=-0.5 * ETA).add_(torch.randn_like(p), alpha=math.sqrt(ETA))
+                state[i] = p
+
+    return step, state
+
+
+def make_bnn(x, y):
+    bnn = pyrobnn.bayesian(build("lenet300"), prior="gaussian", likelihood="categorical", dataset_size=x.shape[0])
+    return bnn
+
+
+def make_kernel(bnn, x, y, params0):
+    bnn.subsample_size = N_BATCH
+    k = SGLD(bnn.model, step_size=ETA)
+    k.setup(0, x, y)
+    names = [n for n, _ in k._sites]
+    holder = {"p": dict(zip(names, [p.detach().clone() for p in params0]))}
+
+    def step():
+        holder["p"] = k.sample(holder["p"])
+
+    return step, holder, names
+
+
+def make_stream(bnn, x, y, params0):
+    n = x.shape[0]
+    k = SGLD(bnn.model, step_size=ETA)
+    bnn.subsample_size = None
+    k.setup(0, x[:N_BATCH], y[:N_BATCH])
+    names = [n_ for n_, _ in k._sites]
+    holder = {"p": dict(zip(names, [p.detach().clone() for p in params0]))}
+
+    def step():
+        idx = torch.randperm(n)[:N_BATCH]
+        holder["p"] = k.step(holder["p"], x[idx], y[idx])
+
+    return step, holder
+
+
+def make_posteriors(x, y, params0):
+    import posteriors
+    n = x.shape[0]
+    net = build("lenet300")
+    names = [k for k, _ in net.named_parameters()]
+    params = {k: p.detach().clone() for k, p in zip(names, params0)}
+
+    def log_posterior(p, batch):
+        xb, yb = batch
+        out = torch.func.functional_call(net, p, (xb,))
+        log_lik = -F.cross_entropy(out, yb, reduction="sum") * (n / N_BATCH)
+        log_prior = -0.5 * sum((v * v).sum() for v in p.values())
+        return log_lik + log_prior, out
+
+    transform = posteriors.sgmcmc.sgld.build(log_posterior, lr=0.5 * ETA, temperature=1.0)
+    state = transform.init(params)
+
+    def step():
+        idx = torch.randperm(n)[:N_BATCH]
+        transform.update(state, (x[idx], y[idx]), inplace=True)
+
+    return step
+
+
+def make_mcmc(bnn, x, y, params0, steps, lean):
+    from pyro.infer import MCMC
+    names = ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias", "fc3.weight", "fc3.bias"]
+    init = dict(zip(names, [p.detach().clone() for p in params0]))
+
+    def run():
+        bnn.subsample_size = N_BATCH
+        mcmc = MCMC(SGLD(bnn.model, step_size=ETA), num_samples=steps, warmup_steps=0, initial_params=init,
+                    disable_progbar=True, save_params=["fc3.bias"] if lean else None)
+        mcmc.run(x, y)
+        return mcmc
+
+    return run
+
+
+def check_same_update(x, y, params0):
+    """One hand-written step and one kernel step from the same state and RNG state agree."""
+    hand, hand_state = make_hand(x, y, params0)
+    bnn = make_bnn(x, y)
+    kstep, holder, names = make_kernel(bnn, x, y, params0)
+    torch.manual_seed(123)
+    hand()
+    torch.manual_seed(123)
+    kstep()
+    err = max((holder["p"][n] - h).abs().max().item() for n, h in zip(names, hand_state))
+    scale = max(h.abs().max().item() for h in hand_state)
+    if err > 1e-5 * scale:
+        raise AssertionError(f"hand-written and pyrobnn SGLD steps differ by {err:.3g}")
+    return err
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--steps", type=int, default=10, help="steps per contender per round")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--driver-steps", type=int, default=50,
+                   help="steps per MCMC run for the driver contenders (its per-run set-up is amortised over them)")
+    p.add_argument("--json", default=None, help="also write the results to this file")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    pyro.enable_validation(False)  # what pyro.infer.MCMC does by default (disable_validation=True)
+
+    x, y = make_data()
+    torch.manual_seed(0)
+    params0 = [p.detach().clone() for p in build("lenet300").parameters()]
+    err = check_same_update(x, y, params0)
+
+    steps = {"hand": make_hand(x, y, params0)[0]}
+    bnn = make_bnn(x, y)
+    steps["pyrobnn-kernel"] = make_kernel(bnn, x, y, params0)[0]
+    bnn_stream = make_bnn(x, y)
+    steps["pyrobnn-stream"] = make_stream(bnn_stream, x, y, params0)[0]
+    steps["posteriors"] = make_posteriors(x, y, params0)
+    bnn_mcmc = make_bnn(x, y)
+    drivers = {"mcmc-driver": make_mcmc(bnn_mcmc, x, y, params0, args.driver_steps, lean=False),
+               "mcmc-driver-lean": make_mcmc(bnn_mcmc, x, y, params0, args.driver_steps, lean=True)}
+
+    for f in steps.values():
+        for _ in range(args.warmup):
+            f()
+    for run in drivers.values():
+        run()
+    times = {name: [] for name in list(steps) + list(drivers)}
+    order = list(times)
+    for r in range(args.rounds):
+        rotated = order[r % len(order):] + order[:r % len(order)]
+        for name in rotated:
+            if name in steps:
+                f = steps[name]
+                t0 = time.perf_counter()
+                for _ in range(args.steps):
+                    f()
+                times[name].append((time.perf_counter() - t0) / args.steps)
+            else:
+                t0 = time.perf_counter()
+                drivers[name]()
+                times[name].append((time.perf_counter() - t0) / args.driver_steps)
+    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    result = {
+        "config": {"rounds": args.rounds, "steps": args.steps, "driver_steps": args.driver_steps,
+                   "threads": args.threads, "batch": N_BATCH,
+                   "dataset_size": x.shape[0], "weights": sum(q.numel() for q in params0)},
+        "same_update_max_abs_diff": err,
+        "median_ms_per_step": {k: round(v, 3) for k, v in med.items()},
+        "ratio_to_hand": {k: round(v / med["hand"], 3) for k, v in med.items()},
+        "mcmc_driver_overhead_ms_per_step": round(med["mcmc-driver"] - med["pyrobnn-kernel"], 3),
+        "mcmc_driver_lean_overhead_ms_per_step": round(med["mcmc-driver-lean"] - med["pyrobnn-kernel"], 3),
+    }
+    print(json.dumps(result, indent=2))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(result, fh, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()
