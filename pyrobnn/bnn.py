@@ -285,6 +285,8 @@ class BNN(nn.Module):
             out = self._run_net(x)
         if y is not None:
             y = self.likelihood.check_targets(out, y)
+        else:
+            self.likelihood.check_output(out)
         self.likelihood.observe(out, y, plate)
         return out
 

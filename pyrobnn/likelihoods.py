@@ -38,6 +38,9 @@ class Likelihood(nn.Module):
     def sample_latents(self):
         """Issue the likelihood's own latent sites, if any (called by the model before the network)."""
 
+    def check_output(self, out: torch.Tensor) -> None:
+        """Raise a clear error if the network's output ``[B, ...]`` does not fit this likelihood."""
+
     def check_targets(self, out: torch.Tensor, y) -> torch.Tensor:
         raise NotImplementedError
 
@@ -72,10 +75,13 @@ class Categorical(Likelihood):
     def config(self):
         return {"num_classes": self.num_classes}
 
+    def check_output(self, out):
+        if out.dim() != 2:
+            raise ValueError(f"categorical likelihood needs logits of shape [B, C]; the network gave {tuple(out.shape)}")
+
     def check_targets(self, out, y):
         y = _as_tensor(y)
-        if out.dim() < 2:
-            raise ValueError(f"categorical likelihood needs logits of shape [B, C]; the network gave {tuple(out.shape)}")
+        self.check_output(out)
         C = out.shape[-1]
         if self.num_classes is not None and C != self.num_classes:
             raise ValueError(f"the network outputs {C} logits but the likelihood has num_classes={self.num_classes}")
@@ -114,10 +120,14 @@ class Categorical(Likelihood):
 class Bernoulli(Likelihood):
     """Binary classifier: the network outputs one logit per example (``[B]`` or ``[B, 1]``)."""
 
+    def check_output(self, out):
+        if not (out.dim() == 1 or (out.dim() == 2 and out.shape[-1] == 1)):
+            raise ValueError(f"bernoulli likelihood needs one logit per example ([B] or [B, 1]); "
+                             f"the network gave {tuple(out.shape)}")
+
     def check_targets(self, out, y):
         y = _as_tensor(y)
-        if out.dim() == 2 and out.shape[-1] != 1:
-            raise ValueError(f"bernoulli likelihood needs one logit per example; the network gave {tuple(out.shape)}")
+        self.check_output(out)
         y = y.to(torch.get_default_dtype())
         if not torch.isfinite(y).all():
             raise ValueError("targets y contain NaN or inf")
@@ -191,8 +201,13 @@ class Gaussian(Likelihood):
             a, b = self.precision_prior
             self._precision = pyro.sample("likelihood.precision", dist.Gamma(torch.tensor(a), torch.tensor(b)))
 
+    def check_output(self, out):
+        if out.dim() not in (1, 2):
+            raise ValueError(f"gaussian likelihood needs outputs of shape [B] or [B, D]; the network gave {tuple(out.shape)}")
+
     def check_targets(self, out, y):
         y = _as_tensor(y)
+        self.check_output(out)
         if not y.is_floating_point():
             y = y.to(torch.get_default_dtype())
         if not torch.isfinite(y).all():
@@ -200,14 +215,14 @@ class Gaussian(Likelihood):
         mean = self._mean(out)
         if y.numel() != mean.numel():
             raise ValueError(f"targets y have shape {tuple(y.shape)} but the network output has shape {tuple(out.shape)}")
-        self._event_dim = 1 if mean.dim() >= 2 else 0
         return y.reshape(mean.shape)
 
     def _mean(self, out):
         return out.squeeze(-1) if out.dim() >= 2 and out.shape[-1] == 1 else out
 
     def distribution(self, out):
-        mean = self._mean(out)
+        mean = self._mean(out)  # out is one forward's [B] / [B, 1] / [B, D]: D > 1 outputs form an event
+        self._event_dim = 1 if mean.dim() >= 2 else 0
         d = dist.Normal(mean, self.sigma().expand_as(mean), validate_args=False)
         return d.to_event(1) if self._event_dim else d
 

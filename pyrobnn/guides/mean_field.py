@@ -29,7 +29,9 @@ class MeanField(FlatGaussianGuide):
     :param init_scale: initial σ of every site (unconstrained space).
     :param parameterization: ``"softplus"`` — free μ and ρ, σ = softplus(ρ); ``"gamma"`` — free γ and
         ρ with μ = γ·σ (the seed's parameterisation: μ/σ = γ is a parameter, so ARD's
-        KL = ½ Σ log(1 + γ²) has no 0/0 and σ > 0 always).
+        KL = ½ Σ log(1 + γ²) has no 0/0 and σ > 0 always). γ lives on a scale 1/σ larger than μ:
+        start from non-zero means (a network's initial weights, as ``bayesian()`` does) and give γ a
+        larger learning rate than μ would need; from μ = 0 SGD can shrink σ before γ grows.
     :param local_reparameterization: let layers that support it sample activations instead of
         weights (see :mod:`pyrobnn.guides.base`).
     """

@@ -1,0 +1,100 @@
+"""Local reparameterisation: same pre-activation moments as weight sampling, lower gradient variance."""
+import pyro
+import pyro.poutine as poutine
+import pytest
+import torch
+import torch.nn as nn
+from pyro.infer import TraceMeanField_ELBO
+
+import pyrobnn
+
+
+def _bnn(layer, lrt, x):
+    bnn = pyrobnn.bayesian(nn.Sequential(layer, nn.Flatten()), dataset_size=100, local_reparameterization=lrt,
+                           likelihood={"name": "gaussian", "scale": 1.0},
+                           guide={"name": "mean-field", "init_scale": 0.3})
+    bnn.initialize(x)
+    return bnn
+
+
+def _outputs(bnn, x, n):
+    outs = []
+    for _ in range(n):
+        tr = poutine.trace(bnn.autoguide).get_trace(x)
+        outs.append(poutine.replay(bnn._net_only, tr)(x))
+    return torch.stack(outs)
+
+
+@pytest.mark.parametrize("layer_fn,x_shape", [(lambda: nn.Linear(6, 4), (3, 6)),
+                                              (lambda: nn.Conv2d(2, 3, 3, padding=1), (2, 2, 5, 5))])
+def test_lrt_preactivation_moments_match_weight_sampling(layer_fn, x_shape):
+    torch.manual_seed(0)
+    layer = layer_fn()
+    x = torch.randn(x_shape)
+    lrt, ws = _bnn(layer, True, x), _bnn(layer, False, x)
+    ws.load_state_dict(lrt.state_dict())
+    assert lrt.autoguide._layout["0.weight"][5] and not ws.autoguide._layout["0.weight"][5]
+    with torch.no_grad():
+        a, b = _outputs(lrt, x, 20000), _outputs(ws, x, 20000)
+        # exact moments: mean = xμ + μ_b, var = x²σ² + σ_b²
+        loc_w, sd_w = lrt.autoguide.site_params("0.weight")
+        loc_b, sd_b = lrt.autoguide.site_params("0.bias")
+        f = (lambda inp, w, bb: nn.functional.linear(inp, w, bb)) if isinstance(layer, nn.Linear) else \
+            (lambda inp, w, bb: nn.functional.conv2d(inp, w, bb, padding=1))
+        mean, var = f(x, loc_w, loc_b).flatten(1), f(x * x, sd_w ** 2, sd_b ** 2).flatten(1)
+    for s in (a, b):
+        assert torch.allclose(s.mean(0), mean, atol=0.03)
+        assert torch.allclose(s.var(0), var, rtol=0.06, atol=1e-3)
+
+
+def test_lrt_lowers_gradient_variance():
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 10), torch.randint(0, 3, (64,))
+    net = nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 3))
+    grads = {}
+    for lrt in (True, False):
+        bnn = pyrobnn.bayesian(net, dataset_size=1000, local_reparameterization=lrt,
+                               guide={"name": "mean-field", "init_scale": 0.3})
+        bnn.initialize(x)
+        if lrt:
+            state = bnn.state_dict()
+        else:
+            bnn.load_state_dict(state)
+        elbo, g = TraceMeanField_ELBO(), []
+        for _ in range(300):
+            loss = elbo.differentiable_loss(bnn.model, bnn.guide, x, y)
+            (gl,) = torch.autograd.grad(loss, [bnn.autoguide.flat.loc])
+            g.append(gl)
+        grads[lrt] = torch.stack(g).var(0).sum()
+    assert grads[True] < 0.5 * grads[False], grads
+
+
+def test_bayesian_layers_compose_in_sequential_and_return_tensors():
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 6 * 6, 4))
+    bnn = pyrobnn.bayesian(net, dataset_size=10)
+    out = bnn.model(torch.randn(5, 1, 8, 8))
+    assert isinstance(out, torch.Tensor) and out.shape == (5, 4)
+    assert set(bnn.site_priors) == {"0.weight", "0.bias", "3.weight", "3.bias"}
+
+
+def test_batchnorm_stays_deterministic_unless_selected():
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    bnn = pyrobnn.bayesian(net, dataset_size=10)
+    assert "1.weight" not in bnn.site_priors
+    names = [n for n, _ in bnn.named_parameters()]
+    assert "net.1.weight" in names  # trained as an ordinary parameter
+    bnn2 = pyrobnn.bayesian(net, dataset_size=10, params=["1.weight"])
+    assert "1.weight" in bnn2.site_priors
+    x = torch.randn(8, 3)
+    tr = poutine.trace(bnn2.model).get_trace(x, torch.randint(0, 2, (8,)))
+    assert tr.nodes["1.weight"]["type"] == "sample"
+
+
+def test_layer_pattern_selection_and_prior_mapping():
+    from pyrobnn.models import build
+    net = build("lenet5")
+    bnn = pyrobnn.bayesian(net, prior={"conv*": {"name": "gaussian", "scale": 0.5}, "*": "gaussian"},
+                           layers=["conv*", "fc2"], dataset_size=10)
+    assert set(bnn.site_priors) == {"conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias", "fc2.weight", "fc2.bias"}
+    assert bnn.site_priors["conv1.weight"].scale == 0.5
+    assert bnn.site_priors["fc2.weight"].scale == 1.0
