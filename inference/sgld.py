@@ -219,12 +219,19 @@ def _is_real(support) -> bool:
 
 
 class _LogJoint(Messenger):
-    """Fixes latent sites to given values and accumulates Σ_sites scale·mask·log p (one pass, no trace)."""
+    """Fixes latent sites to given values and accumulates Σ_sites scale·mask·log p in one pass (no trace).
+
+    Sites whose distribution is a pyrobnn scalar-parameter Normal (every weight of a BNN with a Gaussian
+    prior) are not evaluated one by one: their values are collected and :meth:`log_joint` adds all
+    their log-densities with one fused autograd node (:class:`_SumScaledSquaredNorms`)."""
 
     def __init__(self, values: Dict[str, torch.Tensor]):
         super().__init__()
         self.values = values
-        self.total = 0.0
+        self.terms: List[torch.Tensor] = []
+        self.sq_values: List[torch.Tensor] = []
+        self.sq_coefs: List[float] = []
+        self.constant = 0.0
 
     def _pyro_sample(self, msg):
         if msg["is_observed"] or isinstance(msg["fn"], _Subsample):
@@ -241,34 +248,72 @@ class _LogJoint(Messenger):
         if isinstance(fn, _Subsample):
             return
         value = msg["value"]
-        lp = None
-        if msg["mask"] is None and not msg["args"] and not msg["kwargs"]:
-            lp = _scalar_normal_log_prob_sum(fn, value)
-        if lp is None:
-            lp = fn.log_prob(value, *msg["args"], **msg["kwargs"])
-            lp = scale_and_mask(lp, msg["scale"], msg["mask"])
-            lp = lp.sum() if lp.dim() else lp
-        else:
-            lp = scale_and_mask(lp, msg["scale"], None)
-        self.total = self.total + lp
+        scale = msg["scale"]
+        if msg["mask"] is None and isinstance(scale, (int, float)) and not msg["args"] and not msg["kwargs"]:
+            plan = _scalar_normal_plan(fn)
+            if plan is not None and value.shape == plan[0]:
+                _, loc, coef, constant = plan
+                self.sq_values.append(value if loc == 0.0 else value - loc)
+                self.sq_coefs.append(coef * scale)
+                self.constant += constant * scale
+                return
+        lp = fn.log_prob(value, *msg["args"], **msg["kwargs"])
+        lp = scale_and_mask(lp, scale, msg["mask"])
+        self.terms.append(lp.sum() if lp.dim() else lp)
+
+    def log_joint(self) -> torch.Tensor:
+        terms = list(self.terms)
+        if self.sq_values:
+            terms.append(_SumScaledSquaredNorms.apply(self.sq_coefs, *self.sq_values) + self.constant)
+        if not terms:
+            raise ValueError("the model has no sample sites")
+        return terms[0] if len(terms) == 1 else torch.stack(terms).sum()
 
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+_PLAN = "_pyrobnn_sgld_plan"
 
 
-def _scalar_normal_log_prob_sum(fn, value):
-    """Σ log N(value; m, s²) in two passes (one dot product) when ``fn`` is a pyrobnn scalar-parameter
-    Normal prior (``scalar_loc``/``scalar_scale`` floats), possibly wrapped in ``Independent``; else None.
-    The generic path builds three full-size temporaries for the same number."""
+def _scalar_normal_plan(fn):
+    """For a pyrobnn scalar-parameter Normal (``scalar_loc``/``scalar_scale`` floats), possibly wrapped
+    in ``Independent``: (shape, loc, c, k) with Σ log N(v; loc, s²) = c‖v − loc‖² + k; else None.
+    Cached on the distribution object (BNN layers reuse theirs every step)."""
+    plan = fn.__dict__.get(_PLAN, False)
+    if plan is not False:
+        return plan
     base = fn
     while isinstance(base, Independent):
         base = base.base_dist
     scale = getattr(base, "scalar_scale", None)
-    if scale is None or value.shape != fn.batch_shape + fn.event_shape:
-        return None
-    loc = base.scalar_loc
-    z = (value if loc == 0.0 else value - loc).reshape(-1)
-    return torch.dot(z, z) * (-0.5 / scale ** 2) - z.numel() * (math.log(scale) + _HALF_LOG_2PI)
+    plan = None
+    if scale is not None:
+        shape = fn.batch_shape + fn.event_shape
+        plan = (shape, base.scalar_loc, -0.5 / scale ** 2,
+                -math.prod(shape) * (math.log(scale) + _HALF_LOG_2PI))
+    try:
+        fn.__dict__[_PLAN] = plan
+    except (AttributeError, TypeError):
+        pass
+    return plan
+
+
+class _SumScaledSquaredNorms(torch.autograd.Function):
+    """Σ_i c_i ‖z_i‖² over several tensors: one ``_foreach_norm`` forward, one ``_foreach_mul`` backward
+    (g·2c_i)·z_i. Autograd's generic rule for z·z takes three passes per tensor (two products and their
+    sum) and one graph node per operation and site."""
+
+    @staticmethod
+    def forward(ctx, coefs: List[float], *zs):
+        ctx.save_for_backward(*zs)
+        ctx.coefs = coefs
+        norms = torch.stack(torch._foreach_norm(zs))
+        return (norms * norms * norms.new_tensor(coefs)).sum()
+
+    @staticmethod
+    def backward(ctx, grad):
+        zs = ctx.saved_tensors
+        g = float(grad)
+        return (None, *torch._foreach_mul(zs, [2.0 * c * g for c in ctx.coefs]))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -438,7 +483,7 @@ class SGLD(MCMCKernel):
         joint = _LogJoint(values)
         with joint:
             self.model(*args, **kwargs)
-        potential = -(joint.total + logdet)
+        potential = -(joint.log_joint() + logdet) if isinstance(logdet, torch.Tensor) else -joint.log_joint()
         if not isinstance(potential, torch.Tensor) or not potential.requires_grad:
             raise ValueError("the model's log-density does not depend on its latent sites")
         grads = torch.autograd.grad(potential, leaves)

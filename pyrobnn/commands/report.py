@@ -47,7 +47,11 @@ def _scalar_vars(idata, limit):
     for name, var in idata.posterior.data_vars.items():
         if var.ndim == 2:  # (chain, draw)
             names.append(name)
-    names.sort(key=lambda n: (not n.endswith("_norm"), n))
+    # true scalar sites (a noise precision, ...) first, then layer norms, then the other summaries
+    def rank(n):
+        return 1 if n.endswith("_norm") else 2 if n.endswith(("_mean", "_std")) else 0
+
+    names.sort(key=lambda n: (rank(n), n))
     return names[:limit]
 
 
