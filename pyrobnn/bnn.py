@@ -217,7 +217,7 @@ class BNN(nn.Module):
             if not torch.isfinite(x.sum()) and not torch.isfinite(x).all():
                 bad = (~torch.isfinite(x)).reshape(x.shape[0], -1).any(1).nonzero()[0, 0].item()
                 raise ValueError(f"x contains NaN or inf (first in example {bad})")
-            if x.numel() >= 1 << 16:
+            if x.numel() >= 1 << 20:  # full data sets, not minibatches
                 _finite_inputs[x] = x._version
         return x
 
