@@ -11,3 +11,6 @@ from .sgld import PSGLD, SGLD, ConstantStepSize, CyclicalStepSize, PolynomialDec
 
 __all__ += ["SGLD", "PSGLD", "StepSize", "ConstantStepSize", "PolynomialDecay", "CyclicalStepSize", "sample",
             "SamplePosterior"]
+from .distributed import DataParallel, chain_seed, fit_distributed, sample_chains  # noqa: E402
+
+__all__ += ["DataParallel", "fit_distributed", "sample_chains", "chain_seed"]

@@ -231,7 +231,7 @@ def fit(bnn: BNN, train, epochs: int, lr: float = 1e-3, *, batch_size: int = 128
         kl_warmup=None, lr_schedule=None, val=None, num_samples: int = 16,
         checkpoint_dir: Optional[str] = None, checkpoint_every: Optional[int] = None, keep_checkpoints: int = 2,
         resume: bool = False, seed: Optional[int] = None, progress: bool = True,
-        callbacks: Sequence[Callable] = (), grad_clip: Optional[float] = None) -> History:
+        callbacks: Sequence[Callable] = (), grad_clip: Optional[float] = None, distributed=None) -> History:
     """Train ``bnn`` by SVI on the mean-field ELBO.
 
     :param train: ``ArrayLoader``, ``(x, y)`` tensors (batched with ``batch_size``) or a DataLoader.
@@ -242,6 +242,8 @@ def fit(bnn: BNN, train, epochs: int, lr: float = 1e-3, *, batch_size: int = 128
     :param checkpoint_dir: write an atomic checkpoint at each epoch end (and every ``checkpoint_every``
         steps); ``resume=True`` continues from the newest readable one, with data order and RNG state.
     :param callbacks: ``f(bnn, record)`` after each epoch; return ``True`` to stop early.
+    :param distributed: a :class:`pyrobnn.inference.distributed.DataParallel` (data-parallel training;
+        use ``fit_distributed``): rank 0 writes checkpoints and shows progress, every rank reads them.
     :returns: :class:`History` with one record per epoch.
     """
     if not isinstance(bnn, BNN):
@@ -289,11 +291,15 @@ def fit(bnn: BNN, train, epochs: int, lr: float = 1e-3, *, batch_size: int = 128
             if start_step and not data.resumable:
                 warnings.warn("resuming a torch DataLoader mid-epoch: the epoch restarts from its first batch")
                 start_step = 0
+    if distributed is not None:  # rank 0's parameters everywhere, same resume point, gradient all-reduce
+        distributed.synchronize(bnn, start_epoch, start_step)
     steps_per_epoch = len(data)
     if start_step >= steps_per_epoch:
         start_epoch, start_step = start_epoch + 1, 0
     if checkpoint_dir is not None:
         os.makedirs(checkpoint_dir, exist_ok=True)
+    main = distributed is None or distributed.is_main
+    progress = progress and main
     bar = None
     try:
         from tqdm.auto import tqdm
@@ -308,6 +314,8 @@ def fit(bnn: BNN, train, epochs: int, lr: float = 1e-3, *, batch_size: int = 128
                        leave=False, dynamic_ncols=True)
         step = start_step
         for xb, yb in data.epoch(epoch, start_step):
+            if distributed is not None:
+                distributed.begin_step(epoch, step)
             e = epoch + step / steps_per_epoch
             bnn.kl_weight = kl_of(e)
             factor = lr_of(e)
@@ -331,23 +339,28 @@ def fit(bnn: BNN, train, epochs: int, lr: float = 1e-3, *, batch_size: int = 128
                 bar.update(1)
                 if step % 10 == 0:
                     bar.set_postfix(elbo_per_datum=f"{-total / count / bnn.dataset_size:.4f}", kl_w=f"{bnn.kl_weight:.2f}")
-            if checkpoint_dir is not None and checkpoint_every and step % checkpoint_every == 0 \
+            if main and checkpoint_dir is not None and checkpoint_every and step % checkpoint_every == 0 \
                     and step < steps_per_epoch:
                 last_ckpt = _save_checkpoint(checkpoint_dir, bnn, opt, history, epoch, step, keep_checkpoints)
         if bar is not None:
             bar.close()
         start_step = 0
+        if distributed is not None:
+            total = distributed.mean(total)
         record = {"epoch": epoch + 1, "loss": total / max(count, 1), "elbo_per_datum": -total / max(count, 1) / bnn.dataset_size,
                   "kl_weight": bnn.kl_weight, "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
         if val_xy is not None:
             record.update({f"val_{k}": v for k, v in bnn.evaluate(val_xy[0], val_xy[1], num_samples).items()})
         history.records.append(record)
-        if checkpoint_dir is not None:
+        if main and checkpoint_dir is not None:
             last_ckpt = _save_checkpoint(checkpoint_dir, bnn, opt, history, epoch + 1, 0, keep_checkpoints)
         if progress:
             shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in record.items()}
             tqdm.write(" ".join(f"{k}={v}" for k, v in shown.items()))
-        if any(cb(bnn, record) for cb in callbacks):
+        stop = any(cb(bnn, record) for cb in callbacks)
+        if distributed is not None:
+            stop = distributed.any(stop)
+        if stop:
             break
     bnn.kl_weight = 1.0
     bnn.eval()

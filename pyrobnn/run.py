@@ -44,7 +44,8 @@ def build_from_config(cfg: Dict[str, Any]):
 
 
 def run_fit(cfg: Dict[str, Any], out_dir, resume: bool = False, progress: bool = True) -> Dict[str, Any]:
-    """Train from ``cfg`` and write ``metrics.json``, ``history.csv``, ``model.safetensors`` and plots."""
+    """Train from ``cfg`` and write ``metrics.json``, ``history.csv``, ``model.safetensors`` and plots.
+    Under ``torchrun`` the training is data-parallel and only rank 0 writes (other ranks return None)."""
     from pyrobnn.inference import fit  # lazily: pyrobnn does not import inference at module level
     from .plots import plot_learning_curves, plot_reliability
     out = Path(out_dir)
@@ -52,11 +53,18 @@ def run_fit(cfg: Dict[str, Any], out_dir, resume: bool = False, progress: bool =
     pyro.set_rng_seed(cfg["seed"])
     ds, bnn = build_from_config(cfg)
     t = cfg["train"]
-    history = fit(bnn, (ds.x_train, ds.y_train), epochs=t["epochs"], lr=t["lr"], batch_size=t["batch_size"],
+    train, dp = (ds.x_train, ds.y_train), _data_parallel(cfg, ds, bnn)  # under torchrun: this rank's shard
+    if dp is not None:
+        train = dp.loader(ds.x_train, ds.y_train, t["batch_size"], seed=cfg["seed"])
+    history = fit(bnn, train, epochs=t["epochs"], lr=t["lr"], batch_size=t["batch_size"],
                   optimizer=t["optimizer"], kl_warmup=t["kl_warmup"], lr_schedule=t["lr_schedule"],
                   val=(ds.x_test, ds.y_test), num_samples=t["num_samples"],
                   checkpoint_dir=str(out / "checkpoints"), checkpoint_every=t["checkpoint_every"],
-                  resume=resume, seed=cfg["seed"], progress=progress, grad_clip=t["grad_clip"])
+                  resume=resume, seed=cfg["seed"], progress=progress, grad_clip=t["grad_clip"], distributed=dp)
+    if dp is not None:
+        dp.close()
+        if not dp.is_main:  # outputs come from rank 0 only
+            return None
     torch.manual_seed(cfg["seed"])
     metrics = bnn.evaluate(ds.x_test, ds.y_test, t["num_samples"])
     save(bnn, out / "model.safetensors")
@@ -68,6 +76,17 @@ def run_fit(cfg: Dict[str, Any], out_dir, resume: bool = False, progress: bool =
         if probs.dim() == 2:
             plot_reliability({"BNN": probs}, ds.y_test, out / "reliability.png")
     return metrics
+
+
+def _data_parallel(cfg, ds, bnn):
+    """A DataParallel when launched by torchrun (BNN and test data moved to its device), else None."""
+    from pyrobnn.inference.distributed import DataParallel, launched_by_torchrun
+    if not launched_by_torchrun():
+        return None
+    dp = DataParallel.from_env(seed=cfg["seed"])
+    bnn.to(dp.device)
+    ds.x_test, ds.y_test = ds.x_test.to(dp.device), ds.y_test.to(dp.device)
+    return dp
 
 
 def _jsonable(obj):

@@ -16,5 +16,6 @@ def run(args):
     from pyrobnn.run import run_fit
     cfg = load_config(args.config)
     metrics = run_fit(cfg, args.out, resume=args.resume, progress=not args.no_progress)
-    print(json.dumps({"test": metrics}, indent=2))
+    if metrics is not None:  # None on the non-zero ranks of a torchrun job
+        print(json.dumps({"test": metrics}, indent=2))
     return 0
