@@ -10,11 +10,15 @@ def register(sub):
     t.add_argument("--k", type=int, default=4, help="number of source networks K (default 4)")
     t.add_argument("--epochs", type=int, default=2, help="training epochs of each source network (default 2)")
     t.add_argument("--limit-train", type=int, default=None, help="use only the first N source training images")
-    t.add_argument("--arch", default="fconv", help="source architecture from the model zoo (default fconv)")
+    t.add_argument("--arch", type=_arch, default="fconv",
+                   help='source architecture from the model zoo: a name (default fconv) or a JSON spec, '
+                        'e.g. \'{"name": "fconv", "channels": [16, 32]}\'')
     t.add_argument("--latent", type=_latent, default=4,
                    help="VAE latent dimension: one int (default 4) or per layer, e.g. conv1=2,conv2=4")
     t.add_argument("--hidden", type=int, default=16, help="VAE conv channels (default 16)")
     t.add_argument("--vae-epochs", type=int, default=100, help="VAE training epochs (default 100)")
+    t.add_argument("--vae-min-steps", type=int, default=2000,
+                   help="at least this many VAE optimiser steps per layer (small kernel sets get more epochs)")
     t.add_argument("--min-norm-fraction", type=float, default=0.05,
                    help="drop kernels whose norm is below this fraction of the layer's median (default 0.05)")
     t.add_argument("--seed", type=int, default=0)
@@ -23,6 +27,15 @@ def register(sub):
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=run_train)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+
+
+def _arch(text):
+    if text.lstrip().startswith("{"):
+        spec = json.loads(text)
+        if not isinstance(spec, dict) or "name" not in spec:
+            raise ValueError(f"--arch JSON must be an object with a 'name', got {text!r}")
+        return spec
+    return text
 
 
 def _latent(text):
@@ -43,7 +56,7 @@ def run_train(args):
     prior = train_deep_weight_prior(
         args.out, source=args.source, num_nets=args.k, epochs=args.epochs, limit_train=args.limit_train,
         arch=args.arch, latent_dim=args.latent, hidden=args.hidden, vae_epochs=args.vae_epochs,
-        min_norm_fraction=args.min_norm_fraction, seed=args.seed, log=None if args.quiet else print)
+        min_norm_fraction=args.min_norm_fraction, seed=args.seed, vae_min_steps=args.vae_min_steps, log=None if args.quiet else print)
     summary = {"out": args.out, "vaes": {n: v.config() for n, v in prior.vaes.items()},
                "kernels": prior.provenance["kernels"],
                "bound_heldout": {n: r["bound_heldout"] for n, r in prior.provenance["vae"].items()},

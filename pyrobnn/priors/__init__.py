@@ -13,3 +13,5 @@ from .gaussian import Gaussian
 __all__ = ["Gaussian"]
 from .log_uniform import LogUniform  # noqa: E402  (issue 3: sparse VD)
 __all__ += ["LogUniform"]
+from .deep_weight import DeepWeightPrior, KernelVAE  # noqa: E402  (issue 7: deep weight prior)
+__all__ += ["DeepWeightPrior", "KernelVAE"]

@@ -1,0 +1,378 @@
+"""Deep weight prior (Atanov et al., 2019): an implicit prior over convolution kernels given by a VAE.
+
+A conv weight ``[out, in, k, k]`` is treated as ``out·in`` iid kernels, each drawn from
+
+    p̂(w) = ∫ p(w | z) p(z) dz,    p(z) = N(0, I),   p(w | z) = N(μ_θ(z), diag σ_θ²(z))   (w ∈ R^{k×k})
+
+where the decoder p(w|z) was fitted, together with an encoder r(z|w), to kernels of networks trained
+on a *source* task (:mod:`pyrobnn.dwp` makes such VAEs). p̂ has no closed form, so
+:meth:`DeepWeightPrior.log_prob` returns the VAE's evidence lower bound for every kernel,
+
+    log p̂(w) ≥ E_{r(z|w)} log p(w | z) − KL(r(z|w) ‖ p(z)),
+
+estimated with reparameterised draws z = μ_r(w) + σ_r(w)·ε, so gradients reach ``w`` (and through
+it the guide's parameters). Used as a model site's log-density in SVI, the ELBO stays a lower bound on
+the evidence: −KL(q ‖ p̂) ≥ E_q[ELBO_VAE(w) − log q(w)] (the auxiliary bound of Atanov et al.).
+There is no closed-form KL to a Normal guide, so pyrobnn's guides draw real weights at these sites
+and ``TraceMeanField_ELBO`` uses the Monte-Carlo term ``log p̂(w) − log q(w)`` there.
+
+The VAE is frozen: its parameters never require grad and are not registered with Pyro or the BNN.
+
+Use it
+  * with ``pyro.sample``: ``pyro.sample("w", DeepWeightPrior(vae).expand([32, 1]).to_event(2))``
+    draws a ``[32, 1, 7, 7]`` weight (the distribution's event is one ``k×k`` kernel);
+  * with ``bayesian``: ``prior={"conv*.weight": {"name": "deep-weight", "path": "dwp.safetensors"},
+    "*": "log-uniform"}``. A file may hold one VAE per source layer; each conv site takes the VAE
+    whose kernel size matches (``key=`` picks one by name). Non-kernel sites a pattern such as
+    ``"conv*"`` also catches (conv biases) get ``bias_prior`` (default N(0, 1)).
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
+
+import pyro
+import pyro.distributions as dist
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.distributions import constraints
+
+from ..registry import PRIORS
+
+__all__ = ["KernelVAE", "DeepWeightPrior", "save_kernel_vaes", "load_kernel_vaes"]
+
+_LOG_2PI = math.log(2 * math.pi)
+_KIND = "deep-weight-prior"
+# Decoder log-scales are squashed into this range: a collapsing decoder variance would make the
+# kernel density unbounded (and the bound's gradients explode) on kernels that sit on the manifold.
+_LOG_SCALE_RANGE = (-9.0, 2.0)
+
+
+def _soft_clamp(x, lo, hi):
+    return lo + (hi - lo) * torch.sigmoid((x - (lo + hi) / 2) * (4.0 / (hi - lo)))
+
+
+class KernelVAE(nn.Module):
+    """A small convolutional VAE over ``k×k`` kernels: encoder r(z|w), decoder p(w|z), p(z) = N(0, I).
+
+    :param kernel_size: k (kernels are ``[..., k, k]``).
+    :param latent_dim: dimension of z (2–4 in the paper).
+    :param hidden: channels of the encoder/decoder convolutions.
+    :param decoder: ``"conv"`` — z → linear → ELU → 3×3 conv → ELU → 3×3 conv to (mean, log-scale) per
+        pixel; ``"linear"`` — mean = A z + b with a free per-pixel log-scale (linear-Gaussian, so
+        p̂ = N(b, A Aᵀ + diag σ²) exactly; used to check the bound against the true density).
+
+    The encoder is 3×3 conv → ELU → 3×3 conv → ELU → linear to (μ_r, log σ_r) for both decoders.
+    """
+
+    def __init__(self, kernel_size: int, latent_dim: int = 4, hidden: int = 16, decoder: str = "conv"):
+        super().__init__()
+        for v, what in ((kernel_size, "kernel_size"), (latent_dim, "latent_dim"), (hidden, "hidden")):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"KernelVAE {what} must be a positive integer, got {v!r}")
+        if decoder not in ("conv", "linear"):
+            raise ValueError(f"KernelVAE decoder must be 'conv' or 'linear', got {decoder!r}")
+        self.kernel_size, self.latent_dim, self.hidden, self.decoder_kind = kernel_size, latent_dim, hidden, decoder
+        k, h = kernel_size, hidden
+        self.enc = nn.Sequential(nn.Conv2d(1, h, 3, padding=1), nn.ELU(), nn.Conv2d(h, h, 3, padding=1), nn.ELU(),
+                                 nn.Flatten(), nn.Linear(h * k * k, 2 * latent_dim))
+        if decoder == "conv":
+            self.dec_in = nn.Linear(latent_dim, h * k * k)
+            self.dec = nn.Sequential(nn.ELU(), nn.Conv2d(h, h, 3, padding=1), nn.ELU(), nn.Conv2d(h, 2, 3, padding=1))
+        else:
+            self.dec_in = nn.Linear(latent_dim, k * k)
+            self.dec_log_scale = nn.Parameter(torch.full((k, k), -2.0))
+
+    def config(self) -> Dict[str, Any]:
+        return {"kernel_size": self.kernel_size, "latent_dim": self.latent_dim, "hidden": self.hidden,
+                "decoder": self.decoder_kind}
+
+    def _check(self, w):
+        k = self.kernel_size
+        if w.dim() < 2 or tuple(w.shape[-2:]) != (k, k):
+            raise ValueError(f"this KernelVAE models {k}×{k} kernels; got a tensor of shape {tuple(w.shape)}")
+
+    def encode(self, w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``w [..., k, k]`` → ``(μ_r, log σ_r)``, each ``[..., latent_dim]``."""
+        self._check(w)
+        batch = w.shape[:-2]
+        out = self.enc(w.reshape(-1, 1, self.kernel_size, self.kernel_size))
+        mu, log_sigma = out.chunk(2, -1)
+        log_sigma = _soft_clamp(log_sigma, -8.0, 4.0)
+        return mu.reshape(batch + (self.latent_dim,)), log_sigma.reshape(batch + (self.latent_dim,))
+
+    def decode(self, z: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``z [..., latent_dim]`` → ``(mean, log-scale)`` of p(w|z), each ``[..., k, k]``."""
+        k = self.kernel_size
+        batch = z.shape[:-1]
+        zf = z.reshape(-1, self.latent_dim)
+        if self.decoder_kind == "conv":
+            out = self.dec(self.dec_in(zf).reshape(-1, self.hidden, k, k))
+            mean, log_scale = out[:, 0], out[:, 1]
+        else:
+            mean = self.dec_in(zf).reshape(-1, k, k)
+            log_scale = self.dec_log_scale.expand_as(mean)
+        log_scale = _soft_clamp(log_scale, *_LOG_SCALE_RANGE)
+        return mean.reshape(batch + (k, k)), log_scale.reshape(batch + (k, k))
+
+    def elbo(self, w: torch.Tensor, num_particles: int = 1) -> torch.Tensor:
+        """The evidence lower bound of every kernel: ``w [..., k, k]`` → ``[...]``.
+
+        E_r log p(w|z) is averaged over ``num_particles`` reparameterised draws; KL(r ‖ p(z)) is exact.
+        """
+        mu, log_sigma = self.encode(w)
+        sigma = log_sigma.exp()
+        kl = 0.5 * (mu * mu + sigma * sigma - 1.0 - 2.0 * log_sigma).sum(-1)
+        eps = torch.randn((num_particles,) + mu.shape, dtype=mu.dtype, device=mu.device)
+        z = mu + sigma * eps
+        mean, log_scale = self.decode(z)
+        resid = (w - mean) * torch.exp(-log_scale)
+        log_lik = -(0.5 * resid * resid + log_scale + 0.5 * _LOG_2PI).sum((-2, -1))
+        return log_lik.mean(0) - kl
+
+    @torch.no_grad()
+    def sample(self, shape=torch.Size(), mean_only: bool = False) -> torch.Tensor:
+        """Kernels drawn from p̂: ``[*shape, k, k]`` (z ~ N(0, I), w ~ p(w|z); ``mean_only``: w = μ_θ(z))."""
+        p = next(self.parameters())
+        z = torch.randn(tuple(shape) + (self.latent_dim,), dtype=p.dtype, device=p.device)
+        mean, log_scale = self.decode(z)
+        return mean if mean_only else mean + log_scale.exp() * torch.randn_like(mean)
+
+    def loss(self, w: torch.Tensor) -> torch.Tensor:
+        """Training loss: the negative bound averaged over the kernels ``w [M, k, k]``."""
+        return -self.elbo(w).mean()
+
+
+# -- persistence ----------------------------------------------------------------------------------------------
+def save_kernel_vaes(path, vaes: Mapping[str, KernelVAE], provenance: Optional[Dict[str, Any]] = None) -> None:
+    """Write VAEs (``{name: KernelVAE}``, e.g. one per source layer) as one safetensors file + JSON."""
+    from ..io import write_state
+    if not vaes:
+        raise ValueError("save_kernel_vaes needs at least one VAE")
+    tensors, configs = {}, {}
+    for name, vae in vaes.items():
+        if not isinstance(vae, KernelVAE):
+            raise TypeError(f"VAE {name!r} is a {type(vae).__name__}, not a KernelVAE")
+        if not isinstance(name, str) or not name or "/" in name:
+            raise ValueError(f"VAE names must be non-empty strings without '/', got {name!r}")
+        configs[name] = vae.config()
+        for pname, t in vae.state_dict().items():
+            tensors[f"{name}/{pname}"] = t
+    write_state(path, tensors, {"kind": _KIND, "vaes": configs, "provenance": dict(provenance or {})})
+
+
+_CACHE: Dict[Tuple[str, int, int], Tuple[Dict[str, KernelVAE], Dict[str, Any]]] = {}
+
+
+def load_kernel_vaes(path) -> Tuple[Dict[str, KernelVAE], Dict[str, Any]]:
+    """Read a file written by :func:`save_kernel_vaes` → ``({name: frozen KernelVAE}, provenance)``.
+
+    Loads are cached by (path, mtime, size): a BNN whose pattern builds one prior per site shares one
+    frozen copy of the VAEs.
+    """
+    from ..io import read_state
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"deep weight prior file not found: {path}")
+    st = path.stat()
+    key = (str(path.resolve()), st.st_mtime_ns, st.st_size)
+    if key in _CACHE:
+        return _CACHE[key]
+    tensors, meta = read_state(path)
+    if meta.get("kind") != _KIND:
+        raise ValueError(f"{path} holds a pyrobnn {meta.get('kind')!r}, not a deep weight prior")
+    vaes = {}
+    for name, cfg in meta.get("vaes", {}).items():
+        vae = KernelVAE(**cfg)
+        state = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.split("/", 1)[0] == name}
+        try:
+            vae.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise ValueError(f"{path}: tensors of VAE {name!r} do not fit its config: {e}") from None
+        vaes[name] = _freeze(vae)
+    if not vaes:
+        raise ValueError(f"{path} holds no VAE")
+    _CACHE[key] = (vaes, meta.get("provenance", {}))
+    return _CACHE[key]
+
+
+def _freeze(vae: KernelVAE) -> KernelVAE:
+    vae.eval()
+    for p in vae.parameters():
+        p.requires_grad_(False)
+    return vae
+
+
+# -- the prior ------------------------------------------------------------------------------------------------
+@PRIORS.register("deep-weight")
+class DeepWeightPrior(dist.TorchDistribution):
+    """Implicit kernel prior p̂(w) = ∫ p(w|z) p(z) dz of a frozen VAE; ``log_prob`` is the VAE bound.
+
+    :param path_or_vae: a file from :func:`pyrobnn.dwp.train_deep_weight_prior` /
+        :func:`save_kernel_vaes`, a :class:`KernelVAE`, or a mapping ``{name: KernelVAE}``.
+    :param path: the same as ``path_or_vae`` for a file (the name the registry spec uses:
+        ``{"name": "deep-weight", "path": "dwp.safetensors"}``).
+    :param key: name of the VAE to use at every site; default: the VAE whose kernel size matches the
+        site (an error if none or several match).
+    :param bias_prior: prior spec for sites that are not ``k×k`` kernels (conv biases caught by a
+        ``"conv*"`` pattern); default ``{"name": "gaussian", "scale": 1.0}``.
+    :param num_particles: z draws per kernel in the bound's expected log-likelihood.
+
+    Shapes: ``batch_shape`` as expanded (default ``()``), ``event_shape = (k, k)`` — one kernel.
+    A prior holding VAEs of several kernel sizes without ``key`` has no single event shape; it works
+    through :meth:`sample_site` (what ``bayesian`` uses) and :meth:`for_kernel`.
+    """
+
+    arg_constraints: Dict[str, Any] = {}
+    support = constraints.real
+    has_rsample = False
+
+    def __init__(self, path_or_vae: Union[str, os.PathLike, KernelVAE, Mapping[str, KernelVAE], None] = None, *,
+                 path: Union[str, os.PathLike, None] = None, key: Optional[str] = None,
+                 bias_prior: Any = None, num_particles: int = 1, batch_shape=torch.Size(), validate_args=None):
+        if path_or_vae is not None and path is not None:
+            raise ValueError("give the deep weight prior's VAE either positionally or as path=, not both")
+        source = path if path is not None else path_or_vae
+        if source is None:
+            raise ValueError("the deep weight prior needs a VAE: DeepWeightPrior('dwp.safetensors') or, by name, "
+                             "{'name': 'deep-weight', 'path': 'dwp.safetensors'} (make one with `pyrobnn dwp train`)")
+        if isinstance(num_particles, bool) or not isinstance(num_particles, int) or num_particles < 1:
+            raise ValueError(f"num_particles must be a positive integer, got {num_particles!r}")
+        self.path: Optional[str] = None
+        self.provenance: Dict[str, Any] = {}
+        if isinstance(source, (str, os.PathLike)):
+            self.path = os.fspath(source)
+            self.vaes, self.provenance = load_kernel_vaes(self.path)
+        elif isinstance(source, KernelVAE):
+            self.vaes = {"vae": _freeze(source)}
+        elif isinstance(source, Mapping):
+            if not source or not all(isinstance(v, KernelVAE) for v in source.values()):
+                raise TypeError("a mapping given to DeepWeightPrior must map names to KernelVAE instances")
+            self.vaes = {str(k): _freeze(v) for k, v in source.items()}
+        else:
+            raise TypeError(f"DeepWeightPrior takes a file path, a KernelVAE or a mapping of them, "
+                            f"got {type(source).__name__}")
+        if key is not None and key not in self.vaes:
+            raise ValueError(f"no VAE named {key!r} in the deep weight prior; it holds {sorted(self.vaes)}")
+        if key is None and len(self.vaes) == 1:
+            key = next(iter(self.vaes))
+        self.key = key
+        self.num_particles = num_particles
+        self._bias_spec = bias_prior if bias_prior is not None else {"name": "gaussian", "scale": 1.0}
+        self._bias_prior = None
+        event_shape = (self.vae.kernel_size,) * 2 if key is not None else ()
+        super().__init__(torch.Size(batch_shape), torch.Size(event_shape), validate_args=validate_args)
+
+    # -- selection --------------------------------------------------------------------------------------
+    @property
+    def vae(self) -> KernelVAE:
+        if self.key is None:
+            raise ValueError(f"this deep weight prior holds VAEs for kernel sizes {self.kernel_sizes()}; "
+                             "pick one with key= or for_kernel(k)")
+        return self.vaes[self.key]
+
+    def kernel_sizes(self):
+        return sorted({v.kernel_size for v in self.vaes.values()})
+
+    def _key_for(self, k: int, what: str) -> str:
+        if self.key is not None:
+            if self.vaes[self.key].kernel_size != k:
+                raise ValueError(f"{what}: has {k}×{k} kernels but the deep weight prior's VAE {self.key!r} models "
+                                 f"{self.vaes[self.key].kernel_size}×{self.vaes[self.key].kernel_size} kernels")
+            return self.key
+        keys = [n for n, v in self.vaes.items() if v.kernel_size == k]
+        if not keys:
+            raise ValueError(f"{what}: has {k}×{k} kernels but the deep weight prior only has VAEs for kernel sizes "
+                             f"{self.kernel_sizes()}; train one for {k}×{k} (`pyrobnn dwp train`) or use another prior")
+        if len(keys) > 1:
+            raise ValueError(f"{what}: several VAEs of the deep weight prior model {k}×{k} kernels ({keys}); "
+                             "choose one with key=")
+        return keys[0]
+
+    def for_kernel(self, k: int) -> "DeepWeightPrior":
+        """The prior restricted to the VAE for ``k×k`` kernels (event shape ``(k, k)``)."""
+        return self._with(self._key_for(int(k), "requested kernel"), self.batch_shape)
+
+    def _with(self, key, batch_shape) -> "DeepWeightPrior":
+        new = DeepWeightPrior.__new__(DeepWeightPrior)
+        new.path, new.provenance, new.vaes, new.key = self.path, self.provenance, self.vaes, key
+        new.num_particles, new._bias_spec, new._bias_prior = self.num_particles, self._bias_spec, self._bias_prior
+        event = (self.vaes[key].kernel_size,) * 2 if key is not None else ()
+        dist.TorchDistribution.__init__(new, torch.Size(batch_shape), torch.Size(event), validate_args=False)
+        return new
+
+    # -- Distribution API -------------------------------------------------------------------------------------
+    def expand(self, batch_shape, _instance=None):
+        return self._with(self.key, batch_shape)
+
+    def _vae_for_value(self, value):
+        if self.key is not None:
+            vae = self.vae
+            if value.dim() < 2 or tuple(value.shape[-2:]) != (vae.kernel_size,) * 2:
+                raise ValueError(f"the deep weight prior models {vae.kernel_size}×{vae.kernel_size} kernels; "
+                                 f"got a value of shape {tuple(value.shape)}")
+            return vae
+        if value.dim() < 2 or value.shape[-1] != value.shape[-2]:
+            raise ValueError(f"the deep weight prior models square kernels [..., k, k]; got shape {tuple(value.shape)}")
+        return self.vaes[self._key_for(value.shape[-1], "value")]
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        """The VAE evidence lower bound of each kernel: ``value [..., k, k]`` → ``[...]`` (≤ log p̂)."""
+        vae = self._vae_for_value(value)
+        p = next(vae.parameters())
+        if p.device != value.device or p.dtype != value.dtype:
+            vae.to(device=value.device, dtype=value.dtype)
+        return vae.elbo(value, self.num_particles)
+
+    @torch.no_grad()
+    def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        """Kernels from p̂: ``[*sample_shape, *batch_shape, k, k]``."""
+        return self.vae.sample(self._extended_shape(sample_shape)[:-2])
+
+    # -- use as a pyrobnn layer prior ---------------------------------------------------------------------------
+    def site_distribution(self, name: str, shape) -> dist.TorchDistribution:
+        """The distribution a weight site of ``shape`` gets: ``[out, in, k, k]`` → kernels iid from p̂
+        (``Independent`` over all dims); 1-d sites (biases) → ``bias_prior``."""
+        shape = torch.Size(shape)
+        if len(shape) >= 3:
+            if shape[-1] != shape[-2]:
+                raise ValueError(f"site {name!r}: the deep weight prior models square k×k kernels; the weight has "
+                                 f"shape {tuple(shape)}")
+            prior = self._with(self._key_for(shape[-1], f"site {name!r} of shape {tuple(shape)}"), shape[:-2])
+            return prior.to_event(len(shape) - 2)
+        if len(shape) <= 1:
+            fn = self.bias_prior.expand(shape)
+            return fn.to_event(len(shape)) if len(shape) else fn
+        raise ValueError(f"site {name!r} of shape {tuple(shape)} is not a convolution kernel; the deep weight prior "
+                         "is for conv weights [out, in, k, k] (use e.g. prior={'conv*.weight': 'deep-weight', ...})")
+
+    def sample_site(self, name: str, shape, infer=None) -> torch.Tensor:
+        """Issue ``pyro.sample(name, ...)`` for a pyrobnn layer's weight or bias of ``shape``."""
+        fn = self.site_distribution(name, shape)
+        infer = dict(infer or {})
+        if len(torch.Size(shape)) <= 1:
+            # The bias of a layer whose weight is drawn must be drawn too: a layer only applies
+            # activation noise when its weight is a local-reparameterisation placeholder.
+            infer.pop("local_reparameterization", None)
+        return pyro.sample(name, fn, infer=infer)
+
+    @property
+    def bias_prior(self):
+        if self._bias_prior is None:
+            self._bias_prior = PRIORS.build(self._bias_spec)
+        return self._bias_prior
+
+    def config(self) -> Dict[str, Any]:
+        if self.path is None:
+            raise ValueError("a DeepWeightPrior built from an in-memory VAE cannot be saved by name; save the VAE "
+                             "with pyrobnn.priors.deep_weight.save_kernel_vaes and build the prior from the file")
+        return {"path": str(Path(self.path).resolve()), "key": self.key if len(self.vaes) > 1 else None,
+                "bias_prior": self._bias_spec, "num_particles": self.num_particles}
+
+    def __repr__(self):
+        src = self.path or "in-memory"
+        return (f"DeepWeightPrior({src!r}, vaes={ {n: v.kernel_size for n, v in self.vaes.items()} }, key={self.key!r}, "
+                f"batch_shape={tuple(self.batch_shape)})")
