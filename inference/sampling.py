@@ -29,7 +29,7 @@ import torch
 
 from pyrobnn.bnn import BNN, bayesian
 from pyrobnn.diagnostics import PRECISION_SITE as _PRECISION
-from pyrobnn.diagnostics import mcmc_sample_stats, outputs_under_draws, per_draw_precision
+from pyrobnn.diagnostics import mcmc_sample_stats, outputs_under_draws, per_draw_log_prob
 from pyrobnn.io import read_state, write_state
 
 from .sgld import PSGLD, SGLD
@@ -198,8 +198,8 @@ class SamplePosterior:
         y = lik.check_targets(outs[0], y)
         if precision is None:
             return evaluate_outputs(lik, outs, y)
-        with per_draw_precision(lik, precision, outs):
-            lpd = lik.predictive_log_prob(outs, y).mean().item()
+        lp, _ = per_draw_log_prob(lik, outs, y, precision)
+        lpd = (torch.logsumexp(lp, 0) - math.log(lp.shape[0])).mean().item()
         mean, var = self.predict(x, num_samples)
         return {"rmse": rmse(mean, y), "nll": -lpd, "gaussian_nll": gaussian_nll(mean, var, y)}
 

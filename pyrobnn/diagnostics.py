@@ -38,7 +38,7 @@ import pyro.poutine as poutine
 import torch
 
 __all__ = ["to_inference_data", "function_space_diagnostics", "outputs_under_draws", "per_draw_precision",
-           "mcmc_sample_stats"]
+           "per_draw_log_prob", "mcmc_sample_stats"]
 
 PRECISION_SITE = "likelihood.precision"
 
@@ -110,6 +110,22 @@ class per_draw_precision:
         if self.value is not None:
             self.likelihood._precision = self.saved
         return False
+
+
+@torch.no_grad()
+def per_draw_log_prob(likelihood, outs: torch.Tensor, y: torch.Tensor, precision: Optional[torch.Tensor] = None,
+                      sample: bool = False):
+    """log p(y | out_s) per draw ``[S, B]`` (and one replicated y per draw when ``sample``), each draw
+    through the likelihood's own ``distribution`` of that draw's outputs ``outs[s]`` (and noise
+    precision ``precision[s]`` for a latent-precision Gaussian)."""
+    lps, reps = [], []
+    for i in range(outs.shape[0]):
+        with per_draw_precision(likelihood, None if precision is None else precision[i:i + 1], outs[i]):
+            d = likelihood.distribution(outs[i])
+            lps.append(d.log_prob(y))
+            if sample:
+                reps.append(d.sample())
+    return torch.stack(lps), (torch.stack(reps) if sample else None)
 
 
 def mcmc_sample_stats(mcmc) -> Dict[str, torch.Tensor]:
@@ -320,10 +336,9 @@ def _bnn_observations(bnn, flat_draws, data, C, S, chunk):
         if y_checked is None:
             y_checked = lik.check_targets(outs[0], y)
         prec = None if precision is None else precision[s0:s0 + chunk]
-        with torch.no_grad(), per_draw_precision(lik, prec, outs):
-            yy = y_checked.unsqueeze(0).expand((outs.shape[0],) + y_checked.shape)
-            lls.append(lik.log_prob(outs, yy))
-            ppcs.append(lik.distribution(outs).sample())
+        lp, rep = per_draw_log_prob(lik, outs, y_checked, prec, sample=True)
+        lls.append(lp)
+        ppcs.append(rep)
     ll = torch.cat(lls).reshape((C, S) + lls[0].shape[1:])
     ppc = torch.cat(ppcs).reshape((C, S) + ppcs[0].shape[1:])
     return ll.double().numpy(), ppc.numpy(), y_checked.numpy()
