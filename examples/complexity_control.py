@@ -19,7 +19,9 @@ CPU time (the honest cost on a shared machine; the example runs single-threaded)
     python examples/complexity_control.py --dataset fashion --train-limit 10000 --epochs 20
 
 Writes ``runs/complexity_control/<dataset>.json``, ``docs/figures/complexity_control_<dataset>.png``
-and prints the Markdown table used in docs/RESULTS.md.
+and prints the Markdown table used in docs/RESULTS.md;
+``--summarize runs/complexity_control/mnist5k.json runs/complexity_control/fashion.json`` prints the
+hypernetwork-minus-separate comparison from those files.
 """
 from __future__ import annotations
 
@@ -61,6 +63,8 @@ def _args(argv=None):
     p.add_argument("--out", type=str, default="runs/complexity_control")
     p.add_argument("--figures", type=str, default="docs/figures")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--summarize", nargs="+", metavar="JSON", default=None,
+                   help="only print the hypernetwork-minus-separate table from these result files")
     return p.parse_args(argv)
 
 
@@ -86,8 +90,34 @@ def _train_loss(bnn, x, y, lam, seed):
     return complexity_loss(bnn, x, y, [lam]).item() / len(x)
 
 
+def summarize(paths):
+    """Markdown rows: each hypernetwork minus the separate models, over the λ grid of a result file."""
+    lines = ["| | CPU cost | unpruned accuracy: range, mean \\|Δ\\| | 80 %-pruned accuracy (λ > 0): range "
+             "| −L_λ/N gap: range |", "|---|---|---|---|---|"]
+    for path in paths:
+        r = json.loads(Path(path).read_text())
+        sep = r["routes"]["separate"]
+        i80 = r["fractions"].index(0.8)
+        lams = list(sep["curves"])
+        for name, route in r["routes"].items():
+            if name == "separate":
+                continue
+            d0 = [100 * (route["curves"][k][0]["accuracy"] - sep["curves"][k][0]["accuracy"]) for k in lams]
+            d80 = [100 * (route["curves"][k][i80]["accuracy"] - sep["curves"][k][i80]["accuracy"])
+                   for k in lams if float(k) > 0]
+            gap = [route["train_loss"][k] - sep["train_loss"][k] for k in lams]
+            ratio = route["total_cpu_seconds"] / sep["total_cpu_seconds"]
+            lines.append(f"| {r['args']['dataset']} {name} | {ratio:.2f}× | {min(d0):+.1f} … {max(d0):+.1f} pp, "
+                         f"{sum(map(abs, d0)) / len(d0):.2f} pp | {min(d80):+.1f} … {max(d80):+.1f} pp | "
+                         f"{min(gap):+.3f} … {max(gap):+.3f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     a = _args(argv)
+    if a.summarize:
+        print(summarize(a.summarize))
+        return 0
     torch.set_num_threads(a.threads)
     grid = [float(v) for v in a.grid.split(",")]
     kinds = [k for k in a.kinds.split(",") if k]
