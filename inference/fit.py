@@ -29,7 +29,7 @@ from pyrobnn.bnn import BNN
 from pyrobnn.data import ArrayLoader
 from pyrobnn.io import flatten_state, read_state, unflatten_state, write_state
 
-__all__ = ["fit", "History", "TrainingDiverged", "kl_warmup_schedule", "lr_factor_schedule",
+__all__ = ["fit", "SVIStep", "History", "TrainingDiverged", "kl_warmup_schedule", "lr_factor_schedule",
            "latest_checkpoint", "load_checkpoint"]
 
 
@@ -223,6 +223,29 @@ def _safe_spec(bnn):
 
 
 # -- the loop ----------------------------------------------------------------------------------------------
+class SVIStep:
+    """One SVI step as ``fit`` runs it: mean-field ELBO, backward, optional clipping, optimiser step.
+
+    Returns the loss tensor; a non-finite loss raises :class:`TrainingDiverged` *before* any parameter
+    changes."""
+
+    def __init__(self, bnn: BNN, optimizer: torch.optim.Optimizer, grad_clip: Optional[float] = None):
+        self.bnn, self.opt, self.grad_clip = bnn, optimizer, grad_clip
+        self.elbo = TraceMeanField_ELBO()
+        self.params = [p for g in optimizer.param_groups for p in g["params"]]
+
+    def __call__(self, x, y):
+        loss = self.elbo.differentiable_loss(self.bnn.model, self.bnn.guide, x, y)
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(f"the ELBO became {loss.item()}")
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+        self.opt.step()
+        return loss.detach()
+
+
 _OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 
 
@@ -274,7 +297,7 @@ def fit(bnn: BNN, train, epochs: int, lr: float = 1e-3, *, batch_size: int = 128
         opt = optimizer(params)
     kl_of = kl_warmup_schedule(kl_warmup)
     lr_of = lr_factor_schedule(lr_schedule, epochs)
-    elbo = TraceMeanField_ELBO()
+    svi_step = SVIStep(bnn, opt, grad_clip)
     history = History()
     start_epoch, start_step = 0, 0
     last_ckpt = None
@@ -321,17 +344,12 @@ def fit(bnn: BNN, train, epochs: int, lr: float = 1e-3, *, batch_size: int = 128
             factor = lr_of(e)
             for g in opt.param_groups:
                 g["lr"] = lr * factor
-            loss = elbo.differentiable_loss(bnn.model, bnn.guide, xb, yb)
-            if not torch.isfinite(loss):
+            try:
+                loss = svi_step(xb, yb)
+            except TrainingDiverged as e:
                 where = f" Last good checkpoint: {last_ckpt}." if last_ckpt else ""
-                raise TrainingDiverged(f"the ELBO became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
-                                       f"parameters are those of the previous step.{where} Lower the learning "
-                                       "rate or the initial scale.")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(params, grad_clip)
-            opt.step()
+                raise TrainingDiverged(f"{e} at epoch {epoch + 1}, step {step + 1}; parameters are those of the "
+                                       f"previous step.{where} Lower the learning rate or the initial scale.") from None
             total += loss.item()
             count += 1
             step += 1

@@ -35,16 +35,18 @@ def test_lrt_preactivation_moments_match_weight_sampling(layer_fn, x_shape):
     ws.load_state_dict(lrt.state_dict())
     assert lrt.autoguide._layout["0.weight"][5] and not ws.autoguide._layout["0.weight"][5]
     with torch.no_grad():
-        a, b = _outputs(lrt, x, 20000), _outputs(ws, x, 20000)
+        # LRT: 20000 draws in one batched forward; weight sampling: 3000 guide+network runs
+        a, b = lrt.sample_outputs(x, 20000), _outputs(ws, x, 3000)
         # exact moments: mean = xμ + μ_b, var = x²σ² + σ_b²
         loc_w, sd_w = lrt.autoguide.site_params("0.weight")
         loc_b, sd_b = lrt.autoguide.site_params("0.bias")
         f = (lambda inp, w, bb: nn.functional.linear(inp, w, bb)) if isinstance(layer, nn.Linear) else \
             (lambda inp, w, bb: nn.functional.conv2d(inp, w, bb, padding=1))
         mean, var = f(x, loc_w, loc_b).flatten(1), f(x * x, sd_w ** 2, sd_b ** 2).flatten(1)
-    for s in (a, b):
-        assert torch.allclose(s.mean(0), mean, atol=0.03)
-        assert torch.allclose(s.var(0), var, rtol=0.06, atol=1e-3)
+    # tolerances ≈ 4 MC standard errors: var rel. s.e. is sqrt(2/n) (1 % and 2.6 %)
+    for s, rtol in ((a, 0.05), (b, 0.11)):
+        assert torch.allclose(s.mean(0), mean, atol=0.04)
+        assert torch.allclose(s.var(0), var, rtol=rtol, atol=1e-3)
 
 
 def test_lrt_lowers_gradient_variance():

@@ -55,6 +55,14 @@ class GuideNormal(dist.Normal):
         self.placeholder = placeholder
         self._log_scale = None
         self._var = None
+        self._loc_sq = None
+
+    @property
+    def loc_sq(self):
+        """μ², cached: shared by the KL and the prior's log-density at the placeholder."""
+        if self._loc_sq is None:
+            self._loc_sq = self.loc * self.loc
+        return self._loc_sq
 
     @property
     def log_scale(self):
@@ -74,6 +82,7 @@ class GuideNormal(dist.Normal):
         new.placeholder = self.placeholder
         new._log_scale = None
         new._var = None
+        new._loc_sq = None
         return new
 
     def rsample(self, sample_shape=torch.Size()):
@@ -86,7 +95,7 @@ class GuideNormal(dist.Normal):
     def log_prob(self, value):
         if getattr(value, _ATTR, None) is self:
             # the placeholder is the mean: log N(μ; μ, σ) = −log σ − ½ log 2π, exactly
-            return -self.log_scale - _HALF_LOG_2PI
+            return torch.rsub(self.log_scale, -_HALF_LOG_2PI)
         return super().log_prob(value)
 
 
@@ -105,8 +114,9 @@ def _kl_guide_normal(q: GuideNormal, p: dist.Normal):
     """KL(N(μ, σ²) ‖ N(m, s²)) = log s − log σ + (σ² + (μ − m)²) / (2 s²) − ½, with cached log σ, σ²."""
     loc0, scale0 = getattr(p, "scalar_loc", None), getattr(p, "scalar_scale", None)
     if scale0 is not None:  # pyrobnn's expanded scalar priors carry Python floats: no syncs, fewest ops
-        diff2 = q.loc * q.loc if loc0 == 0.0 else (q.loc - loc0) ** 2
-        return (q.variance + diff2) * (0.5 / scale0 ** 2) - q.log_scale + (math.log(scale0) - 0.5)
+        diff2 = q.loc_sq if loc0 == 0.0 else (q.loc - loc0) ** 2
+        # in place on fresh temporaries: fewer allocations on the hot path (autograd-safe: no saved outputs)
+        return (q.variance + diff2).mul_(0.5 / scale0 ** 2).sub_(q.log_scale).add_(math.log(scale0) - 0.5)
     m, s = _scalar(p.loc), _scalar(p.scale)
     if s is not None and m is not None:
         return (q.variance + (q.loc - m) ** 2) * (0.5 / (s * s)) - q.log_scale + (s.log() - 0.5)

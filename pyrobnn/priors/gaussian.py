@@ -31,6 +31,10 @@ class ScalarNormal(dist.Normal):
         return ScalarNormal(self.scalar_loc, self.scalar_scale, batch_shape)
 
     def log_prob(self, value):
+        q = getattr(value, "_pyrobnn_loc_scale", None)  # a local-reparameterisation placeholder (= its mean)
+        if q is not None and self.scalar_loc == 0.0:
+            # exact density at the mean, reusing μ² that the closed-form KL needs anyway
+            return q.loc_sq.mul(-0.5 / self.scalar_scale ** 2).sub_(math.log(self.scalar_scale) + _HALF_LOG_2PI)
         z = value if self.scalar_loc == 0.0 else value - self.scalar_loc
         return (z * z) * (-0.5 / self.scalar_scale ** 2) - (math.log(self.scalar_scale) + _HALF_LOG_2PI)
 

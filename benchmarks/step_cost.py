@@ -1,0 +1,163 @@
+"""Per-step cost of mean-field SVI on LeNet-300-100 (batch 128, local reparameterisation).
+
+Measured in one process with interleaved rounds (medians):
+  * hand-written PyTorch Bayes-by-backprop with local reparameterisation (the reference, ratio 1),
+  * pyrobnn the way a Pyro user runs it: ``SVI(bnn.model, bnn.guide, pyro.optim.Adam, TraceMeanField_ELBO()).step``,
+  * pyrobnn through ``fit``'s step (``pyrobnn.inference.fit.SVIStep``: same ELBO, one torch Adam),
+  * plain Pyro: ``PyroModule`` + ``PyroSample`` priors + ``AutoNormal`` (weights sampled, no LRT),
+  * a deterministic PyTorch step (what the Bayesian machinery costs on top of plain training).
+Each Pyro route is timed with Pyro's validation on (its default) and off.
+
+    python benchmarks/step_cost.py [--rounds 15] [--json out.json]
+"""
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import pyro
+import pyro.distributions as dist
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from pyro.infer import SVI, TraceMeanField_ELBO
+from pyro.infer.autoguide import AutoNormal
+from pyro.nn import PyroModule, PyroSample
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _timing import interleaved  # noqa: E402
+
+import pyrobnn  # noqa: E402
+from pyrobnn.inference.fit import SVIStep  # noqa: E402
+from pyrobnn.models import build  # noqa: E402
+
+N, B = 60000, 128
+DIMS = [(784, 300), (300, 100), (100, 10)]
+INIT_SCALE = 1e-2
+RHO0 = math.log(math.expm1(INIT_SCALE))
+
+
+class HandWrittenBBB(nn.Module):
+    """Bayes-by-backprop with local reparameterisation, written directly in PyTorch."""
+
+    def __init__(self):
+        super().__init__()
+        ref = build("lenet300")
+        layers = [ref.fc1, ref.fc2, ref.fc3]
+        self.mu = nn.ParameterList([nn.Parameter(l.weight.detach().clone()) for l in layers])
+        self.rho = nn.ParameterList([nn.Parameter(torch.full_like(l.weight, RHO0)) for l in layers])
+        self.bmu = nn.ParameterList([nn.Parameter(l.bias.detach().clone()) for l in layers])
+        self.brho = nn.ParameterList([nn.Parameter(torch.full_like(l.bias, RHO0)) for l in layers])
+
+    def forward(self, x):
+        x = x.flatten(1)
+        kl = 0.0
+        for k in range(3):
+            sw, sb = F.softplus(self.rho[k]), F.softplus(self.brho[k])
+            mean = F.linear(x, self.mu[k], self.bmu[k])
+            var = F.linear(x * x, sw * sw, sb * sb)
+            x = mean + (var + 1e-16).sqrt() * torch.randn_like(mean)
+            if k < 2:
+                x = F.relu(x)
+            for mu, sd in ((self.mu[k], sw), (self.bmu[k], sb)):  # KL(N(μ,σ²) ‖ N(0,1))
+                kl = kl + 0.5 * (sd * sd + mu * mu - 1).sum() - sd.log().sum()
+        return x, kl
+
+
+class PlainPyroLeNet(PyroModule):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = PyroModule[nn.Linear](784, 300)
+        self.fc2 = PyroModule[nn.Linear](300, 100)
+        self.fc3 = PyroModule[nn.Linear](100, 10)
+        for layer in (self.fc1, self.fc2, self.fc3):
+            layer.weight = PyroSample(dist.Normal(0.0, 1.0).expand(layer.weight.shape).to_event(2))
+            layer.bias = PyroSample(dist.Normal(0.0, 1.0).expand(layer.bias.shape).to_event(1))
+
+    def forward(self, x, y=None):
+        x = x.flatten(1)
+        logits = self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))
+        with pyro.plate("data", N, subsample=torch.arange(x.shape[0])):
+            pyro.sample("obs", dist.Categorical(logits=logits), obs=y)
+        return logits
+
+
+def build_steps():
+    torch.manual_seed(0)
+    pyro.set_rng_seed(0)
+    x, y = torch.rand(B, 1, 28, 28), torch.randint(0, 10, (B,))
+
+    hw = HandWrittenBBB()
+    hw_opt = torch.optim.Adam(hw.parameters(), lr=1e-3)
+
+    def hand_written():
+        out, kl = hw(x)
+        loss = F.cross_entropy(out, y, reduction="sum") * (N / B) + kl
+        hw_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        hw_opt.step()
+
+    det = build("lenet300")
+    det_opt = torch.optim.Adam(det.parameters(), lr=1e-3)
+
+    def deterministic():
+        loss = F.cross_entropy(det(x), y)
+        det_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        det_opt.step()
+
+    bnn = pyrobnn.bayesian(build("lenet300"), dataset_size=N, guide={"name": "mean-field", "init_scale": INIT_SCALE})
+    bnn.initialize(x)
+    svi = SVI(bnn.model, bnn.guide, pyro.optim.Adam({"lr": 1e-3}), TraceMeanField_ELBO())
+
+    def pyrobnn_svi():
+        svi.step(x, y)
+
+    bnn2 = pyrobnn.bayesian(build("lenet300"), dataset_size=N, guide={"name": "mean-field", "init_scale": INIT_SCALE})
+    bnn2.initialize(x)
+    step = SVIStep(bnn2, torch.optim.Adam(bnn2.parameters(), lr=1e-3))
+
+    def pyrobnn_fit_step():
+        step(x, y)
+
+    plain = PlainPyroLeNet()
+    guide = AutoNormal(plain, init_scale=INIT_SCALE)
+    svi_plain = SVI(plain, guide, pyro.optim.Adam({"lr": 1e-3}), TraceMeanField_ELBO())
+
+    def plain_pyro():
+        svi_plain.step(x, y)
+
+    return {"hand-written BBB+LRT": hand_written, "pyrobnn SVI.step": pyrobnn_svi,
+            "pyrobnn fit step": pyrobnn_fit_step, "plain Pyro AutoNormal": plain_pyro,
+            "deterministic PyTorch": deterministic}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    results = {}
+    for validation in (True, False):
+        pyro.enable_validation(validation)
+        fns = build_steps()
+        med = interleaved(fns, rounds=args.rounds, steps=args.steps)
+        ref = med["hand-written BBB+LRT"]
+        results["validation_on" if validation else "validation_off"] = {
+            k: {"ms": round(v * 1e3, 3), "ratio": round(v / ref, 3)} for k, v in med.items()}
+    pyro.enable_validation(True)
+    print(f"LeNet-300-100, batch {B}, torch {torch.__version__}, pyro {pyro.__version__}, "
+          f"threads {torch.get_num_threads()}")
+    for mode, rows in results.items():
+        print(f"\n[{mode.replace('_', ' ')}]  median ms/step and ratio to hand-written")
+        for k, r in rows.items():
+            print(f"  {k:26s} {r['ms']:8.3f} ms   ×{r['ratio']:.3f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()
