@@ -10,6 +10,9 @@ from .io import load, save
 
 __version__ = "0.1.0"
 __all__ = ["BNN", "bayesian", "guides", "likelihoods", "load", "metrics", "priors", "registry", "save"]
+from .relevance import relevance  # noqa: E402  (issue 4)
+
+__all__ += ["relevance"]
 from . import sparsity  # noqa: E402  (issue 3: sparse VD pruning and export)
 __all__ += ["sparsity"]
 from .diagnostics import to_inference_data  # noqa: E402  (issue 5: ArviZ bridge)

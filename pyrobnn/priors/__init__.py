@@ -11,6 +11,9 @@ deep weight prior).
 from .gaussian import Gaussian
 
 __all__ = ["Gaussian"]
+from .ard import ARD, EmpiricalARD, HierarchicalARD  # noqa: E402  (issue 4: ARD priors)
+
+__all__ += ["ARD", "EmpiricalARD", "HierarchicalARD"]
 from .log_uniform import LogUniform  # noqa: E402  (issue 3: sparse VD)
 __all__ += ["LogUniform"]
 from .deep_weight import DeepWeightPrior, KernelVAE  # noqa: E402  (issue 7: deep weight prior)

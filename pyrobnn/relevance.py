@@ -1,0 +1,208 @@
+"""Feature and unit relevance read off a fitted Bayesian network.
+
+For every weight site of rank ≥ 2 (Linear ``[out, in]``, Conv ``[out, in, *kernel]``) the relevance
+of each of its *input units* (dim 1: an input feature, an incoming channel, or a hidden unit of the
+previous layer) is one number, larger = more relevant:
+
+* **hierarchical ARD** with per-input or per-weight precisions (``ARD(mode="hierarchical")``): the
+  posterior mean of the prior variance, E[1/α]. With a pyrobnn guide, log α ~ N(m, s²) and
+  E[1/α] = exp(−m + s²/2) exactly; with posterior samples (MCMC) it is the sample mean of 1/α.
+  Per-weight α are averaged over the non-input dims.
+* **any other prior or guide** (empirical-Bayes ARD, Gaussian, per-layer α, ...): the posterior
+  second moment E[w²] = μ² + σ² averaged over the non-input dims (over outputs and kernel taps). For
+  empirical-Bayes ARD this is exactly the mean of the fitted per-weight prior variances
+  δ² = μ² + σ² of the group, i.e. the empirical-Bayes analogue of E[1/α].
+
+The network's input relevance is that of the first weight site in execution order.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Mapping, Optional, Sequence
+
+import torch
+from torch.distributions.transforms import AffineTransform, ComposeTransform, ExpTransform, IndependentTransform
+
+__all__ = ["Relevance", "relevance", "plot_relevance"]
+
+
+@dataclass
+class Relevance:
+    """Relevance scores of a fitted BNN.
+
+    :ivar inputs: ``[in_features]`` (or ``[in_channels]``) relevance of the network's inputs.
+    :ivar units: ``{weight site: [in_units]}`` relevance of every layer's input units.
+    :ivar methods: ``{weight site: "ard-precision" | "second-moment"}`` how each entry was computed.
+    :ivar input_site: the weight site that consumes the network's inputs.
+    """
+
+    inputs: torch.Tensor
+    units: Dict[str, torch.Tensor]
+    methods: Dict[str, str]
+    input_site: str
+    extra: Dict = field(default_factory=dict)
+
+    @property
+    def method(self) -> str:
+        return self.methods[self.input_site]
+
+    def ranks(self, site: Optional[str] = None) -> torch.Tensor:
+        """Rank of each input unit, 1 = most relevant: ``[in_units]`` (long)."""
+        scores = self.inputs if site is None else self.units[site]
+        order = torch.argsort(scores, descending=True)
+        ranks = torch.empty_like(order)
+        ranks[order] = torch.arange(1, len(scores) + 1)
+        return ranks
+
+
+def _weight_sites(bnn):
+    """Weight sites of rank ≥ 2 in execution order (the guide's prototype trace when it exists)."""
+    shapes = {}
+    for module in bnn.net.modules():
+        for pname, shape in getattr(module, "site_shapes", {}).items():
+            if len(shape) >= 2:
+                shapes[module.site_name(pname)] = shape
+    trace = getattr(bnn.autoguide, "prototype_trace", None)
+    order = list(trace.nodes) if trace is not None else list(bnn.site_priors)
+    names = [n for n in order if n in shapes] + [n for n in shapes if n not in order]
+    return names, shapes
+
+
+def _per_input(values: torch.Tensor, shape) -> torch.Tensor:
+    """Mean over every dim but dim 1 of a tensor broadcastable to ``shape``: ``[shape[1]]``."""
+    values = values.expand(shape) if values.shape != shape else values
+    dims = [d for d in range(len(shape)) if d != 1]
+    return values.mean(dims)
+
+
+def _alpha_group(prior) -> Optional[str]:
+    from .priors.ard import HierarchicalARD
+    if isinstance(prior, HierarchicalARD) and prior.group in ("input", "weight"):
+        return prior.group
+    return None
+
+
+def _exp_scale(transform) -> Optional[float]:
+    """c if ``transform`` is z ↦ c·exp(z) (c > 0; what ``biject_to`` gives for a Gamma's support), else None."""
+    while isinstance(transform, IndependentTransform):
+        transform = transform.base_transform
+    parts = transform.parts if isinstance(transform, ComposeTransform) else [transform]
+    if not parts or not isinstance(parts[0], ExpTransform):
+        return None
+    c = 1.0
+    for t in parts[1:]:
+        if not isinstance(t, AffineTransform):
+            return None
+        loc, scale = torch.as_tensor(t.loc), torch.as_tensor(t.scale)
+        if loc.numel() != 1 or scale.numel() != 1 or float(loc) != 0.0 or float(scale) <= 0:
+            return None
+        c *= float(scale)
+    return c
+
+
+def _inverse_alpha_mean(guide, site, samples):
+    if samples is not None:
+        return (1.0 / samples[site].double()).mean(0)
+    layout = getattr(guide, "_layout", {}).get(site)
+    c = _exp_scale(layout[4]) if layout is not None and layout[4] is not None else None
+    if c is not None and hasattr(guide, "site_params"):
+        # α = c·exp(z), z ~ N(m, s²): E[1/α] = exp(−m + s²/2) / c exactly
+        loc, scale = guide.site_params(site)
+        return (-loc.double() + 0.5 * scale.double() ** 2).exp() / c
+    draws = guide.sample_latents(512)[site]  # other transforms: Monte Carlo
+    return (1.0 / draws.double()).mean(0)
+
+
+def _second_moment(guide, site, samples):
+    if samples is not None:
+        return (samples[site].double() ** 2).mean(0)
+    layout = getattr(guide, "_layout", {}).get(site)
+    if layout is not None and layout[4] is None and hasattr(guide, "site_params"):
+        loc, scale = guide.site_params(site)
+        return loc.double() ** 2 + scale.double() ** 2
+    draws = guide.sample_latents(512)[site]
+    return (draws.double() ** 2).mean(0)
+
+
+@torch.no_grad()
+def relevance(bnn, samples: Optional[Mapping[str, torch.Tensor]] = None) -> Relevance:
+    """Per-input and per-unit relevance of a fitted :class:`~pyrobnn.BNN` (see the module doc).
+
+    :param bnn: a BNN whose guide has been fitted (or at least initialised), or any BNN when
+        ``samples`` is given.
+    :param samples: optional posterior draws ``{site: [S, *site_shape]}`` (e.g. ``MCMC.get_samples()``);
+        the relevance is then computed from them instead of from the guide.
+    :returns: :class:`Relevance` (float64 scores).
+    """
+    if not hasattr(bnn, "site_priors") or not hasattr(bnn, "net"):
+        raise TypeError(f"relevance() needs a pyrobnn BNN, got {type(bnn).__name__}")
+    guide = bnn.autoguide
+    if samples is None:
+        if getattr(guide, "prototype_trace", None) is None:
+            raise ValueError("the BNN's guide is not initialised; fit it (or call bnn.initialize(x)) first, "
+                             "or pass posterior samples")
+        if not (hasattr(guide, "site_params") or hasattr(guide, "sample_latents")):
+            raise TypeError(f"relevance() reads pyrobnn guides (site_params/sample_latents); "
+                            f"{type(guide).__name__} has neither — pass posterior samples instead")
+    names, shapes = _weight_sites(bnn)
+    if not names:
+        raise ValueError("the BNN has no Bayesian weight of rank ≥ 2 (Linear/Conv) to read relevance from")
+    units, methods = {}, {}
+    for site in names:
+        shape = shapes[site]
+        group = _alpha_group(bnn.site_priors.get(site))
+        if samples is not None and group is not None and f"{site}.alpha" not in samples:
+            group = None
+        if samples is not None and group is None and site not in samples:
+            raise ValueError(f"samples have no entry for site {site!r}")
+        if group is not None:
+            inv_alpha = _inverse_alpha_mean(guide, f"{site}.alpha", samples)
+            if group == "input":
+                inv_alpha = inv_alpha.reshape((1, shape[1]) + (1,) * (len(shape) - 2))
+            units[site], methods[site] = _per_input(inv_alpha, shape), "ard-precision"
+        else:
+            units[site], methods[site] = _per_input(_second_moment(guide, site, samples), shape), "second-moment"
+    return Relevance(inputs=units[names[0]], units=units, methods=methods, input_site=names[0])
+
+
+def plot_relevance(rel: Relevance, path, feature_names: Optional[Sequence[str]] = None,
+                   highlight: Sequence[int] = (), title: Optional[str] = None, site: Optional[str] = None):
+    """Horizontal bar chart (log scale) of relevance, most relevant at the top; writes a PNG atomically.
+
+    :param highlight: indices of inputs drawn in a second colour (e.g. known noise features).
+    :returns: the path written.
+    """
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scores = (rel.inputs if site is None else rel.units[site]).detach().cpu().double()
+    n = len(scores)
+    names = list(feature_names) if feature_names is not None else [f"x{i}" for i in range(n)]
+    if len(names) != n:
+        raise ValueError(f"feature_names has {len(names)} entries but there are {n} inputs")
+    order = torch.argsort(scores, descending=True).tolist()
+    marked = set(int(i) for i in highlight)
+    fig, ax = plt.subplots(figsize=(6.5, max(2.5, 0.22 * n + 1)))
+    ax.barh(range(n), [scores[i].item() for i in order],
+            color=["C3" if i in marked else "C0" for i in order])
+    ax.set_yticks(range(n))
+    ax.set_yticklabels([names[i] for i in order], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    method = rel.methods[site or rel.input_site]
+    ax.set_xlabel("E[1/α] (posterior prior variance)" if method == "ard-precision" else "E[w²] (mean over outputs)")
+    ax.set_title(title or f"relevance of {site or rel.input_site} inputs")
+    if marked:
+        from matplotlib.patches import Patch
+        ax.legend(handles=[Patch(color="C0", label="feature"), Patch(color="C3", label="highlighted")], fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
