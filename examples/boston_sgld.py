@@ -3,7 +3,8 @@ R-hat/ESS table (function space and weight space) and trace / PPC / reliability 
 
     python examples/boston_sgld.py --out runs/boston_sgld
 
-Set-up (the seed's): one hidden layer of 50 ReLU units, N(0, 1) priors on all weights, Gaussian
+Set-up (the seed's): one hidden layer of 50 ReLU units, Gaussian priors N(0, 1/fan_in) on the weights
+(``--prior iid`` for N(0, 1)), Gaussian
 likelihood with a latent noise precision τ ~ Gamma(6, 6) sampled alongside the weights; inputs and
 targets standardised on the training split (targets back-transformed for the metrics); a random
 90/10 split (``--split-seed``). The model draws its own minibatch of 32 through
@@ -49,7 +50,7 @@ def run_split(split_seed: int, args):
     torch.manual_seed(args.seed)
     pyro.set_rng_seed(args.seed)
     net = build("mlp", in_features=ds.x_train.shape[1], out_features=1, hidden=(args.hidden,))
-    prior = {"name": "gaussian", "scale": 1.0, "layerwise": args.layerwise}
+    prior = {"name": "gaussian", "scale": 1.0, "layerwise": args.prior == "layerwise"}
     bnn = pyrobnn.bayesian(net, prior=prior, likelihood={"name": "gaussian", "scale": "latent"},
                            dataset_size=n, subsample_size=args.batch)
     total = args.warmup + args.samples * args.thin
@@ -103,16 +104,16 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/boston_sgld")
     p.add_argument("--chains", type=int, default=4)
-    p.add_argument("--samples", type=int, default=200, help="draws kept per chain")
+    p.add_argument("--samples", type=int, default=300, help="draws kept per chain")
     p.add_argument("--warmup", type=int, default=4000, help="warm-up updates per chain")
-    p.add_argument("--thin", type=int, default=25, help="updates per kept draw")
+    p.add_argument("--thin", type=int, default=30, help="updates per kept draw")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--hidden", type=int, default=50)
     p.add_argument("--step-size", type=float, default=4e-4, help="η at the first update (decays to ≈0.27× by the last) or constant with --no-decay")
     p.add_argument("--no-decay", dest="decay", action="store_false", help="constant step size")
-    p.add_argument("--layerwise", action="store_true",
-                   help="N(0, 1/fan_in) priors instead of N(0, 1) (mixes faster: weakly identified weights "
-                        "do not have to random-walk out to norm ≈ √(#weights))")
+    p.add_argument("--prior", choices=("layerwise", "iid"), default="layerwise",
+                   help="N(0, 1/fan_in) weight priors (default; mixes faster: weakly identified weights do not "
+                        "have to random-walk out to norm ≈ √(#weights)) or N(0, 1) for every weight")
     p.add_argument("--splits", type=int, default=1, help="random 90/10 splits (seeds split-seed, +1, ...)")
     p.add_argument("--split-seed", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)

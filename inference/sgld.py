@@ -205,7 +205,8 @@ class _NetworkInit:
             else:
                 fan_in = self.fan_in.get(prefix, 1) if leaf == "bias" else 1
             bound = 1.0 / math.sqrt(fan_in)
-            return torch.empty(shape).uniform_(-bound, bound)
+            like = fn.mean  # the site's dtype and device
+            return torch.empty(shape, dtype=like.dtype, device=like.device).uniform_(-bound, bound)
         return init_to_sample(site)
 
 
