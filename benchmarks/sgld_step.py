@@ -28,6 +28,7 @@ Before timing, one step of ``hand`` and of ``pyrobnn-kernel`` from the same stat
 checked to agree (same minibatch, same noise), so both really compute the same update.
 
     python benchmarks/sgld_step.py --rounds 15 --steps 10 --threads 1
+    python benchmarks/sgld_step.py --breakdown     # where the kernel's extra time goes (forward only)
 """
 from __future__ import annotations
 
@@ -166,6 +167,53 @@ def check_same_update(x, y, params0):
     return err
 
 
+def forward_breakdown(x, y, params0, repeats=300):
+    """Thread CPU time of the forward pass alone (potential, no backward): hand-written, a plain Pyro model
+    with the same sites, and ``bnn.model`` — both Pyro models under the kernel's log-joint handler."""
+    import pyro.distributions as dist
+    from pyrobnn.inference.sgld import _LogJoint
+    from pyrobnn.priors.gaussian import ScalarNormal
+    n = x.shape[0]
+    bnn = make_bnn(x, y)
+    bnn.subsample_size = N_BATCH
+    names = ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias", "fc3.weight", "fc3.bias"]
+    leaves = [p.detach().clone().requires_grad_() for p in params0]
+    values = dict(zip(names, leaves))
+    priors = {k: ScalarNormal(0.0, 1.0, v.shape).to_event(v.dim()) for k, v in values.items()}
+
+    def pyro_model(x, y):
+        plate = pyro.plate("data", n, subsample_size=N_BATCH)
+        idx = plate._indices
+        w = [pyro.sample(k, priors[k]) for k in names]
+        h = F.linear(F.linear(x[idx], w[0], w[1]).relu(), w[2], w[3]).relu()
+        with plate:
+            pyro.sample("obs", dist.Categorical(logits=F.linear(h, w[4], w[5]), validate_args=False), obs=y[idx])
+
+    def hand():
+        idx = torch.randperm(n)[:N_BATCH]
+        h = F.linear(F.linear(x[idx], leaves[0], leaves[1]).relu(), leaves[2], leaves[3]).relu()
+        out = F.linear(h, leaves[4], leaves[5])
+        return F.cross_entropy(out, y[idx], reduction="sum") * (n / N_BATCH) + 0.5 * sum((p * p).sum() for p in leaves)
+
+    def under(model):
+        def run():
+            joint = _LogJoint(values)
+            with joint:
+                model(x, y)
+            return -joint.log_joint()
+        return run
+
+    fns = {"hand_forward": hand, "pyro_model_forward": under(pyro_model), "bnn_model_forward": under(bnn.model)}
+    times = {k: [] for k in fns}
+    for i in range(repeats):
+        for k, f in fns.items():
+            c0 = time.thread_time()
+            f()
+            if i >= 20:
+                times[k].append((time.thread_time() - c0) * 1e3)
+    return {k: round(statistics.median(v), 3) for k, v in times.items()}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=15)
@@ -175,6 +223,8 @@ def main(argv=None):
     p.add_argument("--driver-steps", type=int, default=50,
                    help="steps per MCMC run for the driver contenders (its per-run set-up is amortised over them)")
     p.add_argument("--json", default=None, help="also write the results to this file")
+    p.add_argument("--breakdown", action="store_true",
+                   help="only time the forward pass (hand / plain Pyro model / bnn.model), thread CPU ms")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -183,6 +233,10 @@ def main(argv=None):
     x, y = make_data()
     torch.manual_seed(0)
     params0 = [p.detach().clone() for p in build("lenet300").parameters()]
+    if args.breakdown:
+        result = {"forward_thread_cpu_ms_median": forward_breakdown(x, y, params0)}
+        print(json.dumps(result, indent=2))
+        return result
     err = check_same_update(x, y, params0)
 
     steps = {"hand": make_hand(x, y, params0)[0]}
