@@ -110,15 +110,31 @@ class _Batches:
 
     def __init__(self, data, batch_size, seed):
         self.resumable = True
+        self._own_loader = False
         if isinstance(data, ArrayLoader):
             self.loader = data
         elif isinstance(data, (tuple, list)) and len(data) == 2:
             self.loader = ArrayLoader(data[0], data[1], batch_size=batch_size, seed=seed)
+            self._own_loader = True
         elif isinstance(data, torch.utils.data.DataLoader):
             self.loader = data
             self.resumable = False  # arbitrary DataLoaders resume at epoch boundaries
         else:
             raise TypeError("train data must be a pyrobnn.data.ArrayLoader, an (x, y) pair or a torch DataLoader")
+
+    @property
+    def seed(self):
+        return self.loader.seed if isinstance(self.loader, ArrayLoader) else None
+
+    def restore_seed(self, seed):
+        """The data order is part of a run's state: a resumed run continues the checkpointed order."""
+        if seed is None or not isinstance(self.loader, ArrayLoader) or seed == self.loader.seed:
+            return
+        if self._own_loader:
+            self.loader.seed = int(seed)
+        else:
+            warnings.warn(f"the checkpoint was written with data seed {seed} but the ArrayLoader has seed "
+                          f"{self.loader.seed}: the resumed run will see a different data order")
 
     @property
     def dataset_size(self):
@@ -175,6 +191,25 @@ def _set_rng_state(st):
     random.setstate((py[0], tuple(py[1]), py[2]))
 
 
+def _check_optimizer_state(opt, fresh_groups):
+    """A restored optimizer state must be one this optimizer could have written: the same
+    hyper-parameter names and kinds of value, state tensors shaped like their parameters. Otherwise
+    torch fails only at the first step (e.g. Adam's state resumed into SGD: KeyError 'momentum')."""
+    for group, fresh in zip(opt.param_groups, fresh_groups):
+        if set(group) != set(fresh):
+            raise ValueError(f"optimizer hyper-parameters {sorted(group)} are not this optimizer's {sorted(fresh)}")
+        for k, v in fresh.items():
+            number = (int, float)
+            same = type(group[k]) is type(v) or (isinstance(v, number) and isinstance(group[k], number)
+                                                 and not isinstance(group[k], bool) and not isinstance(v, bool))
+            if k != "params" and not same:
+                raise ValueError(f"optimizer hyper-parameter {k!r} is {group[k]!r}, expected a {type(v).__name__}")
+        for p in group["params"]:
+            for name, t in opt.state.get(p, {}).items():
+                if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape != p.shape:
+                    raise ValueError(f"optimizer state {name!r} has shape {tuple(t.shape)}, its parameter {tuple(p.shape)}")
+
+
 def _ckpt_name(epoch, step):
     return f"ckpt-e{epoch:05d}-s{step:07d}.safetensors"
 
@@ -202,13 +237,13 @@ def load_checkpoint(bnn: BNN, path) -> Dict:
     return meta
 
 
-def _save_checkpoint(directory, bnn, opt, history, epoch, step, keep):
+def _save_checkpoint(directory, bnn, opt, history, epoch, step, keep, data_seed=None):
     tensors = {f"model.{k}": v for k, v in bnn.state_dict().items()}
     skel, t2 = flatten_state({"optimizer": opt.state_dict(), "rng": _rng_state()}, prefix="state")
     tensors.update(t2)
     path = Path(directory) / _ckpt_name(epoch, step)
     write_state(path, tensors, {"kind": "checkpoint", "epoch": epoch, "step": step, "state": skel,
-                                "history": history.records, "spec": _safe_spec(bnn)})
+                                "history": history.records, "spec": _safe_spec(bnn), "data_seed": data_seed})
     old = sorted(glob.glob(os.path.join(str(directory), "ckpt-e*-s*.safetensors")))
     for p in old[:-keep]:
         os.unlink(p)
@@ -305,12 +340,19 @@ def fit(bnn: BNN, train, epochs: int, lr: float = 1e-3, *, batch_size: int = 128
         found = latest_checkpoint(checkpoint_dir)
         if found is not None:
             last_ckpt, tensors, meta = found
-            bnn.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
-            state = unflatten_state(meta["state"], tensors)
-            opt.load_state_dict(state["optimizer"])
-            _set_rng_state(state["rng"])
-            history.records = list(meta.get("history", []))
-            start_epoch, start_step = int(meta["epoch"]), int(meta["step"])
+            try:
+                bnn.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+                state = unflatten_state(meta["state"], tensors)
+                fresh_groups = [dict(g) for g in opt.param_groups]
+                opt.load_state_dict(state["optimizer"])
+                _check_optimizer_state(opt, fresh_groups)
+                _set_rng_state(state["rng"])
+                history.records = list(meta.get("history", []))
+                start_epoch, start_step = int(meta["epoch"]), int(meta["step"])
+                data.restore_seed(meta.get("data_seed"))
+            except (KeyError, IndexError, TypeError, RuntimeError, OverflowError) as e:
+                raise ValueError(f"{last_ckpt} does not fit this BNN and optimizer (another run's checkpoint?): "
+                                 f"{type(e).__name__}: {e}") from None
             if start_step and not data.resumable:
                 warnings.warn("resuming a torch DataLoader mid-epoch: the epoch restarts from its first batch")
                 start_step = 0
@@ -359,7 +401,8 @@ def fit(bnn: BNN, train, epochs: int, lr: float = 1e-3, *, batch_size: int = 128
                     bar.set_postfix(elbo_per_datum=f"{-total / count / bnn.dataset_size:.4f}", kl_w=f"{bnn.kl_weight:.2f}")
             if main and checkpoint_dir is not None and checkpoint_every and step % checkpoint_every == 0 \
                     and step < steps_per_epoch:
-                last_ckpt = _save_checkpoint(checkpoint_dir, bnn, opt, history, epoch, step, keep_checkpoints)
+                last_ckpt = _save_checkpoint(checkpoint_dir, bnn, opt, history, epoch, step, keep_checkpoints,
+                                             data.seed)
         if bar is not None:
             bar.close()
         start_step = 0
@@ -371,7 +414,8 @@ def fit(bnn: BNN, train, epochs: int, lr: float = 1e-3, *, batch_size: int = 128
             record.update({f"val_{k}": v for k, v in bnn.evaluate(val_xy[0], val_xy[1], num_samples).items()})
         history.records.append(record)
         if main and checkpoint_dir is not None:
-            last_ckpt = _save_checkpoint(checkpoint_dir, bnn, opt, history, epoch + 1, 0, keep_checkpoints)
+            last_ckpt = _save_checkpoint(checkpoint_dir, bnn, opt, history, epoch + 1, 0, keep_checkpoints,
+                                         data.seed)
         if progress:
             shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in record.items()}
             tqdm.write(" ".join(f"{k}={v}" for k, v in shown.items()))
