@@ -206,7 +206,7 @@ def _check_optimizer_state(opt, fresh_groups):
                 raise ValueError(f"optimizer hyper-parameter {k!r} is {group[k]!r}, expected a {type(v).__name__}")
         for p in group["params"]:
             for name, t in opt.state.get(p, {}).items():
-                if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape != p.shape:
+                if isinstance(t, torch.Tensor) and t.shape != p.shape and not (name == "step" and t.dim() == 0):
                     raise ValueError(f"optimizer state {name!r} has shape {tuple(t.shape)}, its parameter {tuple(p.shape)}")
 
 
@@ -350,7 +350,7 @@ def fit(bnn: BNN, train, epochs: int, lr: float = 1e-3, *, batch_size: int = 128
                 history.records = list(meta.get("history", []))
                 start_epoch, start_step = int(meta["epoch"]), int(meta["step"])
                 data.restore_seed(meta.get("data_seed"))
-            except (KeyError, IndexError, TypeError, RuntimeError, OverflowError) as e:
+            except (KeyError, IndexError, TypeError, AttributeError, RuntimeError, OverflowError) as e:
                 raise ValueError(f"{last_ckpt} does not fit this BNN and optimizer (another run's checkpoint?): "
                                  f"{type(e).__name__}: {e}") from None
             if start_step and not data.resumable:

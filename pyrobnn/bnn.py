@@ -204,8 +204,8 @@ class BNN(nn.Module):
                 x = torch.as_tensor(x, dtype=torch.get_default_dtype())
             except Exception:
                 raise TypeError(f"x must be a tensor or array-like, got {type(x).__name__}") from None
-        if not x.is_floating_point():
-            x = x.to(torch.get_default_dtype())
+        if not x.is_floating_point() or x.dtype != torch.get_default_dtype():
+            x = x.to(self._input_dtype())  # float64/float16 inputs would fail inside the layers' matmul
         if x.dim() < 1 or x.shape[0] == 0:
             raise ValueError(f"x must have a leading batch dimension with at least one example, got shape {tuple(x.shape)}")
         if self.input_shape is not None and x.shape[1:] != self.input_shape:
@@ -220,6 +220,12 @@ class BNN(nn.Module):
             if x.numel() >= 1 << 20:  # full data sets, not minibatches
                 _finite_inputs[x] = x._version
         return x
+
+    def _input_dtype(self):
+        for p in itertools.chain(self.parameters(), self.buffers()):
+            if p.is_floating_point():
+                return p.dtype
+        return torch.get_default_dtype()
 
     def _run_net(self, x):
         if self.input_shape is None:

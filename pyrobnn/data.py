@@ -168,7 +168,12 @@ class ArrayLoader:
 
     def __init__(self, x, y, batch_size: int = 128, shuffle: bool = True, seed: int = 0, drop_last: bool = False,
                  rank: int = 0, world_size: int = 1):
-        x, y = torch.as_tensor(x), torch.as_tensor(y)
+        try:
+            x, y = torch.as_tensor(x), torch.as_tensor(y)
+        except (RuntimeError, TypeError, ValueError) as e:
+            raise TypeError(f"x and y must be tensors or array-likes: {e}") from None
+        if x.dim() == 0 or y.dim() == 0:
+            raise ValueError(f"x and y need a leading example dimension, got shapes {tuple(x.shape)} and {tuple(y.shape)}")
         if len(x) != len(y):
             raise ValueError(f"x has {len(x)} examples but y has {len(y)}")
         if len(x) == 0:
