@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import glob
 import json
-import math
 import os
 import sys
 import time
@@ -280,7 +279,8 @@ def cmd_table(a):
         layers = ", ".join(f"{x['layer']} {100 * x['sparsity']:.1f} %" for x in r.get("layers", [])) or "dense"
         data = r["dataset"] + (" (random labels)" if r["random_labels"] else "")
         method = {"det": "deterministic", "svd": "sparse VD (pyrobnn)",
-                  "torch-svd": "sparse VD (hand-written PyTorch)"}[r["method"]] + (" (from det.)" if r.get("init_from") else "")
+                  "torch-svd": "sparse VD (hand-written PyTorch)"}[r["method"]]
+        method += " (from det.)" if r.get("init_from") else ""
         if r["method"] == "det":
             comp = "×1"
         elif r["weights_kept"] == 0:
