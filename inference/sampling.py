@@ -30,7 +30,7 @@ import torch
 from pyrobnn.bnn import BNN, bayesian
 from pyrobnn.diagnostics import PRECISION_SITE as _PRECISION
 from pyrobnn.diagnostics import mcmc_sample_stats, outputs_under_draws, per_draw_log_prob
-from pyrobnn.io import read_state, write_state
+from pyrobnn.io import check_spec_size, read_state, write_state
 
 from .sgld import PSGLD, SGLD
 
@@ -225,6 +225,8 @@ class SamplePosterior:
         tensors, meta = read_state(path)
         if meta.get("kind") != "sample-posterior":
             raise ValueError(f"{path} holds a pyrobnn {meta.get('kind')!r}, not a sample-posterior")
+        if isinstance(meta.get("spec"), dict):  # a hostile spec must not allocate more than the file holds
+            check_spec_size(meta["spec"], tensors, path, build_arch=net is None)
         bnn = _bnn_from_spec(meta.get("spec"), net, path)
         state = {k[4:]: v for k, v in tensors.items() if k.startswith("bnn/")}
         missing, unexpected = bnn.load_state_dict(state, strict=False)

@@ -150,6 +150,38 @@ def save(bnn, path) -> None:
     write_state(path, bnn.state_dict(), {"kind": "bnn", "spec": bnn.spec()})
 
 
+MAX_INPUT_NUMEL = 1 << 26   # numbers in one example's input (64M): far above any network here, far below RAM
+
+
+def check_spec_size(spec: Dict[str, Any], tensors: Dict[str, torch.Tensor], path, build_arch: bool = True) -> None:
+    """Refuse a spec that would make a loader allocate more than its file holds — a 1 kB hostile file
+    naming ``hidden=[2**30]`` would otherwise ask for gigabytes before anything is checked. The
+    architecture is built on the meta device (no memory) and its parameter count compared with the
+    numbers stored; the example input the loader builds is bounded by :data:`MAX_INPUT_NUMEL`."""
+    from .registry import MODELS
+    shape = spec.get("input_shape")
+    if isinstance(shape, list) and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape):
+        numel = 1
+        for s in shape:
+            numel *= s
+        if numel > MAX_INPUT_NUMEL:
+            raise ValueError(f"{path}: input_shape {shape} has {numel} numbers per example (limit {MAX_INPUT_NUMEL})")
+    if not build_arch or not spec.get("arch"):
+        return
+    try:
+        with torch.device("meta"):
+            probe = MODELS.build(spec["arch"])
+        need = sum(p.numel() for p in probe.parameters())
+    except RuntimeError as e:  # e.g. "storage size calculation overflowed": sizes beyond any memory
+        raise ValueError(f"{path}: the spec's architecture cannot be built: {e}") from None
+    except NotImplementedError:  # an architecture that cannot be built on the meta device: the real build decides
+        return
+    have = sum(t.numel() for t in tensors.values())
+    if need > have:
+        raise ValueError(f"{path}: the spec's architecture has {need} parameters but the file stores only {have} "
+                         "numbers; the spec does not describe these tensors")
+
+
 def load(path, net: Optional[torch.nn.Module] = None):
     """Load a BNN saved by :func:`save`. ``net`` is required only when the architecture was not built
     from :mod:`pyrobnn.models` (a custom ``nn.Module``): pass a fresh instance of the same class."""
@@ -162,6 +194,7 @@ def load(path, net: Optional[torch.nn.Module] = None):
     if not isinstance(spec, dict):
         raise ValueError(f"{path}: spec is missing")
     try:
+        check_spec_size(spec, tensors, path, build_arch=net is None)
         if net is None:
             if not spec.get("arch"):
                 raise ValueError(f"{path} was saved from a custom network; pass net=<a fresh instance> to load()")

@@ -363,6 +363,34 @@ def test_mutated_model_spec(meta):
     _outcome(_write_and_load, MODEL_TENSORS, meta)
 
 
+@st.composite
+def size_bombs(draw):
+    """Specs that ask for huge allocations: layer sizes, feature counts or input shapes up to 2**40."""
+    meta = json.loads(json.dumps(MODEL_META))
+    spec = meta["spec"]
+    big = st.one_of(st.integers(10**5, 2**40), st.sampled_from([2**20, 2**26, 2**31, 2**40]))
+    for _ in range(draw(st.integers(1, 2))):
+        where = draw(st.sampled_from(["hidden", "in_features", "out_features", "input_shape"]))
+        if where == "hidden":
+            spec["arch"]["hidden"] = draw(st.lists(big, min_size=1, max_size=3))
+        elif where == "input_shape":
+            spec["input_shape"] = draw(st.lists(st.one_of(big, st.integers(1, 4096)), min_size=1, max_size=4))
+        else:
+            spec["arch"][where] = draw(big)
+    return meta
+
+
+@settings(max_examples=60, **COMMON)
+@given(meta=size_bombs())
+def test_size_bomb_specs_are_refused_before_allocating(meta):
+    import resource
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    err = _outcome(_write_and_load, MODEL_TENSORS, meta)
+    assert isinstance(err, ValueError)
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert grown_mb < 200, f"loading a hostile spec grew the peak memory by {grown_mb:.0f} MB"
+
+
 safetensor_dtypes = st.sampled_from(["F32", "F64", "F16", "BF16", "I64", "I32", "I8", "U8", "BOOL", "F8_E4M3",
                                      "C64", "X99", "", "f32"])
 
