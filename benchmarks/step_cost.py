@@ -138,20 +138,25 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--clock", choices=["wall", "thread"], default="wall",
+                    help="wall: elapsed time with torch's default threads; thread: CPU time of one torch thread "
+                         "(robust when other jobs load the machine)")
     args = ap.parse_args(argv)
+    if args.clock == "thread":
+        torch.set_num_threads(1)
     results = {}
     for validation in (True, False):
         pyro.enable_validation(validation)
         fns = build_steps()
-        med = interleaved(fns, rounds=args.rounds, steps=args.steps)
+        med = interleaved(fns, rounds=args.rounds, steps=args.steps, clock=args.clock)
         ref = med["hand-written BBB+LRT"]
         results["validation_on" if validation else "validation_off"] = {
             k: {"ms": round(v * 1e3, 3), "ratio": round(v / ref, 3)} for k, v in med.items()}
     pyro.enable_validation(True)
     print(f"LeNet-300-100, batch {B}, torch {torch.__version__}, pyro {pyro.__version__}, "
-          f"threads {torch.get_num_threads()}")
+          f"threads {torch.get_num_threads()}, clock {args.clock}")
     for mode, rows in results.items():
-        print(f"\n[{mode.replace('_', ' ')}]  median ms/step and ratio to hand-written")
+        print(f"\n[Pyro {mode.replace('_', ' ')}]  median ms/step and ratio to hand-written")
         for k, r in rows.items():
             print(f"  {k:26s} {r['ms']:8.3f} ms   ×{r['ratio']:.3f}")
     if args.json:

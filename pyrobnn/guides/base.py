@@ -31,7 +31,9 @@ from pyro.infer.autoguide import AutoGuide
 from pyro.infer.autoguide.guides import prototype_hide_fn
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_median
 from torch.distributions import biject_to, constraints
-from torch.distributions.kl import kl_divergence, register_kl
+from torch.distributions.kl import _kl_independent_independent, kl_divergence, register_kl
+
+from ..site_dist import SiteIndependent, to_site_event
 
 __all__ = ["GuideNormal", "FlatGaussianGuide", "local_reparam_params", "LOCAL_REPARAM_KEY"]
 
@@ -56,6 +58,36 @@ class GuideNormal(dist.Normal):
         self._log_scale = None
         self._var = None
         self._loc_sq = None
+        self._sums = {}
+
+    def to_event(self, reinterpreted_batch_ndims=None):
+        return to_site_event(self, reinterpreted_batch_ndims)
+
+    def _sum(self, key, fn):
+        """Cached full reductions (Σμ², Σσ², Σ log σ, Σμ) shared by the KL and the log-densities."""
+        v = self._sums.get(key)
+        if v is None:
+            v = self._sums[key] = fn()
+        return v
+
+    def loc_sq_sum(self):
+        flat = self.loc.reshape(-1)
+        return self._sum("loc_sq", lambda: torch.dot(flat, flat))
+
+    def var_sum(self):
+        return self._sum("var", lambda: self.variance.sum())
+
+    def log_scale_sum(self):
+        return self._sum("log_scale", lambda: self.log_scale.sum())
+
+    def loc_sum(self):
+        return self._sum("loc", lambda: self.loc.sum())
+
+    def log_prob_sum(self, value):
+        """Σ log q(value) for the placeholder (= the mean): −Σ log σ − n/2 log 2π; None otherwise."""
+        if getattr(value, _ATTR, None) is not self:
+            return None
+        return torch.rsub(self.log_scale_sum(), -_HALF_LOG_2PI * self.loc.numel())
 
     @property
     def loc_sq(self):
@@ -83,6 +115,7 @@ class GuideNormal(dist.Normal):
         new._log_scale = None
         new._var = None
         new._loc_sq = None
+        new._sums = {}
         return new
 
     def rsample(self, sample_shape=torch.Size()):
@@ -107,6 +140,23 @@ def _scalar(t: torch.Tensor):
     if t.dim() == 0 or all(st == 0 for st in t.stride()):
         return t.reshape(-1)[:1].reshape(())
     return None
+
+
+@register_kl(SiteIndependent, SiteIndependent)
+def _kl_site(q: SiteIndependent, p: SiteIndependent):
+    """Whole weight tensor, Normal guide, scalar Normal prior: the summed KL from four reductions,
+    c·(Σσ² + Σ(μ − m)²) − Σ log σ + n(log s − ½), instead of an elementwise KL and a sum."""
+    qb, pb = q.base_dist, p.base_dist
+    scale0 = getattr(pb, "scalar_scale", None)
+    n = len(qb.batch_shape)
+    if (isinstance(qb, GuideNormal) and scale0 is not None and q.reinterpreted_batch_ndims == n
+            and p.reinterpreted_batch_ndims == n and qb.batch_shape == pb.batch_shape):
+        loc0, count = pb.scalar_loc, qb.loc.numel()
+        sq = qb.loc_sq_sum()
+        if loc0 != 0.0:
+            sq = sq - 2 * loc0 * qb.loc_sum() + count * loc0 ** 2
+        return (qb.var_sum() + sq) * (0.5 / scale0 ** 2) - qb.log_scale_sum() + count * (math.log(scale0) - 0.5)
+    return _kl_independent_independent(q, p)
 
 
 @register_kl(GuideNormal, dist.Normal)

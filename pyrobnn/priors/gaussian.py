@@ -7,6 +7,7 @@ import pyro.distributions as dist
 import torch
 
 from ..registry import PRIORS
+from ..site_dist import to_site_event
 from ._util import check_positive, check_finite
 
 __all__ = ["Gaussian", "ScalarNormal"]
@@ -29,6 +30,21 @@ class ScalarNormal(dist.Normal):
 
     def expand(self, batch_shape, _instance=None):
         return ScalarNormal(self.scalar_loc, self.scalar_scale, batch_shape)
+
+    def to_event(self, reinterpreted_batch_ndims=None):
+        return to_site_event(self, reinterpreted_batch_ndims)
+
+    def log_prob_sum(self, value):
+        """Σ log p(value) for a local-reparameterisation placeholder (the guide mean μ), from the Σμ²
+        the KL needs anyway; None for any other value (the elementwise path is used)."""
+        q = getattr(value, "_pyrobnn_loc_scale", None)
+        if q is None or not hasattr(q, "loc_sq_sum"):
+            return None
+        n = q.loc.numel()
+        sq = q.loc_sq_sum()
+        if self.scalar_loc != 0.0:
+            sq = sq - 2 * self.scalar_loc * q.loc_sum() + n * self.scalar_loc ** 2
+        return sq * (-0.5 / self.scalar_scale ** 2) - n * (math.log(self.scalar_scale) + _HALF_LOG_2PI)
 
     def log_prob(self, value):
         q = getattr(value, "_pyrobnn_loc_scale", None)  # a local-reparameterisation placeholder (= its mean)
