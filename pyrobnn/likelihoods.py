@@ -202,8 +202,12 @@ class Gaussian(Likelihood):
             self._precision = pyro.sample("likelihood.precision", dist.Gamma(torch.tensor(a), torch.tensor(b)))
 
     def check_output(self, out):
+        """Called by the model on one forward's output ``[B]``/``[B, 1]``/``[B, D]``: D > 1 outputs form an
+        event. Recorded here, from the model's own output, so later calls on stacked ``[S, B, ...]``
+        outputs (prediction, diagnostics) read it instead of guessing from their shape."""
         if out.dim() not in (1, 2):
             raise ValueError(f"gaussian likelihood needs outputs of shape [B] or [B, D]; the network gave {tuple(out.shape)}")
+        self._event_dim = 1 if out.dim() == 2 and out.shape[-1] > 1 else 0
 
     def check_targets(self, out, y):
         y = _as_tensor(y)
@@ -221,8 +225,7 @@ class Gaussian(Likelihood):
         return out.squeeze(-1) if out.dim() >= 2 and out.shape[-1] == 1 else out
 
     def distribution(self, out):
-        mean = self._mean(out)  # out is one forward's [B] / [B, 1] / [B, D]: D > 1 outputs form an event
-        self._event_dim = 1 if mean.dim() >= 2 else 0
+        mean = self._mean(out)
         d = dist.Normal(mean, self.sigma().expand_as(mean), validate_args=False)
         return d.to_event(1) if self._event_dim else d
 
