@@ -19,3 +19,10 @@ __all__ += ["distill", "distillation_loss", "DistillRecord", "SGLDChain", "MCDro
 from .distributed import DataParallel, chain_seed, fit_distributed, sample_chains  # noqa: E402
 
 __all__ += ["DataParallel", "fit_distributed", "sample_chains", "chain_seed"]
+from .tta import (AugmentedLoader, Draws, Policy, SearchResult, SubPolicy, Transform, default_policy,  # noqa: E402
+                  embeddings, evaluate_tta, greedy_policy_search, linear_probe, member_outputs, sample_pool,
+                  tta_predict)
+
+__all__ += ["Draws", "Policy", "SubPolicy", "Transform", "default_policy", "member_outputs", "tta_predict",
+            "evaluate_tta", "sample_pool", "greedy_policy_search", "SearchResult", "embeddings", "linear_probe",
+            "AugmentedLoader"]
