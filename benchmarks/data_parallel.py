@@ -42,6 +42,7 @@ def worker(args):
     bnn = pyrobnn.bayesian(net, likelihood="categorical")
     h = fit_distributed(bnn, (ds.x_train, ds.y_train), args.epochs + 1, distributed=dp, batch_size=args.batch_size,
                         seed=0, lr=1e-3, progress=False)
+    allreduce_ms = _allreduce_ms(bnn, dp)
     if dp.is_main:
         per_rank = len(ds.x_train) // dp.world_size
         seconds = [r["seconds"] for r in h.records[1:]]
@@ -49,9 +50,25 @@ def worker(args):
                   if torch.distributed.is_initialized() else "none", "device": str(dp.device),
                   "examples_per_epoch": per_rank * dp.world_size, "epoch_seconds": seconds,
                   "examples_per_s": per_rank * dp.world_size * len(seconds) / sum(seconds),
+                  "steps_per_epoch": -(-per_rank // args.batch_size), "allreduce_ms_per_step": allreduce_ms,
                   "loss_last_epoch": h.records[-1]["loss"]}
         Path(args.out).write_text(json.dumps(result))
     dp.close()
+
+
+def _allreduce_ms(bnn, dp, repeats=20):
+    """Milliseconds per step spent in the gradient all-reduce alone (the same tensors, the same calls)."""
+    import torch
+    import torch.distributed as dist
+    if dp.world_size == 1:
+        return 0.0
+    grads = [torch.zeros_like(p) for p in bnn.parameters() if p.requires_grad]
+    dist.barrier()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        for g in grads:
+            dist.all_reduce(g)
+    return (time.perf_counter() - t0) / repeats * 1e3
 
 
 def _free_port():
@@ -100,12 +117,14 @@ def main(argv=None):
     base = next((r for r in runs if r["processes"] == 1 and r["threads"] == args.threads), None)
     print(f"data-parallel SVI, {args.model} on {args.data}, per-process batch {args.batch_size}, "
           f"{args.epochs} timed epochs; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
-    print(f"{'processes':>9} {'threads':>7} {'backend':>7} {'examples/s':>11} {'efficiency':>10}  epoch seconds")
+    print(f"{'processes':>9} {'threads':>7} {'backend':>7} {'examples/s':>11} {'efficiency':>10} {'ms/step':>8} "
+          f"{'all-reduce ms/step':>18}  epoch seconds")
     for r in runs:
         eff = r["examples_per_s"] / (r["processes"] * base["examples_per_s"]) if base else float("nan")
         r["scaling_efficiency"] = eff
-        print(f"{r['processes']:>9} {r['threads']:>7} {r['backend']:>7} {r['examples_per_s']:>11.1f} {eff:>10.2f}  "
-              + " ".join(f"{s:.2f}" for s in r["epoch_seconds"]))
+        step_ms = 1e3 * sum(r["epoch_seconds"]) / len(r["epoch_seconds"]) / r["steps_per_epoch"]
+        print(f"{r['processes']:>9} {r['threads']:>7} {r['backend']:>7} {r['examples_per_s']:>11.1f} {eff:>10.2f} "
+              f"{step_ms:>8.1f} {r['allreduce_ms_per_step']:>18.1f}  " + " ".join(f"{s:.2f}" for s in r["epoch_seconds"]))
     if args.json:
         Path(args.json).write_text(json.dumps(runs, indent=2))
     return 0
