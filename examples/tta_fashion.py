@@ -64,7 +64,14 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/tta")
     p.add_argument("--figure", default="docs/figures/tta_fashion.png")
+    p.add_argument("--replot", metavar="RESULTS_JSON", help="only reprint the tables and redraw the figure")
     a = p.parse_args(argv)
+    if a.replot:
+        with open(a.replot) as f:
+            results = json.load(f)
+        print_tables(results)
+        plot(results, a.figure)
+        return
     os.makedirs(a.out, exist_ok=True)
     torch.manual_seed(a.seed)
     clock = {}
@@ -193,7 +200,6 @@ def plot(results, path):
         ax.set_xticks(range(len(keys)))
         ax.set_xticklabels(["none", "classic", "per-draw", "greedy"])
         ax.set_title(title)
-        ax.legend(fontsize=8)
     lo = min(min(m["rows"][k]["accuracy"] for k in keys) for m in results["models"].values())
     axes[1].set_ylim(lo - 0.02, None)
     lo = min(min(m["rows"][k]["calibrated_nll"] for k in keys) for m in results["models"].values())
@@ -202,7 +208,9 @@ def plot(results, path):
     axes[2].set_ylabel("validation calibrated NLL")
     axes[2].set_title("greedy policy search")
     axes[2].legend(fontsize=8)
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=9)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(path, dpi=110)
     print(f"figure written to {path}")
