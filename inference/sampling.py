@@ -30,7 +30,7 @@ import torch
 from pyrobnn.bnn import BNN, bayesian
 from pyrobnn.diagnostics import PRECISION_SITE as _PRECISION
 from pyrobnn.diagnostics import mcmc_sample_stats, outputs_under_draws, per_draw_log_prob
-from pyrobnn.io import check_spec_size, read_state, write_state
+from pyrobnn.io import bnn_from_spec, read_state, write_state
 
 from .sgld import PSGLD, SGLD
 
@@ -225,9 +225,7 @@ class SamplePosterior:
         tensors, meta = read_state(path)
         if meta.get("kind") != "sample-posterior":
             raise ValueError(f"{path} holds a pyrobnn {meta.get('kind')!r}, not a sample-posterior")
-        if isinstance(meta.get("spec"), dict):  # a hostile spec must not allocate more than the file holds
-            check_spec_size(meta["spec"], tensors, path, build_arch=net is None)
-        bnn = _bnn_from_spec(meta.get("spec"), net, path)
+        bnn = bnn_from_spec(meta.get("spec"), tensors, path, net)  # size-checked before allocating
         state = {k[4:]: v for k, v in tensors.items() if k.startswith("bnn/")}
         missing, unexpected = bnn.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith("autoguide.")]
@@ -250,27 +248,6 @@ class SamplePosterior:
 
 def _deterministic_state(bnn: BNN) -> Dict[str, torch.Tensor]:
     return {k: v for k, v in bnn.state_dict().items() if not k.startswith("autoguide.")}
-
-
-def _bnn_from_spec(spec, net, path) -> BNN:
-    from pyrobnn.registry import MODELS
-    if not isinstance(spec, dict):
-        raise ValueError(f"{path}: spec is missing")
-    try:
-        if net is None:
-            if not spec.get("arch"):
-                raise ValueError(f"{path} was saved from a custom network; pass net=<a fresh instance> to load()")
-            net = MODELS.build(spec["arch"])
-        bnn = bayesian(net, prior=spec["prior"], guide=spec["guide"], likelihood=spec["likelihood"],
-                       dataset_size=spec["dataset_size"], layers=spec["layers"], params=spec.get("params", ()),
-                       local_reparameterization=spec["local_reparameterization"])
-        shape = spec["input_shape"]
-    except KeyError as e:
-        raise ValueError(f"{path}: spec lacks {e}") from None
-    if not (isinstance(shape, list) and all(isinstance(s, int) and s > 0 for s in shape)):
-        raise ValueError(f"{path}: bad input_shape {shape!r}")
-    bnn.input_shape = torch.Size(shape)
-    return bnn
 
 
 def _has_latent_likelihood(bnn) -> bool:

@@ -20,7 +20,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-__all__ = ["save", "load", "write_state", "read_state", "atomic_write_bytes", "flatten_state",
+__all__ = ["save", "load", "bnn_from_spec", "write_state", "read_state", "atomic_write_bytes", "flatten_state",
            "unflatten_state", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
@@ -182,15 +182,13 @@ def check_spec_size(spec: Dict[str, Any], tensors: Dict[str, torch.Tensor], path
                          "numbers; the spec does not describe these tensors")
 
 
-def load(path, net: Optional[torch.nn.Module] = None):
-    """Load a BNN saved by :func:`save`. ``net`` is required only when the architecture was not built
-    from :mod:`pyrobnn.models` (a custom ``nn.Module``): pass a fresh instance of the same class."""
+def bnn_from_spec(spec, tensors: Dict[str, torch.Tensor], path, net: Optional[torch.nn.Module] = None):
+    """Rebuild the (uninitialised) BNN a saved spec describes; ``bnn.input_shape`` is set from the spec.
+
+    Shared by every loader of saved BNN state (:func:`load`, ``SamplePosterior.load``): the spec is
+    size-checked against the tensors the file holds before anything is allocated."""
     from .bnn import bayesian
     from .registry import MODELS
-    tensors, meta = read_state(path)
-    if meta.get("kind") != "bnn":
-        raise ValueError(f"{path} holds a pyrobnn {meta.get('kind')!r}, not a BNN")
-    spec = meta.get("spec")
     if not isinstance(spec, dict):
         raise ValueError(f"{path}: spec is missing")
     try:
@@ -203,11 +201,22 @@ def load(path, net: Optional[torch.nn.Module] = None):
                        dataset_size=spec["dataset_size"], layers=spec["layers"], params=spec.get("params", ()),
                        local_reparameterization=spec["local_reparameterization"])
         shape = spec["input_shape"]
-        if not (isinstance(shape, list) and all(isinstance(s, int) and s > 0 for s in shape)):
-            raise ValueError(f"bad input_shape {shape!r}")
     except KeyError as e:
         raise ValueError(f"{path}: spec lacks {e}") from None
-    bnn.initialize(torch.zeros([1] + shape))
+    if not (isinstance(shape, list) and all(isinstance(s, int) and s > 0 for s in shape)):
+        raise ValueError(f"{path}: bad input_shape {shape!r}")
+    bnn.input_shape = torch.Size(shape)
+    return bnn
+
+
+def load(path, net: Optional[torch.nn.Module] = None):
+    """Load a BNN saved by :func:`save`. ``net`` is required only when the architecture was not built
+    from :mod:`pyrobnn.models` (a custom ``nn.Module``): pass a fresh instance of the same class."""
+    tensors, meta = read_state(path)
+    if meta.get("kind") != "bnn":
+        raise ValueError(f"{path} holds a pyrobnn {meta.get('kind')!r}, not a BNN")
+    bnn = bnn_from_spec(meta.get("spec"), tensors, path, net)
+    bnn.initialize(torch.zeros((1,) + tuple(bnn.input_shape)))
     try:
         bnn.load_state_dict(tensors, strict=True)
     except RuntimeError as e:
