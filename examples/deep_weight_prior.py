@@ -20,9 +20,11 @@ Methods (all on fconv: conv 16@7×7 → pool → conv 32@5×5 → pool → fc 10
 2-core CPU made the (32, 64) default of the zoo too slow for 60+ runs; mean-field Gaussian guide,
 TraceMeanField_ELBO, Adam):
   * ``dwp`` — conv weights: deep weight prior (conv means initialised from prior samples); all other
-    sites (biases, fc): log-uniform;
+    sites (conv biases, fc): N(0, 1) — so ``dwp`` and ``gaussian`` differ only in the conv kernels' prior;
   * ``dwp-noinit`` — the same prior with the default (Kaiming-uniform) initial means;
-  * ``log-uniform`` — every site log-uniform;  ``gaussian`` — every site N(0, 1);
+  * ``dwp-lu`` — conv weights DWP, all other sites log-uniform;
+  * ``log-uniform`` — every site log-uniform, additive-noise guide (sparse VD, log σ² initialised at −10);
+  * ``log-uniform-mf`` — every site log-uniform, mean-field guide;  ``gaussian`` — every site N(0, 1);
   * ``l2`` — deterministic fconv, Adam with weight decay ``--l2``.
 """
 from __future__ import annotations
@@ -46,7 +48,7 @@ from pyrobnn.data import load_mnist5k
 from pyrobnn.dwp import init_from_prior
 from pyrobnn.priors import DeepWeightPrior
 
-METHODS = ("dwp", "log-uniform", "gaussian", "l2", "dwp-noinit")
+METHODS = ("dwp", "log-uniform", "gaussian", "l2", "dwp-noinit", "dwp-lu", "log-uniform-mf")
 
 
 def stratified_subset(y: torch.Tensor, n: int, seed: int) -> torch.Tensor:
@@ -72,14 +74,20 @@ def run_bayesian(method, prior_path, x, y, x_test, y_test, steps, lr, seed, num_
     from pyrobnn.inference import fit
     torch.manual_seed(seed)
     net = fconv()
-    if method in ("dwp", "dwp-noinit"):
-        dwp = {"name": "deep-weight", "path": prior_path, "bias_prior": "log-uniform"}
-        prior = {"conv*": dwp, "*": "log-uniform"}
-        if method == "dwp":
+    guide = "mean-field"
+    if method in ("dwp", "dwp-noinit", "dwp-lu"):
+        rest = "log-uniform" if method == "dwp-lu" else "gaussian"
+        dwp = {"name": "deep-weight", "path": prior_path, "bias_prior": rest}
+        prior = {"conv*": dwp, "*": rest}
+        if method != "dwp-noinit":
             init_from_prior(net, DeepWeightPrior(prior_path), generator_seed=seed)
+    elif method == "log-uniform":
+        prior, guide = "log-uniform", "additive-noise"
+    elif method == "log-uniform-mf":
+        prior = "log-uniform"
     else:
         prior = method
-    bnn = pyrobnn.bayesian(net, prior=prior, guide="mean-field", likelihood="categorical", dataset_size=len(x))
+    bnn = pyrobnn.bayesian(net, prior=prior, guide=guide, likelihood="categorical", dataset_size=len(x))
     batch = min(len(x), 100)
     epochs = math.ceil(steps / math.ceil(len(x) / batch))
     t0 = time.time()
@@ -144,7 +152,14 @@ def cmd_compare(args):
             idx = stratified_subset(ds.y_train, n, seed)
             x, y = ds.x_train[idx], ds.y_train[idx]
             for m in methods:
-                if (m, n, seed) in done:
+                # several processes may share OUT: a run is claimed atomically (O_EXCL) before it starts
+                claim = out / "claims" / f"{m}{args.suffix}_{n}_{seed}"
+                claim.parent.mkdir(exist_ok=True)
+                if (m + args.suffix, n, seed) in done or (m + args.suffix, n, seed) in done_keys(res_path):
+                    continue
+                try:
+                    os.close(os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                except FileExistsError:
                     continue
                 t0 = time.time()
                 if m == "l2":
@@ -152,7 +167,8 @@ def cmd_compare(args):
                 else:
                     r = run_bayesian(m, args.prior, x, y, ds.x_test, ds.y_test, args.steps, args.lr, seed,
                                      args.num_samples)
-                rec = {"method": m, "n": n, "seed": seed, **r, "lr": args.lr, "l2": args.l2 if m == "l2" else None,
+                rec = {"method": m + args.suffix, "prior_file": args.prior if m.startswith("dwp") else None,
+                       "n": n, "seed": seed, **r, "lr": args.lr, "l2": args.l2 if m == "l2" else None,
                        "wall_seconds": time.time() - t0}
                 with open(res_path, "a") as f:
                     f.write(json.dumps(rec) + "\n")
@@ -225,6 +241,7 @@ def cmd_report(args):
     if res_path.exists():
         recs = [json.loads(s) for s in res_path.read_text().splitlines() if s.strip()]
         methods = [m for m in METHODS if any(r["method"] == m for r in recs)]
+        methods += sorted({r["method"] for r in recs} - set(methods))
         sizes = sorted({r["n"] for r in recs})
         table = {}
         for m in methods:
@@ -294,6 +311,7 @@ def main(argv=None):
     c.add_argument("--l2", type=float, default=5e-4, help="weight decay of the deterministic baseline")
     c.add_argument("--num-samples", type=int, default=10, help="posterior draws for the test predictive")
     c.add_argument("--threads", type=int, default=1)
+    c.add_argument("--suffix", default="", help="appended to the method names recorded (e.g. to tell priors apart)")
     c.add_argument("--out", default="runs/dwp/compare")
     c.set_defaults(func=cmd_compare)
     k = sub.add_parser("curves")

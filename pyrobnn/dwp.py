@@ -197,13 +197,16 @@ def train_deep_weight_prior(out, source: str = "fashion-mnist", num_nets: int = 
                             limit_train: Optional[int] = None, arch: Union[str, Mapping] = "fconv",
                             latent_dim: Union[int, Mapping[str, int]] = 4, hidden: int = 16, vae_epochs: int = 100,
                             min_norm_fraction: float = 0.05, seed: int = 0, lr: float = 1e-3,
-                            vae_min_steps: int = 2000, log: Optional[Callable[[str], None]] = print) -> DeepWeightPrior:
+                            vae_min_steps: int = 2000, weight_decay: float = 0.0, log: Optional[Callable[[str], None]] = print) -> DeepWeightPrior:
     """The whole pipeline: source nets → kernels → one VAE per conv layer → ``out`` (safetensors + JSON).
 
     :param source: ``"fashion-mnist"`` (full 60,000 training images unless ``limit_train``), ``"mnist5k"``,
         or a :class:`pyrobnn.data.Dataset` of ``[N, C, H, W]`` images.
     :param num_nets: K, the number of source networks; ``epochs`` each.
     :param latent_dim: one int, or ``{layer: int}``.
+    :param weight_decay: L2 coefficient of the source nets' Adam (coupled, ``torch.optim.Adam``): with
+        few source epochs it removes the untrained part of the initial kernels, so the VAE models the
+        learned structure rather than the initialisation noise.
     :returns: the :class:`DeepWeightPrior` read back from ``out``.
     """
     t0 = time.time()
@@ -212,7 +215,8 @@ def train_deep_weight_prior(out, source: str = "fashion-mnist", num_nets: int = 
     if log:
         log(f"source {source_name}: {len(ds.x_train)} training images; training {num_nets} × {arch!r} for {epochs} epochs")
     nets, net_records = train_source_nets(ds.x_train, ds.y_train, num_nets=num_nets, epochs=epochs, arch=arch,
-                                          lr=lr, seed=seed, log=log, x_test=ds.x_test, y_test=ds.y_test)
+                                          lr=lr, weight_decay=weight_decay, seed=seed, log=log,
+                                          x_test=ds.x_test, y_test=ds.y_test)
     kernels, counts = collect_kernels(nets, min_norm_fraction=min_norm_fraction)
     vaes, vae_records = {}, {}
     for layer, w in kernels.items():
@@ -228,7 +232,8 @@ def train_deep_weight_prior(out, source: str = "fashion-mnist", num_nets: int = 
             r = vae_records[layer]
             log(f"  bound per kernel: train {r['bound_train']:.3f}, held-out {r['bound_heldout']:.3f}")
     provenance = {"source": source_name, "source_train_size": int(len(ds.x_train)), "num_nets": num_nets,
-                  "epochs": epochs, "arch": arch, "seed": seed, "vae_min_steps": vae_min_steps, "lr": lr, "min_norm_fraction": min_norm_fraction,
+                  "epochs": epochs, "arch": arch, "seed": seed, "vae_min_steps": vae_min_steps,
+                  "lr": lr, "weight_decay": weight_decay, "min_norm_fraction": min_norm_fraction,
                   "source_nets": net_records, "kernels": counts, "vae": vae_records,
                   "seconds": time.time() - t0, "torch": torch.__version__}
     save_kernel_vaes(out, vaes, provenance)
