@@ -204,6 +204,10 @@ def _check_optimizer_state(opt, fresh_groups):
                                                  and not isinstance(group[k], bool) and not isinstance(v, bool))
             if k != "params" and not same:
                 raise ValueError(f"optimizer hyper-parameter {k!r} is {group[k]!r}, expected a {type(v).__name__}")
+            values = group[k] if isinstance(group[k], (tuple, list)) and k != "params" else [group[k]]
+            if any(isinstance(x, float) and not (math.isfinite(x) and x >= 0) for x in values) or \
+                    (k == "betas" and not all(0 <= x < 1 for x in values)):
+                raise ValueError(f"optimizer hyper-parameter {k!r} is out of range: {group[k]!r}")
         for p in group["params"]:
             for name, t in opt.state.get(p, {}).items():
                 if isinstance(t, torch.Tensor) and t.shape != p.shape and not (name == "step" and t.dim() == 0):
