@@ -273,11 +273,13 @@ def fit_distributed(bnn: BNN, train, epochs: int, *, distributed: Optional[DataP
     if not isinstance(dp, DataParallel):
         raise TypeError(f"distributed must be a DataParallel, got {type(dp).__name__}")
     if isinstance(train, (tuple, list)) and len(train) == 2:
+        bnn.initialize(torch.as_tensor(train[0])[:2])  # the guide's parameters exist before the move below
         train = dp.loader(train[0], train[1], batch_size=batch_size, seed=seed)
     elif isinstance(train, ArrayLoader):
         if (train.rank, train.world_size) != (dp.rank, dp.world_size):
             raise ValueError(f"the ArrayLoader is shard {train.rank} of {train.world_size} but this process is rank "
                              f"{dp.rank} of {dp.world_size}; build it with dp.loader(x, y, ...)")
+        bnn.initialize(train.x[:2].cpu())
     else:
         raise TypeError("fit_distributed takes (x, y) tensors or an ArrayLoader sharded for this rank")
     if isinstance(val, (tuple, list)) and len(val) == 2:

@@ -84,6 +84,7 @@ def _data_parallel(cfg, ds, bnn):
     if not launched_by_torchrun():
         return None
     dp = DataParallel.from_env(seed=cfg["seed"])
+    bnn.initialize(ds.x_train[:2])  # create the guide's parameters, then move everything to the device
     bnn.to(dp.device)
     ds.x_test, ds.y_test = ds.x_test.to(dp.device), ds.y_test.to(dp.device)
     return dp
