@@ -192,7 +192,7 @@ def cmd_curves(args):
     for seed in [int(s) for s in args.seeds.split(",")]:
         idx = stratified_subset(ds.y_train, n, seed) if n < len(ds.y_train) else torch.arange(len(ds.y_train))
         x, y = ds.x_train[idx], ds.y_train[idx]
-        for init in ("xavier", "dwp"):
+        for init in args.inits.split(","):
             torch.manual_seed(seed)
             net = fconv()  # the fc layer keeps its default init in both arms; only conv kernels differ
             if init == "xavier":
@@ -210,8 +210,9 @@ def cmd_curves(args):
                     net.train()
                 return (logits.argmax(-1) == ds.y_test).float().mean().item(), F.cross_entropy(logits, ds.y_test).item()
 
+            label = init + (args.suffix if init == "dwp" else "")
             acc, nll = evaluate()
-            rows.append({"init": init, "seed": seed, "step": 0, "test_accuracy": acc, "test_nll": nll})
+            rows.append({"init": label, "seed": seed, "step": 0, "test_accuracy": acc, "test_nll": nll})
             while step < args.steps:
                 perm = torch.randperm(len(x), generator=g)
                 for b in range(0, len(x), args.batch_size):
@@ -225,10 +226,10 @@ def cmd_curves(args):
                     step += 1
                     if step % args.every == 0:
                         acc, nll = evaluate()
-                        rows.append({"init": init, "seed": seed, "step": step, "test_accuracy": acc, "test_nll": nll})
-            print(f"{init:6s} seed={seed} final acc={rows[-1]['test_accuracy']:.4f}", flush=True)
+                        rows.append({"init": label, "seed": seed, "step": step, "test_accuracy": acc, "test_nll": nll})
+            print(f"{label:6s} seed={seed} final acc={rows[-1]['test_accuracy']:.4f}", flush=True)
     (out / "curves.json").write_text(json.dumps({"n": n, "lr": args.lr, "batch_size": args.batch_size,
-                                                 "rows": rows}, indent=1))
+                                                 "prior_file": args.prior, "rows": rows}, indent=1))
 
 
 def cmd_report(args):
@@ -268,24 +269,26 @@ def cmd_report(args):
         fig.tight_layout()
         fig.savefig(root / "dwp_accuracy.png", dpi=120)
         plt.close(fig)
-    curves_path = root / "curves" / "curves.json"
-    if curves_path.exists():
-        data = json.loads(curves_path.read_text())
-        rows = data["rows"]
+    curve_files = sorted(root.glob("curves*/curves.json"))
+    if curve_files:
+        datas = [json.loads(pth.read_text()) for pth in curve_files]
+        rows = [r for d in datas for r in d["rows"]]
+        inits = list(dict.fromkeys(r["init"] for r in rows))
         fig, ax = plt.subplots(figsize=(6, 4))
         lines.append("")
-        lines.append(f"Learning curves (deterministic fconv, N={data['n']}, Adam lr {data['lr']}, batch "
-                     f"{data['batch_size']}): mean test accuracy over seeds")
+        lines.append(f"Learning curves (deterministic fconv, N={datas[0]['n']}, Adam lr {datas[0]['lr']}, batch "
+                     f"{datas[0]['batch_size']}): mean test accuracy over seeds")
         steps = sorted({r["step"] for r in rows})
         shown = [s for s in steps if s in (0, 10, 20, 50, 100, 200, 300, 500, 1000) or s == steps[-1]]
         lines.append("")
-        lines.append("| init | " + " | ".join(f"step {s}" for s in shown) + " |")
-        lines.append("|---|" + "---|" * len(shown))
-        for init in ("xavier", "dwp"):
-            mean = [float(np.mean([r["test_accuracy"] for r in rows if r["init"] == init and r["step"] == s]))
-                    for s in steps]
+        lines.append("| init | seeds | " + " | ".join(f"step {s}" for s in shown) + " |")
+        lines.append("|---|---|" + "---|" * len(shown))
+        for init in inits:
+            mine = [r for r in rows if r["init"] == init]
+            mean = [float(np.mean([r["test_accuracy"] for r in mine if r["step"] == s])) for s in steps]
             ax.plot(steps, mean, label=f"{init} init")
-            lines.append(f"| {init} | " + " | ".join(f"{mean[steps.index(s)]:.3f}" for s in shown) + " |")
+            lines.append(f"| {init} | {len({r['seed'] for r in mine})} | "
+                         + " | ".join(f"{mean[steps.index(s)]:.3f}" for s in shown) + " |")
         ax.set_xlabel("Adam steps")
         ax.set_ylabel("test accuracy")
         ax.set_title("DWP-sampled vs Xavier initial kernels (mean over seeds)")
@@ -323,6 +326,8 @@ def main(argv=None):
     k.add_argument("--batch-size", type=int, default=100)
     k.add_argument("--lr", type=float, default=1e-3)
     k.add_argument("--threads", type=int, default=1)
+    k.add_argument("--inits", default="xavier,dwp", help="which initialisations to run")
+    k.add_argument("--suffix", default="", help="appended to the 'dwp' label (to tell priors apart)")
     k.add_argument("--out", default="runs/dwp/curves")
     k.set_defaults(func=cmd_curves)
     r = sub.add_parser("report")

@@ -304,11 +304,12 @@ def test_train_deep_weight_prior_end_to_end_and_cli(tmp_path, monkeypatch):
     out = tmp_path / "p.safetensors"
     prior = train_deep_weight_prior(out, source=tiny_source(), num_nets=2, epochs=1, arch=SMALL_FCONV,
                                     latent_dim={"conv1": 2, "conv2": 3}, hidden=4, vae_epochs=1, vae_min_steps=5,
-                                    log=None)
+                                    weight_decay=1e-3, log=None)
     assert sorted(prior.vaes) == ["conv1", "conv2"] and prior.kernel_sizes() == [5, 7]
     assert prior.vaes["conv2"].latent_dim == 3
     prov = prior.provenance
     assert prov["source"] == "tiny" and prov["num_nets"] == 2 and prov["source_train_size"] == 96
+    assert prov["weight_decay"] == 1e-3 and prov["epochs"] == 1
     assert prov["kernels"]["conv1"]["total"] == 2 * 12 and prov["kernels"]["conv2"]["total"] == 2 * 8 * 12
     assert len(prov["source_nets"]) == 2 and 0 <= prov["source_nets"][0]["test_accuracy"] <= 1
     # the CLI runs the same pipeline (dataset lookup replaced by the tiny set)
