@@ -204,6 +204,8 @@ class BNN(nn.Module):
                 x = torch.as_tensor(x, dtype=torch.get_default_dtype())
             except Exception:
                 raise TypeError(f"x must be a tensor or array-like, got {type(x).__name__}") from None
+        if x.is_complex():
+            raise TypeError(f"x must be real-valued, got dtype {x.dtype}")
         if not x.is_floating_point() or x.dtype != torch.get_default_dtype():
             x = x.to(self._input_dtype())  # float64/float16 inputs would fail inside the layers' matmul
         if x.dim() < 1 or x.shape[0] == 0:
