@@ -7,8 +7,8 @@ else, or execute code. Saved files hold no pickle and loading never unpickles.
 Each property records its outcome with ``hypothesis.event`` (shown by ``--hypothesis-show-statistics``)
 and in a tally that ``PYROBNN_RELIABILITY_OUT=tally.json pytest tests/test_hostile_inputs.py`` writes
 out: how many cases each class generated and how they ended (docs/RELIABILITY.md tabulates one such
-run). Runs are derandomised (reproducible) and use no example database, so nothing is written to the
-repository.
+run). Runs are derandomised (reproducible) and keep no example database (hypothesis still caches
+Unicode tables in the git-ignored ``.hypothesis/``).
 """
 import collections
 import contextlib
