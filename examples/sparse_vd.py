@@ -16,6 +16,7 @@ Each run trains one network and writes ``<out>/<tag>.json`` (and resumable check
     # the random-label check (labels shuffled → essentially every weight pruned)
     python examples/sparse_vd.py run --model lenet300 --method svd --epochs 200 --dataset mnist5k --random-labels
     python examples/sparse_vd.py table
+    python examples/sparse_vd.py sweep lenet300-svd-fashion_mnist-e60   # other log α thresholds
 
 A killed run is resumed by re-running the same command (exactly: data order and RNG state are restored).
 Test error of a sparse-VD network is that of the pruned posterior-mean network (θ ⊙ [log α < 3]),
@@ -291,6 +292,24 @@ def cmd_table(a):
               f"{layers} | {r['train_seconds'] / 60:.1f} min |")
 
 
+def cmd_sweep(a):
+    """Test error and compression of a trained sparse-VD run's pruned mean network at several log α
+    thresholds (the recipe's is 3), and with biases left unpruned."""
+    torch.set_num_threads(a.threads)
+    tag_dir = Path(a.out) / a.tag
+    result = json.load(open(Path(a.out) / f"{a.tag}.json"))
+    bnn = pyrobnn.load(tag_dir / "bnn.safetensors", net=build(result["model"]))
+    ds = load_fashion_mnist() if result["dataset"] == "fashion_mnist" else load_mnist5k()
+    print("| masks | log α threshold | test error | compression |")
+    print("|---|---:|---:|---:|")
+    for sites, label in ((None, "weights and biases"), ("*.weight", "weights only")):
+        for thr in a.thresholds:
+            m = sparsity.masks(bnn, threshold=thr, sites=sites)
+            err = _error(sparsity.export(bnn, mask=m), ds.x_test, ds.y_test)
+            comp = sparsity.report(bnn, mask=m)["compression"]
+            print(f"| {label} | {thr} | {100 * err:.2f} % | ×{comp:.1f} |")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -318,6 +337,12 @@ def main(argv=None):
     t = sub.add_parser("table", help="print the results table")
     t.add_argument("--out", default=DEFAULT_OUT)
     t.set_defaults(func=cmd_table)
+    w = sub.add_parser("sweep", help="error/compression of a finished sparse-VD run at other thresholds")
+    w.add_argument("tag", help="run tag, e.g. lenet300-svd-fashion_mnist-e60")
+    w.add_argument("--thresholds", type=float, nargs="+", default=[2.0, 3.0, 4.0])
+    w.add_argument("--threads", type=int, default=1)
+    w.add_argument("--out", default=DEFAULT_OUT)
+    w.set_defaults(func=cmd_sweep)
     a = p.parse_args(argv)
     a.func(a)
 
