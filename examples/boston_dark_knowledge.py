@@ -98,7 +98,7 @@ def run_split(split: int, args, out: Path):
     ensemble = EnsembleOnTest(ds.x_test, y_test, args.thin)
     t0 = time.perf_counter()
     student, record = distill(chain, student, ds.x_train, task="regression", steps=args.steps,
-                              batch_size=args.batch, lr=args.lr, lr_schedule="cosine",
+                              batch_size=args.student_batch, lr=args.lr, lr_schedule="cosine",
                               input_noise=args.input_noise, seed=args.seed + split, log_every=500,
                               callbacks=[ensemble])
     seconds = time.perf_counter() - t0
@@ -138,13 +138,15 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/boston_dark_knowledge")
     p.add_argument("--splits", type=int, default=20)
+    p.add_argument("--first-split", type=int, default=0)
     p.add_argument("--hidden", type=int, default=50)
     p.add_argument("--burn-in", type=int, default=2000, help="teacher-only SGLD updates before distillation")
     p.add_argument("--steps", type=int, default=8000, help="paired (teacher update, student update) steps")
     p.add_argument("--thin", type=int, default=20, help="steps between ensemble draws")
-    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--batch", type=int, default=32, help="teacher (SGLD) minibatch")
+    p.add_argument("--student-batch", type=int, default=32, help="perturbed inputs per student step")
     p.add_argument("--step-size", type=float, default=4e-4, help="SGLD η at the first update")
-    p.add_argument("--lr", type=float, default=1e-3, help="student Adam learning rate (cosine-decayed)")
+    p.add_argument("--lr", type=float, default=3e-3, help="student Adam learning rate (cosine-decayed)")
     p.add_argument("--input-noise", type=float, default=0.1, help="std of the input perturbation (standardised units)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
@@ -154,7 +156,7 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     t0 = time.perf_counter()
-    for s in range(args.splits):
+    for s in range(args.first_split, args.first_split + args.splits):
         row = run_split(s, args, out)
         rows.append(row)
         print(json.dumps({k: row[k] for k in ("split", "teacher (single draw)", "student", "ensemble", "seconds")}),

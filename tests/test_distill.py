@@ -419,3 +419,18 @@ def test_cli_distills_a_pyrobnn_fit_run(tmp_path):
                        '[train]\nepochs = 3\nlr = 0.01\nbatch_size = 128\nnum_samples = 4\n')
     assert main(["fit", str(fit_cfg), "--out", str(tmp_path / "run"), "--no-progress"]) == 0
     _check_cli_distill(tmp_path, "run")
+
+
+def test_cli_takes_a_saved_sample_posterior_file(tmp_path):
+    from pyrobnn.cli import main
+    ds = pyrobnn.data.load_digits()
+    bnn = pyrobnn.bayesian(build("mlp", in_features=64, out_features=10, hidden=(16,)), dataset_size=len(ds.x_train))
+    post = sample(bnn, (ds.x_train, ds.y_train), "psgld", num_samples=4, warmup=30, thin=2, step_size=1e-3, seed=0)
+    post.save(tmp_path / "post.safetensors")
+    cfg = tmp_path / "d.toml"
+    cfg.write_text('teacher = "post.safetensors"\n[data]\nname = "digits"\n[student]\nname = "mlp"\nhidden = [8]\n'
+                   '[distill]\nsteps = 5\n[evaluate]\nnum_samples = 4\nlatency_batch = 16\n')
+    assert main(["distill", str(cfg), "--out", str(tmp_path / "s")]) == 0
+    metrics = json.loads((tmp_path / "s" / "metrics.json").read_text())
+    assert metrics["distill"]["teacher"] == "SampleTeacher" and metrics["distill"]["steps"] == 5
+    assert load_student(tmp_path / "s" / "student.safetensors")[0](ds.x_test[:2]).shape == (2, 10)
