@@ -24,6 +24,8 @@ TraceMeanField_ELBO, Adam):
   * ``dwp-noinit`` — the same prior with the default (Kaiming-uniform) initial means;
   * ``dwp-lu`` — conv weights DWP, all other sites log-uniform;
   * ``log-uniform`` — every site log-uniform, additive-noise guide (sparse VD, log σ² initialised at −10);
+  * ``log-uniform-warm`` — ``log-uniform`` with the sparse-VD KL warm-up (weight 0 for the first 2.5 % of
+    the epochs, linear to 1 at 10 %);
   * ``log-uniform-mf`` — every site log-uniform, mean-field guide;  ``gaussian`` — every site N(0, 1);
   * ``l2`` — deterministic fconv, Adam with weight decay ``--l2``.
 """
@@ -48,7 +50,7 @@ from pyrobnn.data import load_mnist5k
 from pyrobnn.dwp import init_from_prior
 from pyrobnn.priors import DeepWeightPrior
 
-METHODS = ("dwp", "log-uniform", "gaussian", "l2", "dwp-noinit", "dwp-lu", "log-uniform-mf")
+METHODS = ("dwp", "log-uniform", "gaussian", "l2", "dwp-noinit", "dwp-lu", "log-uniform-mf", "log-uniform-warm")
 
 
 def stratified_subset(y: torch.Tensor, n: int, seed: int) -> torch.Tensor:
@@ -81,7 +83,7 @@ def run_bayesian(method, prior_path, x, y, x_test, y_test, steps, lr, seed, num_
         prior = {"conv*": dwp, "*": rest}
         if method != "dwp-noinit":
             init_from_prior(net, DeepWeightPrior(prior_path), generator_seed=seed)
-    elif method == "log-uniform":
+    elif method in ("log-uniform", "log-uniform-warm"):
         prior, guide = "log-uniform", "additive-noise"
     elif method == "log-uniform-mf":
         prior = "log-uniform"
@@ -91,7 +93,9 @@ def run_bayesian(method, prior_path, x, y, x_test, y_test, steps, lr, seed, num_
     batch = min(len(x), 100)
     epochs = math.ceil(steps / math.ceil(len(x) / batch))
     t0 = time.time()
-    hist = fit(bnn, (x, y), epochs=epochs, lr=lr, batch_size=batch, seed=seed, progress=False)
+    # sparse-VD recipe's KL warm-up (0 for 5 of 200 epochs, linear to 1 by epoch 20), scaled to this run
+    warmup = (0.025 * epochs, 0.075 * epochs) if method == "log-uniform-warm" else None
+    hist = fit(bnn, (x, y), epochs=epochs, lr=lr, batch_size=batch, seed=seed, progress=False, kl_warmup=warmup)
     train_s = time.time() - t0
     metrics = bnn.evaluate(x_test, y_test, num_samples=num_samples)
     return {**metrics, "train_seconds": train_s, "epochs": epochs, "steps": epochs * math.ceil(len(x) / batch),
@@ -237,26 +241,30 @@ def cmd_report(args):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     root = Path(args.out)
-    res_path = root / "compare" / "results.jsonl"
     lines = []
-    if res_path.exists():
+    for res_path in sorted(root.glob("compare*/results.jsonl")):
         recs = [json.loads(s) for s in res_path.read_text().splitlines() if s.strip()]
         methods = [m for m in METHODS if any(r["method"] == m for r in recs)]
         methods += sorted({r["method"] for r in recs} - set(methods))
         sizes = sorted({r["n"] for r in recs})
+        steps = sorted({r.get("steps") for r in recs if r.get("steps")})
         table = {}
         for m in methods:
             for n in sizes:
                 accs = [r["accuracy"] for r in recs if r["method"] == m and r["n"] == n]
                 if accs:
                     table[m, n] = (float(np.mean(accs)), float(np.std(accs)), len(accs))
+        lines.append(f"{res_path.parent.name}: mean test accuracy ± sd over seeds (number of seeds); "
+                     f"optimiser steps per run {steps[0]}–{steps[-1]}")
+        lines.append("")
         lines.append("| method | " + " | ".join(f"N={n}" for n in sizes) + " |")
         lines.append("|---|" + "---|" * len(sizes))
         for m in methods:
             cells = [f"{table[m, n][0]:.3f} ± {table[m, n][1]:.3f} ({table[m, n][2]})" if (m, n) in table else "–"
                      for n in sizes]
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
-        fig, ax = plt.subplots(figsize=(6, 4))
+        lines.append("")
+        fig, ax = plt.subplots(figsize=(6.5, 4.2))
         for m in methods:
             ns = [n for n in sizes if (m, n) in table]
             ax.errorbar(ns, [table[m, n][0] for n in ns], yerr=[table[m, n][1] for n in ns], marker="o", capsize=3,
@@ -264,10 +272,10 @@ def cmd_report(args):
         ax.set_xscale("log")
         ax.set_xlabel("MNIST training examples N")
         ax.set_ylabel("test accuracy (1,000 held-out digits)")
-        ax.set_title("fconv on small MNIST: priors compared (mean ± sd over seeds)")
-        ax.legend()
+        ax.set_title("fconv on small MNIST: priors compared (mean ± sd over seeds)", fontsize=10)
+        ax.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(root / "dwp_accuracy.png", dpi=120)
+        fig.savefig(root / f"dwp_accuracy_{res_path.parent.name}.png", dpi=120)
         plt.close(fig)
     curve_files = sorted(root.glob("curves*/curves.json"))
     if curve_files:
