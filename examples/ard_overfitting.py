@@ -42,6 +42,7 @@ from pyrobnn.data import load_breast_cancer
 from pyrobnn.inference import fit
 from pyrobnn.metrics import roc_auc
 from pyrobnn.models import build
+from pyrobnn.priors.ard import DEFAULT_A, DEFAULT_B
 
 METHODS = ("plain", "ard-empirical", "ard-hierarchical")
 STUDY_ARD_A, STUDY_ARD_B = 1.0, 0.01  # the hierarchical hyper-prior of the recorded study
@@ -222,7 +223,8 @@ def relevance_experiment(a):
     x = torch.cat([ds.x_train, torch.randn(len(ds.x_train), n_noise, generator=g)], 1)
     names = list(ds.meta["feature_names"]) + [f"noise {i}" for i in range(n_noise)]
     torch.manual_seed(a.noise_seed)
-    net = build("mlp", in_features=x.shape[1], out_features=1, hidden=[a.hidden])
+    hidden = [a.hidden] if a.hidden > 0 else []  # --hidden 0: logistic regression
+    net = build("mlp", in_features=x.shape[1], out_features=1, hidden=hidden)
     prior = {"name": "ard", "mode": "hierarchical", "a": a.ard_a, "b": a.ard_b}
     bnn = pyrobnn.bayesian(net, prior=prior, guide={"name": "mean-field", "init_scale": a.init_scale},
                            likelihood="bernoulli", dataset_size=len(x))
@@ -234,12 +236,14 @@ def relevance_experiment(a):
     bottom_third = d - d // 3  # ranks > this are in the bottom third
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    plot_relevance(rel, out / "relevance_noise.png", feature_names=names, highlight=range(d - n_noise, d),
-                   title=f"hierarchical ARD relevance, breast cancer + {n_noise} noise columns")
-    res = {"method": rel.method, "noise_ranks": noise_ranks, "n_inputs": d,
+    plot_relevance(rel, out / f"relevance_noise_h{a.hidden}.png", feature_names=names, highlight=range(d - n_noise, d),
+                   highlight_label="noise column",
+                   title=f"hierarchical ARD relevance (E[1/α]), breast cancer + {n_noise} noise columns")
+    res = {"method": rel.method, "hidden": a.hidden, "a": a.ard_a, "b": a.ard_b, "epochs": a.epochs_bayes,
+           "noise_ranks": noise_ranks, "n_inputs": d,
            "all_noise_in_bottom_third": all(r > bottom_third for r in noise_ranks),
            "ranking": [(names[i], float(rel.inputs[i])) for i in torch.argsort(rel.inputs, descending=True).tolist()]}
-    (out / "relevance_noise.json").write_text(json.dumps(res, indent=1))
+    (out / f"relevance_noise_h{a.hidden}.json").write_text(json.dumps(res, indent=1))
     print(json.dumps({k: v for k, v in res.items() if k != "ranking"}))
     for i, (n, v) in enumerate(res["ranking"], 1):
         print(f"{i:2d} {n:25s} {v:.5f}")
@@ -259,9 +263,9 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="runs/ard_overfitting")
     # relevance experiment
-    p.add_argument("--hidden", type=int, default=16)
-    p.add_argument("--ard-a", type=float, default=1.0)
-    p.add_argument("--ard-b", type=float, default=1e-2)
+    p.add_argument("--hidden", type=int, default=16, help="hidden width; 0 = logistic regression")
+    p.add_argument("--ard-a", type=float, default=DEFAULT_A)
+    p.add_argument("--ard-b", type=float, default=DEFAULT_B)
     p.add_argument("--split-seed", type=int, default=0)
     p.add_argument("--noise-seed", type=int, default=1)
     a = p.parse_args(argv)

@@ -168,10 +168,12 @@ def relevance(bnn, samples: Optional[Mapping[str, torch.Tensor]] = None) -> Rele
 
 
 def plot_relevance(rel: Relevance, path, feature_names: Optional[Sequence[str]] = None,
-                   highlight: Sequence[int] = (), title: Optional[str] = None, site: Optional[str] = None):
+                   highlight: Sequence[int] = (), title: Optional[str] = None, site: Optional[str] = None,
+                   highlight_label: str = "highlighted"):
     """Horizontal bar chart (log scale) of relevance, most relevant at the top; writes a PNG atomically.
 
-    :param highlight: indices of inputs drawn in a second colour (e.g. known noise features).
+    :param highlight: indices of inputs drawn in a second colour (e.g. known noise features), named
+        ``highlight_label`` in the legend.
     :returns: the path written.
     """
     import matplotlib
@@ -194,10 +196,10 @@ def plot_relevance(rel: Relevance, path, feature_names: Optional[Sequence[str]] 
     ax.set_xscale("log")
     method = rel.methods[site or rel.input_site]
     ax.set_xlabel("E[1/α] (posterior prior variance)" if method == "ard-precision" else "E[w²] (mean over outputs)")
-    ax.set_title(title or f"relevance of {site or rel.input_site} inputs")
+    ax.set_title(title or f"relevance of {site or rel.input_site} inputs", fontsize=9)
     if marked:
         from matplotlib.patches import Patch
-        ax.legend(handles=[Patch(color="C0", label="feature"), Patch(color="C3", label="highlighted")], fontsize=7)
+        ax.legend(handles=[Patch(color="C0", label="feature"), Patch(color="C3", label=highlight_label)], fontsize=7)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -117,7 +117,8 @@ class EmpiricalARD(TorchDistribution):
         q = local_reparam_params(value)
         if q is None:
             raise ValueError(_NO_DENSITY)
-        var = q.variance + q.loc * q.loc
+        loc_sq = q.loc_sq if hasattr(q, "loc_sq") else q.loc * q.loc
+        var = q.variance + loc_sq
         return -0.5 * (value * value / var + var.log()) - _HALF_LOG_2PI
 
     def __repr__(self):
