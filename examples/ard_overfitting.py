@@ -8,11 +8,10 @@ layer of width h. Three methods per (h, seed):
 * ``ard-empirical`` — ``prior="ard"`` (empirical-Bayes ARD, KL = ½ Σ log(1 + γ²)), mean-field guide with
                      the seed's μ = γ·σ parameterisation (init σ = 0.1), SVI (``pyrobnn.inference.fit``),
                      Adam, full batch, ``--epochs-bayes`` epochs.
-* ``ard-hierarchical`` — ``prior={"name": "ard", "mode": "hierarchical", "a": 1, "b": 0.01}`` (α ~ Gamma(1,
-                     0.01) per input unit, w ~ N(0, 1/α); the study was run with these, before the
-                     library default became Gamma(0.1, 1e-3)), mean-field guide, softplus
-                     parameterisation (a location far from 0 such as log α ≈ 4 moves too slowly with
-                     Adam in the γ parameterisation).
+* ``ard-hierarchical`` — ``prior={"name": "ard", "mode": "hierarchical", "a": --ard-a, "b": --ard-b}``
+                     (α ~ Gamma(a, b) per input unit, w ~ N(0, 1/α); default the library's
+                     Gamma(0.1, 1e-3)), mean-field guide, softplus parameterisation (a location far
+                     from 0 such as log α ≈ 4 moves too slowly with Adam in the γ parameterisation).
 
 Bayesian predictions are posterior-predictive means over ``--num-samples`` draws. For each method the
 script reports train and test ROC-AUC per width (mean ± sd over seeds), the Pearson correlation
@@ -45,7 +44,24 @@ from pyrobnn.models import build
 from pyrobnn.priors.ard import DEFAULT_A, DEFAULT_B
 
 METHODS = ("plain", "ard-empirical", "ard-hierarchical")
-STUDY_ARD_A, STUDY_ARD_B = 1.0, 0.01  # the hierarchical hyper-prior of the recorded study
+# arguments that change a study run's result: stored with every record, and a re-run refuses to mix
+_STUDY_ARGS = ("epochs_plain", "lr_plain", "epochs_bayes", "lr_bayes", "init_scale", "num_samples", "ard_a", "ard_b")
+
+
+def _provenance(a):
+    """The study's result-relevant arguments plus the git commit and whether the code was modified."""
+    import subprocess
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*cmd):
+        try:
+            return subprocess.run(["git", *cmd], cwd=root, capture_output=True, text=True, timeout=30).stdout
+        except (OSError, subprocess.SubprocessError):
+            return None
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", "pyrobnn", "inference", "models",
+                "examples/ard_overfitting.py")
+    return {"args": {k: getattr(a, k) for k in _STUDY_ARGS}, "commit": (git("rev-parse", "HEAD") or "").strip() or None,
+            "modified_files": sorted(l[3:] for l in dirty.splitlines() if l.strip()) if dirty else []}
 
 
 # -- one run -----------------------------------------------------------------------------------------------
@@ -65,7 +81,7 @@ def _train_bayes(net, method, x, y, a):
     if method == "ard-empirical":
         prior, guide = "ard", {"name": "mean-field", "parameterization": "gamma", "init_scale": a.init_scale}
     else:
-        prior = {"name": "ard", "mode": "hierarchical", "a": STUDY_ARD_A, "b": STUDY_ARD_B}
+        prior = {"name": "ard", "mode": "hierarchical", "a": a.ard_a, "b": a.ard_b}
         guide = {"name": "mean-field", "parameterization": "softplus", "init_scale": a.init_scale}
     bnn = pyrobnn.bayesian(net, prior=prior, guide=guide, likelihood="bernoulli", dataset_size=len(x))
     hist = fit(bnn, (x, y), a.epochs_bayes, lr=a.lr_bayes, batch_size=len(x), progress=False, seed=a.run_seed)
@@ -192,6 +208,11 @@ def study(a):
     out.mkdir(parents=True, exist_ok=True)
     log = out / "runs.jsonl"
     records = [json.loads(l) for l in log.read_text().splitlines() if l.strip()] if log.exists() else []
+    prov = _provenance(a)
+    mixed = [r for r in records if r.get("args") != prov["args"]]
+    if mixed:
+        raise SystemExit(f"{log} holds {len(mixed)} runs made with other arguments ({mixed[0].get('args')}); "
+                         f"use another --out")
     done = {(r["method"], r["width"], r["seed"]) for r in records}
     widths = [int(w) for w in a.widths.split(",")]
     t0 = time.perf_counter()
@@ -200,7 +221,7 @@ def study(a):
             for m in METHODS:
                 if (m, w, seed) in done:
                     continue
-                rec = run_one(m, w, seed, a)
+                rec = {**run_one(m, w, seed, a), **prov}
                 records.append(rec)
                 with open(log, "a") as f:
                     f.write(json.dumps(rec) + "\n")
