@@ -383,3 +383,65 @@ def test_augmented_loader_is_reproducible_and_resumable():
     assert not torch.allclose(plain[0], full[0][0])  # augmented
     a.set_epoch(1)
     assert not torch.equal(next(iter(a.batches()))[0], full[0][0])
+
+
+# ---------------------------------------------------------------------------------------------------
+# the Fashion-MNIST example's resumable training and result cache
+# ---------------------------------------------------------------------------------------------------
+def _example_module():
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "tta_fashion.py"
+    spec = importlib.util.spec_from_file_location("tta_fashion_example", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _tiny_net(seed):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 4))
+
+
+def test_example_deterministic_training_resumes_exactly(tmp_path):
+    """Killed after epoch 1 of 3 and re-run: the same weights as the uninterrupted 3 epochs (cosine lr)."""
+    ex = _example_module()
+    x, y = _blob_data(80, 2)
+
+    def run(epochs, ckpt):
+        net = _tiny_net(0)
+        return ex.train_deterministic(net, AugmentedLoader(x, y, default_policy(), batch_size=16, seed=5), epochs,
+                                      1e-2, 5, "cosine", ckpt, None, "t")
+
+    whole = run(3, None)
+    ckpt = str(tmp_path / "m.safetensors")
+    # a 3-epoch run stopped after its first epoch, as a kill would: train with the 3-epoch schedule but
+    # raise once the first checkpoint exists
+    orig = ex.write_state
+
+    def write_then_stop(path, tensors, meta):
+        orig(path, tensors, meta)
+        raise KeyboardInterrupt
+
+    ex.write_state = write_then_stop
+    with pytest.raises(KeyboardInterrupt):
+        run(3, ckpt)
+    ex.write_state = orig
+    resumed = run(3, ckpt)
+    for p, q in zip(whole.parameters(), resumed.parameters()):
+        assert torch.equal(p, q)
+    fresh_from_ckpt = _tiny_net(1)  # different init, overwritten by the checkpoint (epoch 3 = done)
+    done = ex.train_deterministic(fresh_from_ckpt, AugmentedLoader(x, y, default_policy(), batch_size=16, seed=5),
+                                  3, 1e-2, 5, "cosine", ckpt)
+    assert all(torch.equal(p, q) for p, q in zip(whole.parameters(), done.parameters()))
+
+
+def test_example_stage_cache_computes_each_row_once(tmp_path):
+    ex = _example_module()
+    calls = []
+    path = str(tmp_path / "eval.json")
+    s = ex.Stages(path)
+    assert s.get("bnn/none", lambda: calls.append(1) or {"accuracy": 0.5}) == {"accuracy": 0.5}
+    again = ex.Stages(path)  # a re-run reads the finished row instead of recomputing it
+    assert again.get("bnn/none", lambda: calls.append(2) or {"accuracy": 0.0}) == {"accuracy": 0.5}
+    assert calls == [1]
