@@ -19,12 +19,19 @@ class-stratified draws (N/10 per class) from the 4,000, one per seed.
 Methods (all on fconv: conv 16@7×7 → pool → conv 32@5×5 → pool → fc 10 — ``--channels``; the shared
 2-core CPU made the (32, 64) default of the zoo too slow for 60+ runs; mean-field Gaussian guide,
 TraceMeanField_ELBO, Adam):
-  * ``dwp`` — conv weights: deep weight prior (conv means initialised from prior samples); all other
+  * ``dwp`` — conv weights: deep weight prior (conv means initialised at decoder means of z ~ N(0, I)); all other
     sites (conv biases, fc): N(0, 1) — so ``dwp`` and ``gaussian`` differ only in the conv kernels' prior;
   * ``dwp-noinit`` — the same prior with the default (Kaiming-uniform) initial means;
   * ``dwp-lu`` — conv weights DWP, all other sites log-uniform;
-  * ``log-uniform`` — every site log-uniform, additive-noise guide (sparse VD, log σ² initialised at −10);
-  * ``log-uniform-warm`` — ``log-uniform`` with the sparse-VD KL warm-up (weight 0 for the first 2.5 % of
+  * ``log-uniform`` — every site log-uniform, additive-noise guide with α = σ²/θ² truncated at 1, the
+    log-uniform baseline of Atanov et al.'s code (``bayes-mtrunca``: α = sigmoid(·) ≤ 1): the KL's log α is
+    clipped to [−8, 0] and log σ² starts at log θ² (α = 1). Evaluated like the others (posterior predictive,
+    ``--num-samples`` draws); the JSON line also has the unpruned posterior-mean accuracy, the mean pruned at
+    log α > 3 and the fraction pruned;
+  * ``sparse-vd`` — untruncated sparse VD: additive-noise guide, log σ² initialised at −10, log α in [−8, 8].
+    On N ≤ 1000 with a few hundred steps θ → 0 at every weight (the KL gradient on θ, ∝ 1/θ, wins Adam's
+    per-parameter step long before log σ² can grow) and the network is pruned to chance;
+  * ``log-uniform-warm`` — ``sparse-vd`` with the sparse-VD KL warm-up (weight 0 for the first 2.5 % of
     the epochs, linear to 1 at 10 %);
   * ``log-uniform-mf`` — every site log-uniform, mean-field guide;  ``gaussian`` — every site N(0, 1);
   * ``l2`` — deterministic fconv, Adam with weight decay ``--l2``.
@@ -50,7 +57,8 @@ from pyrobnn.data import load_mnist5k
 from pyrobnn.dwp import init_from_prior
 from pyrobnn.priors import DeepWeightPrior
 
-METHODS = ("dwp", "log-uniform", "gaussian", "l2", "dwp-noinit", "dwp-lu", "log-uniform-mf", "log-uniform-warm")
+METHODS = ("dwp", "log-uniform", "gaussian", "l2", "dwp-noinit", "dwp-lu", "sparse-vd", "log-uniform-mf",
+           "log-uniform-warm")
 
 
 def stratified_subset(y: torch.Tensor, n: int, seed: int) -> torch.Tensor:
@@ -81,15 +89,23 @@ def run_bayesian(method, prior_path, x, y, x_test, y_test, steps, lr, seed, num_
         rest = "log-uniform" if method == "dwp-lu" else "gaussian"
         dwp = {"name": "deep-weight", "path": prior_path, "bias_prior": rest}
         prior = {"conv*": dwp, "*": rest}
-        if method != "dwp-noinit":
+        if method != "dwp-noinit":  # decoder means of z ~ N(0, I), as Atanov et al.
             init_from_prior(net, DeepWeightPrior(prior_path), generator_seed=seed)
-    elif method in ("log-uniform", "log-uniform-warm"):
+    elif method == "log-uniform":
+        # α ≤ 1: the KL stops at log α = 0 and θ starts at α = 1 (below, after the guide exists)
+        prior, guide = "log-uniform", {"name": "additive-noise", "log_alpha_clip": [-8.0, 0.0]}
+    elif method in ("sparse-vd", "log-uniform-warm"):
         prior, guide = "log-uniform", "additive-noise"
     elif method == "log-uniform-mf":
         prior = "log-uniform"
     else:
         prior = method
     bnn = pyrobnn.bayesian(net, prior=prior, guide=guide, likelihood="categorical", dataset_size=len(x))
+    if method == "log-uniform":
+        bnn.initialize(x)
+        g = bnn.autoguide
+        with torch.no_grad():  # log σ² = log θ²: every weight starts at α = 1 (Gaussian dropout rate ½)
+            g.flat.log_sigma2.copy_((g.flat.theta * g.flat.theta + 1e-16).log())
     batch = min(len(x), 100)
     epochs = math.ceil(steps / math.ceil(len(x) / batch))
     t0 = time.time()
@@ -98,7 +114,16 @@ def run_bayesian(method, prior_path, x, y, x_test, y_test, steps, lr, seed, num_
     hist = fit(bnn, (x, y), epochs=epochs, lr=lr, batch_size=batch, seed=seed, progress=False, kl_warmup=warmup)
     train_s = time.time() - t0
     metrics = bnn.evaluate(x_test, y_test, num_samples=num_samples)
-    return {**metrics, "train_seconds": train_s, "epochs": epochs, "steps": epochs * math.ceil(len(x) / batch),
+    extra = {}
+    if method in ("log-uniform", "sparse-vd", "log-uniform-warm"):
+        from pyrobnn import sparsity
+        keep = sparsity.masks(bnn)  # log α < 3
+        ones = {s: torch.ones_like(m) for s, m in keep.items()}
+        for key, mask in (("mean_accuracy", ones), ("pruned_mean_accuracy", keep)):
+            out = sparsity.masked_mean_forward(bnn, x_test, mask=mask)
+            extra[key] = (out.argmax(-1) == y_test).float().mean().item()
+        extra["fraction_pruned"] = 1 - sum(int(m.sum()) for m in keep.values()) / sum(m.numel() for m in keep.values())
+    return {**metrics, **extra, "train_seconds": train_s, "epochs": epochs, "steps": epochs * math.ceil(len(x) / batch),
             "final_elbo_per_datum": hist[-1]["elbo_per_datum"]}
 
 
