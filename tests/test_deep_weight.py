@@ -377,3 +377,20 @@ def test_init_from_prior_uses_decoder_means_by_default():
     noisy = span_residual(net[0].weight.detach())
     # 24 kernels × 7 residual dims of N(0, e^{-4}): RMS within ±25 % of e^{-2} = 0.135
     assert 0.75 * math.exp(-2) < noisy < 1.25 * math.exp(-2)
+
+
+def test_dwp_term_and_data_term_are_scaled_like_the_elbo():
+    """In a BNN with dataset_size N and a batch of B, the likelihood is scaled by N/B while the DWP
+    sites (model and guide) carry only the KL weight: −KL(q‖p̂) enters once, not once per datum."""
+    from pyro import poutine
+    bnn = make_bnn(DeepWeightPrior(vaes()))
+    x, y = torch.rand(8, 1, 9, 9), torch.randint(0, 5, (8,))
+    bnn.initialize(x)
+    bnn.kl_weight = 0.25
+    guide_trace = poutine.trace(bnn.guide).get_trace(x, y)
+    model_trace = poutine.trace(poutine.replay(bnn.model, trace=guide_trace)).get_trace(x, y)
+    scales = {n: s["scale"] for n, s in model_trace.nodes.items() if s["type"] == "sample"}
+    assert scales["obs"] == pytest.approx(50 / 8)
+    for site in ("0.weight", "2.weight"):
+        assert isinstance(model_trace.nodes[site]["fn"].base_dist, DeepWeightPrior)
+        assert scales[site] == 0.25 and guide_trace.nodes[site]["scale"] == 0.25
