@@ -25,6 +25,7 @@ TraceMeanField_ELBO, Adam):
     sites (conv biases, fc): N(0, 1) — so ``dwp`` and ``gaussian`` differ only in the conv kernels' prior;
   * ``dwp-noinit`` — the same prior with the default (Kaiming-uniform) initial means;
   * ``dwp-lu`` — conv weights DWP, all other sites log-uniform;
+  * ``dwp-conv1`` — DWP (and DWP init) on the first conv layer's 7×7 kernels only, N(0, 1) elsewhere;
   * ``log-uniform`` — every site log-uniform, additive-noise guide with α = σ²/θ² truncated at 1, the
     log-uniform baseline of Atanov et al.'s code (``bayes-mtrunca``: α = sigmoid(·) ≤ 1): the KL's log α is
     clipped to [−8, 0] and log σ² starts at log θ² (α = 1). Evaluated like the others (posterior predictive,
@@ -36,6 +37,7 @@ TraceMeanField_ELBO, Adam):
   * ``log-uniform-warm`` — ``sparse-vd`` with the sparse-VD KL warm-up (weight 0 for the first 2.5 % of
     the epochs, linear to 1 at 10 %);
   * ``log-uniform-mf`` — every site log-uniform, mean-field guide;  ``gaussian`` — every site N(0, 1);
+  * ``gaussian-draw`` — N(0, 1) with weights drawn (no local reparameterisation), as at DWP sites;
   * ``l2`` — deterministic fconv, Adam with weight decay ``--l2``.
 """
 from __future__ import annotations
@@ -59,7 +61,7 @@ from pyrobnn.data import load_mnist5k
 from pyrobnn.dwp import init_from_prior
 from pyrobnn.priors import DeepWeightPrior
 
-METHODS = ("dwp", "log-uniform", "gaussian", "l2", "dwp-noinit", "dwp-lu", "sparse-vd", "log-uniform-mf",
+METHODS = ("dwp", "log-uniform", "gaussian", "l2", "dwp-noinit", "dwp-lu", "dwp-conv1", "gaussian-draw", "sparse-vd", "log-uniform-mf",
            "log-uniform-warm")
 
 
@@ -87,12 +89,13 @@ def run_bayesian(method, prior_path, x, y, x_test, y_test, steps, lr, seed, num_
     torch.manual_seed(seed)
     net = fconv()
     guide = "mean-field"
-    if method in ("dwp", "dwp-noinit", "dwp-lu"):
+    if method in ("dwp", "dwp-noinit", "dwp-lu", "dwp-conv1"):
         rest = "log-uniform" if method == "dwp-lu" else "gaussian"
         dwp = {"name": "deep-weight", "path": prior_path, "bias_prior": rest}
-        prior = {"conv*": dwp, "*": rest}
+        layers = "conv1" if method == "dwp-conv1" else "conv*"
+        prior = {layers: dwp, "*": rest}
         if method != "dwp-noinit":  # decoder means of z ~ N(0, I), as Atanov et al.
-            init_from_prior(net, DeepWeightPrior(prior_path), generator_seed=seed)
+            init_from_prior(net, DeepWeightPrior(prior_path), layers=layers, generator_seed=seed)
     elif method == "log-uniform":
         # α ≤ 1: the KL stops at log α = 0 and θ starts at α = 1 (below, after the guide exists)
         prior, guide = "log-uniform", {"name": "additive-noise", "log_alpha_clip": [-8.0, 0.0]}
@@ -100,9 +103,14 @@ def run_bayesian(method, prior_path, x, y, x_test, y_test, steps, lr, seed, num_
         prior, guide = "log-uniform", "additive-noise"
     elif method == "log-uniform-mf":
         prior = "log-uniform"
+    elif method == "gaussian-draw":
+        prior = "gaussian"
     else:
         prior = method
-    bnn = pyrobnn.bayesian(net, prior=prior, guide=guide, likelihood="categorical", dataset_size=len(x))
+    # gaussian-draw: N(0, 1) with weights drawn at every site (no local reparameterisation) — the sampling
+    # scheme DWP sites need, so dwp vs gaussian-draw isolates the prior from the gradient noise
+    bnn = pyrobnn.bayesian(net, prior=prior, guide=guide, likelihood="categorical", dataset_size=len(x),
+                           local_reparameterization=method != "gaussian-draw")
     if method == "log-uniform":
         bnn.initialize(x)
         g = bnn.autoguide
