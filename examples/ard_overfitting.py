@@ -21,8 +21,10 @@ Markdown table. Each finished run is appended to ``<out>/runs.jsonl``; re-runnin
     python examples/ard_overfitting.py study                # the study (≈ 10-15 min on 2 cores)
     python examples/ard_overfitting.py relevance            # feature relevance with 10 noise columns
 
-``relevance`` appends 10 standard-normal columns to breast cancer and ranks the 40 inputs with
-:func:`pyrobnn.relevance` after fitting a one-hidden-layer network with hierarchical ARD.
+``relevance`` appends 10 standard-normal columns to breast cancer (or ``--dataset diabetes``, Gaussian
+likelihood) and, for each ``--noise-seeds`` draw, ranks the inputs with every
+:func:`pyrobnn.relevance` statistic after fitting hierarchical ARD (one α per input; ``--hidden 0``
+is logistic / linear regression), next to the marginal |correlation| ranking as a reference.
 """
 from __future__ import annotations
 
@@ -236,38 +238,101 @@ def study(a):
 
 
 # -- relevance with noise columns ---------------------------------------------------------------------------
+def _relevance_data(name, split_seed):
+    """Standardised training inputs/targets, likelihood name and feature names of a real dataset."""
+    if name == "breast_cancer":
+        ds = load_breast_cancer(seed=split_seed)
+        return ds.x_train, ds.y_train, "bernoulli", list(ds.meta["feature_names"])
+    from sklearn.datasets import load_diabetes  # 442 × 10 regression; pyrobnn.data has no loader for it
+    raw = load_diabetes()
+    x, y = torch.tensor(raw.data, dtype=torch.float32), torch.tensor(raw.target, dtype=torch.float32)
+    train = torch.randperm(len(x), generator=torch.Generator().manual_seed(split_seed))[: int(0.8 * len(x))]
+    x, y = x[train], y[train]
+    return (x - x.mean(0)) / x.std(0), (y - y.mean()) / y.std(), "gaussian", list(raw.feature_names)
+
+
+def _ranks(scores):
+    order = torch.argsort(torch.as_tensor(scores, dtype=torch.float64), descending=True)
+    ranks = torch.empty_like(order)
+    ranks[order] = torch.arange(1, len(order) + 1)
+    return ranks
+
+
+def _noise_summary(scores, n_noise):
+    """How the last ``n_noise`` inputs (the noise) rank among all: ranks, the best noise rank, how many
+    real features rank below the best noise column, and the fraction of (real, noise) pairs ordered
+    correctly (1 = every real feature above every noise column)."""
+    scores = torch.as_tensor(scores, dtype=torch.float64)
+    ranks = _ranks(scores)
+    real, noise = scores[:-n_noise], scores[-n_noise:]
+    d = len(scores)
+    return {"noise_ranks": sorted(ranks[-n_noise:].tolist()), "best_noise_rank": int(ranks[-n_noise:].min()),
+            "real_below_best_noise": int((real < noise.max()).sum()),
+            "pair_auc": float((real[:, None] > noise[None, :]).double().mean()),
+            "all_noise_in_bottom_third": bool(ranks[-n_noise:].min() > d - d // 3),
+            "all_noise_last": bool(ranks[-n_noise:].min() > d - n_noise)}
+
+
 def relevance_experiment(a):
-    from pyrobnn.relevance import plot_relevance
-    ds = load_breast_cancer(seed=a.split_seed)
-    g = torch.Generator().manual_seed(a.noise_seed)
-    n_noise = 10
-    x = torch.cat([ds.x_train, torch.randn(len(ds.x_train), n_noise, generator=g)], 1)
-    names = list(ds.meta["feature_names"]) + [f"noise {i}" for i in range(n_noise)]
-    torch.manual_seed(a.noise_seed)
-    hidden = [a.hidden] if a.hidden > 0 else []  # --hidden 0: logistic regression
-    net = build("mlp", in_features=x.shape[1], out_features=1, hidden=hidden)
-    prior = {"name": "ard", "mode": "hierarchical", "a": a.ard_a, "b": a.ard_b}
-    bnn = pyrobnn.bayesian(net, prior=prior, guide={"name": "mean-field", "init_scale": a.init_scale},
-                           likelihood="bernoulli", dataset_size=len(x))
-    fit(bnn, (x, ds.y_train), a.epochs_bayes, lr=a.lr_bayes, batch_size=len(x), progress=False, seed=a.noise_seed)
-    rel = pyrobnn.relevance(bnn)
-    ranks = rel.ranks()
-    d = x.shape[1]
-    noise_ranks = sorted(ranks[-n_noise:].tolist())
-    bottom_third = d - d // 3  # ranks > this are in the bottom third
+    """Per noise seed: append ``--n-noise`` N(0, 1) columns, fit hierarchical ARD (one α per input),
+    rank the inputs with every relevance statistic, and (reference, not ARD) by the marginal
+    |correlation| with the target. Writes ``<out>/relevance_<tag>.json`` and a PNG for the first seed."""
+    from pyrobnn.relevance import STATISTICS, plot_relevance
+    x0, y, lik, names0 = _relevance_data(a.dataset, a.split_seed)
+    hidden = [a.hidden] if a.hidden > 0 else []  # --hidden 0: logistic / linear regression
+    tag = f"{a.dataset}_h{a.hidden}_a{a.ard_a:g}_b{a.ard_b:g}_e{a.epochs_bayes}"
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    plot_relevance(rel, out / f"relevance_noise_h{a.hidden}.png", feature_names=names, highlight=range(d - n_noise, d),
-                   highlight_label="noise column",
-                   title=f"hierarchical ARD relevance (E[1/α]), breast cancer + {n_noise} noise columns")
-    res = {"method": rel.method, "hidden": a.hidden, "a": a.ard_a, "b": a.ard_b, "epochs": a.epochs_bayes,
-           "noise_ranks": noise_ranks, "n_inputs": d,
-           "all_noise_in_bottom_third": all(r > bottom_third for r in noise_ranks),
-           "ranking": [(names[i], float(rel.inputs[i])) for i in torch.argsort(rel.inputs, descending=True).tolist()]}
-    (out / f"relevance_noise_h{a.hidden}.json").write_text(json.dumps(res, indent=1))
-    print(json.dumps({k: v for k, v in res.items() if k != "ranking"}))
-    for i, (n, v) in enumerate(res["ranking"], 1):
-        print(f"{i:2d} {n:25s} {v:.5f}")
+    per_seed = []
+    for noise_seed in [int(s) for s in a.noise_seeds.split(",")]:
+        g = torch.Generator().manual_seed(noise_seed)
+        x = torch.cat([x0, torch.randn(len(x0), a.n_noise, generator=g)], 1)
+        names = names0 + [f"noise {i}" for i in range(a.n_noise)]
+        torch.manual_seed(noise_seed)
+        net = build("mlp", in_features=x.shape[1], out_features=1, hidden=hidden)
+        prior = {"name": "ard", "mode": "hierarchical", "a": a.ard_a, "b": a.ard_b}
+        bnn = pyrobnn.bayesian(net, prior=prior, guide={"name": "mean-field", "init_scale": a.init_scale},
+                               likelihood=lik, dataset_size=len(x))
+        t0 = time.process_time()
+        hist = fit(bnn, (x, y), a.epochs_bayes, lr=a.lr_bayes, batch_size=len(x), progress=False, seed=noise_seed)
+        rec = {"noise_seed": noise_seed, "cpu_s": round(time.process_time() - t0, 1),
+               "final_elbo_per_datum": hist[-1]["elbo_per_datum"], "statistics": {}}
+        for stat in STATISTICS[1:]:
+            rel = pyrobnn.relevance(bnn, statistic=stat)
+            rec["statistics"][stat] = {**_noise_summary(rel.inputs, a.n_noise), "scores": rel.inputs.tolist()}
+            if stat == a.statistic and not per_seed:
+                plot_relevance(rel, out / f"relevance_{tag}.png", feature_names=names,
+                               highlight=range(x.shape[1] - a.n_noise, x.shape[1]), highlight_label="noise column",
+                               title=f"hierarchical ARD, {a.dataset} + {a.n_noise} noise columns "
+                                     f"(hidden {a.hidden}, Gamma({a.ard_a:g}, {a.ard_b:g}), noise seed {noise_seed})")
+        xc, yc = x - x.mean(0), y.double() - y.double().mean()
+        corr = (xc.double() * yc[:, None]).sum(0) / (xc.double().norm(dim=0) * yc.norm())
+        rec["statistics"]["marginal-abs-correlation (reference, not ARD)"] = _noise_summary(corr.abs(), a.n_noise)
+        per_seed.append(rec)
+        print(json.dumps({"noise_seed": noise_seed, "cpu_s": rec["cpu_s"],
+                          **{k: [v["best_noise_rank"], v["real_below_best_noise"], round(v["pair_auc"], 3)]
+                             for k, v in rec["statistics"].items()}}), flush=True)
+    summary = {}
+    for stat in per_seed[0]["statistics"]:
+        rows = [r["statistics"][stat] for r in per_seed]
+        summary[stat] = {"best_noise_rank": [r["best_noise_rank"] for r in rows],
+                         "real_below_best_noise": [r["real_below_best_noise"] for r in rows],
+                         "pair_auc_mean": statistics.fmean(r["pair_auc"] for r in rows),
+                         "seeds_all_noise_in_bottom_third": sum(r["all_noise_in_bottom_third"] for r in rows),
+                         "seeds_all_noise_last": sum(r["all_noise_last"] for r in rows)}
+    res = {"dataset": a.dataset, "n_inputs": x.shape[1], "n_noise": a.n_noise, "hidden": a.hidden, "a": a.ard_a,
+           "b": a.ard_b, "epochs": a.epochs_bayes, "lr": a.lr_bayes, "init_scale": a.init_scale,
+           "split_seed": a.split_seed, "feature_names": names, "summary": summary, "runs": per_seed}
+    (out / f"relevance_{tag}.json").write_text(json.dumps(res, indent=1))
+    print(f"\n{a.dataset}, {x.shape[1]} inputs ({a.n_noise} noise), hidden {a.hidden}, Gamma({a.ard_a:g}, {a.ard_b:g}), "
+          f"{a.epochs_bayes} epochs; per noise seed: best noise rank | real features below the best noise | pair AUC")
+    print("| statistic | best noise rank | real features below the best noise column | mean pair AUC | "
+          "seeds with all noise in bottom third | seeds with all noise last |")
+    print("|---|---|---|---:|---:|---:|")
+    for stat, v in summary.items():
+        print(f"| {stat} | {v['best_noise_rank']} | {v['real_below_best_noise']} | {v['pair_auc_mean']:.3f} | "
+              f"{v['seeds_all_noise_in_bottom_third']}/{len(per_seed)} | {v['seeds_all_noise_last']}/{len(per_seed)} |")
+    print(f"files: {out}/relevance_{tag}.json, .png")
 
 
 def main(argv=None):
@@ -284,7 +349,11 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="runs/ard_overfitting")
     # relevance experiment
-    p.add_argument("--hidden", type=int, default=16, help="hidden width; 0 = logistic regression")
+    p.add_argument("--dataset", choices=["breast_cancer", "diabetes"], default="breast_cancer")
+    p.add_argument("--noise-seeds", default="1,2,3,4,5")
+    p.add_argument("--n-noise", type=int, default=10)
+    p.add_argument("--statistic", default="second-moment", help="relevance statistic drawn in the PNG")
+    p.add_argument("--hidden", type=int, default=0, help="hidden width; 0 = logistic / linear regression")
     p.add_argument("--ard-a", type=float, default=DEFAULT_A)
     p.add_argument("--ard-b", type=float, default=DEFAULT_B)
     p.add_argument("--split-seed", type=int, default=0)

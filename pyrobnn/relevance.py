@@ -2,18 +2,27 @@
 
 For every weight site of rank ≥ 2 (Linear ``[out, in]``, Conv ``[out, in, *kernel]``) the relevance
 of each of its *input units* (dim 1: an input feature, an incoming channel, or a hidden unit of the
-previous layer) is one number, larger = more relevant:
+previous layer) is one number, larger = more relevant. ``statistic`` chooses it:
 
-* **hierarchical ARD** with per-input or per-weight precisions (``ARD(mode="hierarchical")``): the
-  posterior mean of the prior variance, E[1/α]. With a pyrobnn guide, log α ~ N(m, s²) and
-  E[1/α] = exp(−m + s²/2) exactly; with posterior samples (MCMC) it is the sample mean of 1/α.
-  Per-weight α are averaged over the non-input dims.
-* **any other prior or guide** (empirical-Bayes ARD, Gaussian, per-layer α, ...): the posterior
-  second moment E[w²] = μ² + σ² averaged over the non-input dims (over outputs and kernel taps). For
-  empirical-Bayes ARD this is exactly the mean of the fitted per-weight prior variances
-  δ² = μ² + σ² of the group, i.e. the empirical-Bayes analogue of E[1/α].
+* ``"prior-variance"`` — hierarchical ARD with per-input or per-weight precisions only: the posterior
+  mean of the prior variance, E[1/α]. With a pyrobnn guide, log α ~ N(m, s²) and
+  E[1/α] = exp(−m + s²/2) exactly; with posterior samples (MCMC) the sample mean of 1/α.
+* ``"geometric-prior-variance"`` — hierarchical ARD only: exp(−E[log α]) = exp(−m), the posterior
+  geometric mean of 1/α. Unlike E[1/α] it does not blow up with the width s of q(log α): the exact
+  posterior of α for a group of k weights is Gamma(a + k/2, ·), whose E[1/α] is infinite when
+  a + k/2 ≤ 1 (one output, k = 1, e.g. logistic regression) and, in mean-field SVI, a group the data
+  do not constrain keeps a broad q(log α) whose exp(s²/2) factor can rank it first.
+* ``"second-moment"`` — any prior: E[w²] = μ² + σ². For empirical-Bayes ARD this is exactly the
+  fitted per-weight prior variance δ² = μ² + σ² (the empirical-Bayes analogue of E[1/α]).
+* ``"squared-mean"`` — any prior: E[w]² = μ², the size of the posterior-mean effect without the
+  posterior variance (a weight the data do not pin down has σ² ≈ its prior variance, which inflates
+  E[w²] and E[1/α] while μ² stays ≈ 0).
+* ``"auto"`` (default) — ``"prior-variance"`` for hierarchical ARD with per-input / per-weight α,
+  ``"second-moment"`` otherwise.
 
-The network's input relevance is that of the first weight site in execution order.
+Per-weight quantities are averaged over every dim but the input dim (outputs, kernel taps). The
+network's input relevance is that of the first weight site in execution order. Which statistic ranks
+pure-noise inputs last on real data is measured in docs/RESULTS.md (ARD section).
 """
 from __future__ import annotations
 
@@ -25,7 +34,13 @@ from typing import Dict, Mapping, Optional, Sequence
 import torch
 from torch.distributions.transforms import AffineTransform, ComposeTransform, ExpTransform, IndependentTransform
 
-__all__ = ["Relevance", "relevance", "plot_relevance"]
+__all__ = ["Relevance", "relevance", "plot_relevance", "STATISTICS"]
+
+STATISTICS = ("auto", "prior-variance", "geometric-prior-variance", "second-moment", "squared-mean")
+_ALPHA_STATISTICS = ("prior-variance", "geometric-prior-variance")
+_AXIS_LABELS = {"prior-variance": "E[1/α] (posterior mean of the prior variance)",
+                "geometric-prior-variance": "exp(−E[log α]) (posterior geometric-mean prior variance)",
+                "second-moment": "E[w²] (mean over outputs)", "squared-mean": "E[w]² (mean over outputs)"}
 
 
 @dataclass
@@ -34,7 +49,7 @@ class Relevance:
 
     :ivar inputs: ``[in_features]`` (or ``[in_channels]``) relevance of the network's inputs.
     :ivar units: ``{weight site: [in_units]}`` relevance of every layer's input units.
-    :ivar methods: ``{weight site: "ard-precision" | "second-moment"}`` how each entry was computed.
+    :ivar methods: ``{weight site: statistic}`` how each entry was computed (see the module doc).
     :ivar input_site: the weight site that consumes the network's inputs.
     """
 
@@ -115,6 +130,29 @@ def _inverse_alpha_mean(guide, site, samples):
     return (1.0 / draws.double()).mean(0)
 
 
+def _geometric_inverse_alpha(guide, site, samples):
+    if samples is not None:
+        return (-samples[site].double().log().mean(0)).exp()
+    layout = getattr(guide, "_layout", {}).get(site)
+    c = _exp_scale(layout[4]) if layout is not None and layout[4] is not None else None
+    if c is not None and hasattr(guide, "site_params"):
+        loc, _ = guide.site_params(site)  # α = c·exp(z), z ~ N(m, s²): exp(−E[log α]) = exp(−m) / c
+        return (-loc.double()).exp() / c
+    draws = guide.sample_latents(512)[site]
+    return (-draws.double().log().mean(0)).exp()
+
+
+def _squared_mean(guide, site, samples):
+    if samples is not None:
+        return samples[site].double().mean(0) ** 2
+    layout = getattr(guide, "_layout", {}).get(site)
+    if layout is not None and layout[4] is None and hasattr(guide, "site_params"):
+        loc, _ = guide.site_params(site)
+        return loc.double() ** 2
+    draws = guide.sample_latents(512)[site]
+    return draws.double().mean(0) ** 2
+
+
 def _second_moment(guide, site, samples):
     if samples is not None:
         return (samples[site].double() ** 2).mean(0)
@@ -127,15 +165,20 @@ def _second_moment(guide, site, samples):
 
 
 @torch.no_grad()
-def relevance(bnn, samples: Optional[Mapping[str, torch.Tensor]] = None) -> Relevance:
+def relevance(bnn, samples: Optional[Mapping[str, torch.Tensor]] = None, statistic: str = "auto") -> Relevance:
     """Per-input and per-unit relevance of a fitted :class:`~pyrobnn.BNN` (see the module doc).
 
     :param bnn: a BNN whose guide has been fitted (or at least initialised), or any BNN when
         ``samples`` is given.
     :param samples: optional posterior draws ``{site: [S, *site_shape]}`` (e.g. ``MCMC.get_samples()``);
         the relevance is then computed from them instead of from the guide.
+    :param statistic: one of :data:`STATISTICS` (module doc). The α-based ones apply to sites whose
+        prior is hierarchical ARD with per-input / per-weight α; other sites fall back to
+        ``"second-moment"`` (``"squared-mean"`` is applied to every site).
     :returns: :class:`Relevance` (float64 scores).
     """
+    if statistic not in STATISTICS:
+        raise ValueError(f"relevance statistic must be one of {', '.join(STATISTICS)}; got {statistic!r}")
     if not hasattr(bnn, "site_priors") or not hasattr(bnn, "net"):
         raise TypeError(f"relevance() needs a pyrobnn BNN, got {type(bnn).__name__}")
     guide = bnn.autoguide
@@ -155,15 +198,21 @@ def relevance(bnn, samples: Optional[Mapping[str, torch.Tensor]] = None) -> Rele
         group = _alpha_group(bnn.site_priors.get(site))
         if samples is not None and group is not None and f"{site}.alpha" not in samples:
             group = None
-        if samples is not None and group is None and site not in samples:
-            raise ValueError(f"samples have no entry for site {site!r}")
-        if group is not None:
-            inv_alpha = _inverse_alpha_mean(guide, f"{site}.alpha", samples)
+        # the statistic this site gets: α-based ones only where there are per-input/per-weight α
+        stat = "prior-variance" if statistic == "auto" else statistic
+        if stat in _ALPHA_STATISTICS and group is None:
+            stat = "second-moment"
+        if stat in _ALPHA_STATISTICS:
+            read = _inverse_alpha_mean if stat == "prior-variance" else _geometric_inverse_alpha
+            inv_alpha = read(guide, f"{site}.alpha", samples)
             if group == "input":
                 inv_alpha = inv_alpha.reshape((1, shape[1]) + (1,) * (len(shape) - 2))
-            units[site], methods[site] = _per_input(inv_alpha, shape), "ard-precision"
+            units[site], methods[site] = _per_input(inv_alpha, shape), stat
         else:
-            units[site], methods[site] = _per_input(_second_moment(guide, site, samples), shape), "second-moment"
+            if samples is not None and site not in samples:
+                raise ValueError(f"samples have no entry for site {site!r}")
+            read = _squared_mean if stat == "squared-mean" else _second_moment
+            units[site], methods[site] = _per_input(read(guide, site, samples), shape), stat
     return Relevance(inputs=units[names[0]], units=units, methods=methods, input_site=names[0])
 
 
@@ -195,7 +244,7 @@ def plot_relevance(rel: Relevance, path, feature_names: Optional[Sequence[str]] 
     ax.invert_yaxis()
     ax.set_xscale("log")
     method = rel.methods[site or rel.input_site]
-    ax.set_xlabel("E[1/α] (posterior prior variance)" if method == "ard-precision" else "E[w²] (mean over outputs)")
+    ax.set_xlabel(_AXIS_LABELS.get(method, method))
     ax.set_title(title or f"relevance of {site or rel.input_site} inputs", fontsize=9)
     if marked:
         from matplotlib.patches import Patch

@@ -23,7 +23,7 @@ def _mlp(prior, d_in=3, hidden=4, guide="mean-field"):
 def test_hierarchical_input_group_is_posterior_mean_of_inverse_alpha():
     bnn = _mlp({"name": "ard", "mode": "hierarchical", "group": "input"})
     rel = relevance(bnn)
-    assert rel.input_site == "0.weight" and rel.method == "ard-precision"
+    assert rel.input_site == "0.weight" and rel.method == "prior-variance"
     loc, scale = bnn.autoguide.site_params("0.weight.alpha")  # q(log α) = N(loc, scale²)
     expected = (-loc.double() + 0.5 * scale.double() ** 2).exp()
     assert rel.inputs.shape == (3,)
@@ -33,7 +33,7 @@ def test_hierarchical_input_group_is_posterior_mean_of_inverse_alpha():
     assert torch.allclose(rel.inputs, (1 / draws.double()).mean(0), rtol=0.01)
     # the hidden layer's input units are the first layer's outputs
     assert rel.units["2.weight"].shape == (4,)
-    assert rel.methods == {"0.weight": "ard-precision", "2.weight": "ard-precision"}
+    assert rel.methods == {"0.weight": "prior-variance", "2.weight": "prior-variance"}
 
 
 def test_hierarchical_weight_group_averages_over_outputs():
@@ -62,6 +62,36 @@ def test_additive_noise_guide_uses_its_theta_and_sigma():
     assert torch.allclose(relevance(bnn).inputs, expected.detach(), rtol=1e-10)
 
 
+def test_geometric_prior_variance_and_squared_mean_closed_forms():
+    bnn = _mlp({"name": "ard", "mode": "hierarchical", "group": "input"})
+    loc, scale = bnn.autoguide.site_params("0.weight.alpha")
+    rel = relevance(bnn, statistic="geometric-prior-variance")
+    assert rel.methods == {"0.weight": "geometric-prior-variance", "2.weight": "geometric-prior-variance"}
+    assert torch.allclose(rel.inputs, (-loc.double()).exp().detach(), rtol=1e-12)
+    # exp(−E[log α]) ≤ E[1/α] (Jensen), with ratio exp(s²/2) exactly for a log-normal q
+    ratio = relevance(bnn).inputs / rel.inputs
+    assert torch.allclose(ratio, (0.5 * scale.double() ** 2).exp().detach(), rtol=1e-12)
+    # Monte Carlo: the geometric mean of 1/α over 20,000 draws (s ≈ 0.1-0.4: 1 % tolerance)
+    draws = bnn.autoguide.sample_latents(20000, generator=torch.Generator().manual_seed(1))["0.weight.alpha"]
+    assert torch.allclose(rel.inputs, (-draws.double().log().mean(0)).exp(), rtol=0.01)
+    w_loc, _ = bnn.autoguide.site_params("0.weight")
+    sq = relevance(bnn, statistic="squared-mean")
+    assert sq.method == "squared-mean"
+    assert torch.allclose(sq.inputs, (w_loc.double() ** 2).mean(0).detach(), rtol=1e-12)
+    # "second-moment" forced on a hierarchical site reads the weights, not α
+    w_loc, w_scale = bnn.autoguide.site_params("0.weight")
+    sm = relevance(bnn, statistic="second-moment")
+    assert torch.allclose(sm.inputs, (w_loc.double() ** 2 + w_scale.double() ** 2).mean(0).detach(), rtol=1e-12)
+    with pytest.raises(ValueError, match="statistic"):
+        relevance(bnn, statistic="snr")
+
+
+def test_alpha_statistics_fall_back_without_alpha():
+    bnn = _mlp("gaussian")
+    rel = relevance(bnn, statistic="geometric-prior-variance")
+    assert rel.method == "second-moment"
+
+
 def test_relevance_from_posterior_samples():
     bnn = pyrobnn.bayesian(nn.Sequential(nn.Linear(3, 2), nn.ReLU(), nn.Linear(2, 1)),
                            prior={"*0.*": {"name": "ard", "mode": "hierarchical"}, "*": "gaussian"},
@@ -71,9 +101,17 @@ def test_relevance_from_posterior_samples():
     rel = relevance(bnn, samples={"0.weight.alpha": alpha, "2.weight": w2})
     assert torch.allclose(rel.inputs, torch.tensor([0.625, 0.5, 0.625], dtype=torch.float64))
     assert torch.allclose(rel.units["2.weight"], torch.tensor([5.0, 2.0], dtype=torch.float64))
-    assert rel.methods == {"0.weight": "ard-precision", "2.weight": "second-moment"}
+    assert rel.methods == {"0.weight": "prior-variance", "2.weight": "second-moment"}
     with pytest.raises(ValueError, match="2.weight"):
         relevance(bnn, samples={"0.weight.alpha": alpha})
+    geo = relevance(bnn, samples={"0.weight.alpha": alpha, "2.weight": w2}, statistic="geometric-prior-variance")
+    assert torch.allclose(geo.inputs, torch.tensor([0.5, 0.5, 0.5], dtype=torch.float64))  # 1/√(α₁α₂)
+    w0 = torch.tensor([[[1.0, 0.0, 2.0], [0.0, 0.0, 0.0]], [[3.0, 0.0, -2.0], [2.0, 0.0, 0.0]]])
+    sq = relevance(bnn, samples={"0.weight.alpha": alpha, "0.weight": w0, "2.weight": w2}, statistic="squared-mean")
+    assert torch.allclose(sq.inputs, torch.tensor([2.5, 0.0, 0.0], dtype=torch.float64))  # means [[2,0,0],[1,0,0]]
+    assert torch.allclose(sq.units["2.weight"], torch.tensor([4.0, 1.0], dtype=torch.float64))
+    with pytest.raises(ValueError, match="0.weight"):
+        relevance(bnn, samples={"0.weight.alpha": alpha, "2.weight": w2}, statistic="squared-mean")
 
 
 def test_conv_relevance_is_per_input_channel():
@@ -86,7 +124,7 @@ def test_conv_relevance_is_per_input_channel():
 
 
 def test_ranks_and_errors():
-    rel = Relevance(inputs=torch.tensor([0.1, 3.0, 0.5, 2.0]), units={}, methods={"s": "ard-precision"},
+    rel = Relevance(inputs=torch.tensor([0.1, 3.0, 0.5, 2.0]), units={}, methods={"s": "prior-variance"},
                     input_site="s")
     assert rel.ranks().tolist() == [4, 1, 3, 2]
     with pytest.raises(TypeError, match="BNN"):
