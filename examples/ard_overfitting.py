@@ -273,14 +273,43 @@ def _noise_summary(scores, n_noise):
             "all_noise_last": bool(ranks[-n_noise:].min() > d - n_noise)}
 
 
+def _conditional_z(x, y, likelihood):
+    """|coefficient / standard error| of every input in one multivariate fit (reference, not ARD): ordinary
+    least squares for the Gaussian likelihood; for Bernoulli, L2-penalised (C = 1) logistic regression
+    with the Laplace standard errors from the penalised Hessian (an unpenalised fit does not exist on
+    near-separable breast cancer). ``[d]`` float64."""
+    import numpy as np
+    xs, ys = x.double().numpy(), y.double().numpy()
+    design = np.c_[np.ones(len(xs)), xs]
+    if likelihood == "gaussian":
+        beta, *_ = np.linalg.lstsq(design, ys, rcond=None)
+        resid = ys - design @ beta
+        cov = np.linalg.inv(design.T @ design) * (resid @ resid / (len(ys) - design.shape[1]))
+    else:
+        from sklearn.linear_model import LogisticRegression
+        model = LogisticRegression(C=1.0, max_iter=10000).fit(xs, ys)
+        beta = np.r_[model.intercept_, model.coef_[0]]
+        p = model.predict_proba(xs)[:, 1]
+        penalty = np.eye(design.shape[1])
+        penalty[0, 0] = 0.0  # sklearn does not penalise the intercept
+        cov = np.linalg.inv(design.T @ (design * (p * (1 - p))[:, None]) + penalty)
+    return torch.from_numpy(np.abs(beta / np.sqrt(np.diag(cov)))[1:])
+
+
 def relevance_experiment(a):
     """Per noise seed: append ``--n-noise`` N(0, 1) columns, fit hierarchical ARD (one α per input),
     rank the inputs with every relevance statistic, and (reference, not ARD) by the marginal
     |correlation| with the target. Writes ``<out>/relevance_<tag>.json`` and a PNG for the first seed."""
     from pyrobnn.relevance import STATISTICS, plot_relevance
     x0, y, lik, names0 = _relevance_data(a.dataset, a.split_seed)
+    if a.features:
+        keep = [f.strip() for f in a.features.split(",")]
+        missing = [f for f in keep if f not in names0]
+        if missing:
+            raise SystemExit(f"unknown --features {missing}; {a.dataset} has {names0}")
+        x0, names0 = x0[:, [names0.index(f) for f in keep]], keep
     hidden = [a.hidden] if a.hidden > 0 else []  # --hidden 0: logistic / linear regression
-    tag = f"{a.dataset}_h{a.hidden}_a{a.ard_a:g}_b{a.ard_b:g}_e{a.epochs_bayes}"
+    tag = f"{a.dataset}{'_' + '-'.join(names0).replace(' ', '') if a.features else ''}_h{a.hidden}_a{a.ard_a:g}_b{a.ard_b:g}_e{a.epochs_bayes}"
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     per_seed = []
@@ -297,7 +326,7 @@ def relevance_experiment(a):
         hist = fit(bnn, (x, y), a.epochs_bayes, lr=a.lr_bayes, batch_size=len(x), progress=False, seed=noise_seed)
         rec = {"noise_seed": noise_seed, "cpu_s": round(time.process_time() - t0, 1),
                "final_elbo_per_datum": hist[-1]["elbo_per_datum"], "statistics": {}}
-        for stat in STATISTICS[1:]:
+        for stat in STATISTICS:
             rel = pyrobnn.relevance(bnn, statistic=stat)
             rec["statistics"][stat] = {**_noise_summary(rel.inputs, a.n_noise), "scores": rel.inputs.tolist()}
             if stat == a.statistic and not per_seed:
@@ -308,6 +337,7 @@ def relevance_experiment(a):
         xc, yc = x - x.mean(0), y.double() - y.double().mean()
         corr = (xc.double() * yc[:, None]).sum(0) / (xc.double().norm(dim=0) * yc.norm())
         rec["statistics"]["marginal-abs-correlation (reference, not ARD)"] = _noise_summary(corr.abs(), a.n_noise)
+        rec["statistics"]["conditional-abs-z (reference, not ARD)"] = _noise_summary(_conditional_z(x, y, lik), a.n_noise)
         per_seed.append(rec)
         print(json.dumps({"noise_seed": noise_seed, "cpu_s": rec["cpu_s"],
                           **{k: [v["best_noise_rank"], v["real_below_best_noise"], round(v["pair_auc"], 3)]
@@ -320,7 +350,7 @@ def relevance_experiment(a):
                          "pair_auc_mean": statistics.fmean(r["pair_auc"] for r in rows),
                          "seeds_all_noise_in_bottom_third": sum(r["all_noise_in_bottom_third"] for r in rows),
                          "seeds_all_noise_last": sum(r["all_noise_last"] for r in rows)}
-    res = {"dataset": a.dataset, "n_inputs": x.shape[1], "n_noise": a.n_noise, "hidden": a.hidden, "a": a.ard_a,
+    res = {"dataset": a.dataset, "features": a.features or "all", "n_inputs": x.shape[1], "n_noise": a.n_noise, "hidden": a.hidden, "a": a.ard_a,
            "b": a.ard_b, "epochs": a.epochs_bayes, "lr": a.lr_bayes, "init_scale": a.init_scale,
            "split_seed": a.split_seed, "feature_names": names, "summary": summary, "runs": per_seed}
     (out / f"relevance_{tag}.json").write_text(json.dumps(res, indent=1))
@@ -352,6 +382,7 @@ def main(argv=None):
     p.add_argument("--dataset", choices=["breast_cancer", "diabetes"], default="breast_cancer")
     p.add_argument("--noise-seeds", default="1,2,3,4,5")
     p.add_argument("--n-noise", type=int, default=10)
+    p.add_argument("--features", default="", help="comma-separated subset of the dataset's features (default all)")
     p.add_argument("--statistic", default="second-moment", help="relevance statistic drawn in the PNG")
     p.add_argument("--hidden", type=int, default=0, help="hidden width; 0 = logistic / linear regression")
     p.add_argument("--ard-a", type=float, default=DEFAULT_A)

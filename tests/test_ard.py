@@ -227,7 +227,7 @@ def test_hierarchical_ard_linear_regression_prunes_irrelevant_inputs():
     w = w.detach().squeeze(0)
     assert torch.allclose(w[:3], w_true[:3], atol=0.03)  # relevant weights recovered
     assert w[3:].abs().max() < 0.03
-    rel = pyrobnn.relevance(bnn)
+    rel = pyrobnn.relevance(bnn, statistic="prior-variance")
     assert rel.method == "prior-variance"
     assert sorted(rel.ranks()[3:].tolist()) == [4, 5, 6, 7, 8]
     assert rel.inputs[:3].min() > 20 * rel.inputs[3:].max()
