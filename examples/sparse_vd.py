@@ -18,6 +18,21 @@ Each run trains one network and writes ``<out>/<tag>.json`` (and resumable check
     python examples/sparse_vd.py table
     python examples/sparse_vd.py sweep lenet300-svd-fashion_mnist-e60   # other log α thresholds
 
+Recipe variants (each changed option adds a suffix to the run's tag and a note in the table, so the
+reference runs are never overwritten): ``--init-from`` a deterministic checkpoint, ``--init-log-sigma2``,
+``--log-sigma2-lr-mult`` (Adam lr of log σ² = this × the lr of θ), ``--lr``, ``--batch-size``,
+``--kl-hold``/``--kl-ramp``, ``--decay-start``; they apply to ``svd`` and ``torch-svd`` alike.
+``--stop-after K`` makes a pilot: an ``svd`` run stops after K epochs without writing a result and
+resumes from its checkpoint when re-run without it. For example
+
+    python examples/sparse_vd.py run --model lenet300 --method svd --epochs 60 --kl-hold 0 --kl-ramp 5 \
+        --init-from runs/sparse_vd/lenet300-det-fashion_mnist-e60/det-ckpt.safetensors --init-log-sigma2 -6
+
+Why ``--init-log-sigma2`` matters from a trained network: log α is clipped to [−8, 8] in the KL, so a
+weight with log σ² − log θ² < −8 gets no KL gradient at all. With log σ² = −10 that is every weight
+with |θ| > e⁻¹ ≈ 0.37 (6 % of a trained LeNet-300-100's fc1), and the data term then pushes σ² further
+down: such weights are never pruned.
+
 A killed run is resumed by re-running the same command (exactly: data order and RNG state are restored).
 Test error of a sparse-VD network is that of the pruned posterior-mean network (θ ⊙ [log α < 3]),
 computed by the exported plain ``torch.nn.Module`` (``pyrobnn.sparsity.export``).
@@ -54,8 +69,84 @@ def _tag(a):
         parts.append("pretrained")
     if a.limit_train:
         parts.append(f"n{a.limit_train}")
+    parts += _recipe_suffixes(a)
     parts.append(f"e{a.epochs}")
     return "-".join(parts)
+
+
+#: recipe options that default to the reference recipe; a run that changes one gets a tag suffix (so its
+#: results do not overwrite the reference runs) and a note in the table
+_RECIPE_DEFAULTS = {"lr": 1e-3, "batch_size": 100, "kl_hold": 5.0, "kl_ramp": 15.0, "decay_start": 0.5,
+                    "init_log_sigma2": -10.0, "log_sigma2_lr_mult": 1.0}
+
+
+def _recipe_suffixes(a):
+    """Tag parts for the recipe options that differ from the reference recipe (``[]`` for it)."""
+    d = _RECIPE_DEFAULTS
+    out = []
+    if a.lr != d["lr"]:
+        out.append(f"lr{a.lr:g}")
+    if a.batch_size != d["batch_size"]:
+        out.append(f"b{a.batch_size}")
+    if (a.kl_hold, a.kl_ramp) != (d["kl_hold"], d["kl_ramp"]):
+        out.append(f"kl{a.kl_hold:g}+{a.kl_ramp:g}")
+    if a.decay_start != d["decay_start"]:
+        out.append(f"decay{a.decay_start:g}")
+    if a.init_log_sigma2 != d["init_log_sigma2"]:
+        out.append(f"ls2init{a.init_log_sigma2:g}")
+    if a.log_sigma2_lr_mult != d["log_sigma2_lr_mult"]:
+        out.append(f"ls2lr{a.log_sigma2_lr_mult:g}x")
+    return out
+
+
+def _recipe_note(recipe, method):
+    """Short human-readable list of a result's departures from the reference recipe (for the table)."""
+    if not recipe or method == "det":
+        return []
+    notes = []
+    if recipe.get("lr", 1e-3) != 1e-3:
+        notes.append(f"Adam lr {recipe['lr']:g}")
+    if recipe.get("batch_size", 100) != 100:
+        notes.append(f"batch {recipe['batch_size']}")
+    hold, ramp = recipe.get("kl_warmup", [5, 15])
+    if (hold, ramp) != (5, 15):
+        notes.append(f"KL warm-up {hold:g}+{ramp:g}")
+    if recipe.get("lr_decay_start_epoch") is not None and recipe.get("lr_decay_start_fraction", 0.5) != 0.5:
+        notes.append(f"lr decay from epoch {recipe['lr_decay_start_epoch']:g}")
+    if recipe.get("init_log_sigma2", -10.0) != -10.0:
+        notes.append(f"log σ² init {recipe['init_log_sigma2']:g}")
+    if recipe.get("log_sigma2_lr_mult", 1.0) != 1.0:
+        notes.append(f"log σ² lr ×{recipe['log_sigma2_lr_mult']:g}")
+    return notes
+
+
+class GroupScaledAdam(torch.optim.Adam):
+    """Adam whose param groups may carry ``lr_mult``: each step uses ``lr * lr_mult`` for that group.
+
+    ``pyrobnn.inference.fit`` sets every group's ``lr`` to the scheduled base lr before each step, so a
+    per-group lr has to be a multiplier applied at step time (it then follows the same schedule)."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        saved = [g["lr"] for g in self.param_groups]
+        for g in self.param_groups:
+            g["lr"] = g["lr"] * g.get("lr_mult", 1.0)
+        try:
+            return super().step(closure)
+        finally:
+            for g, lr in zip(self.param_groups, saved):
+                g["lr"] = lr
+
+
+def _adam_groups(params, log_sigma2_params, lr, log_sigma2_lr_mult):
+    """Adam over ``params`` with the parameters in ``log_sigma2_params`` (log σ²) at ``lr_mult``."""
+    ids = {id(p) for p in log_sigma2_params}
+    rest = [p for p in params if id(p) not in ids]
+    ls2 = [p for p in params if id(p) in ids]
+    if len(ls2) != len(ids):
+        raise ValueError("some log σ² parameters are not among the optimised parameters")
+    return GroupScaledAdam([{"params": rest, "lr_mult": 1.0}, {"params": ls2, "lr_mult": float(log_sigma2_lr_mult)}],
+                           lr=lr)
 
 
 def _data(a):
@@ -164,15 +255,21 @@ def train_torch_sparse_vd(a, out_dir: Path):
     torch.manual_seed(a.seed)
     x_tr, y_tr, x_te, y_te = _data(a)
     base = build("lenet300")
+    if a.init_from:
+        tensors, _ = read_state(Path(a.init_from))
+        base.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
     net = torch.nn.Sequential(torch.nn.Flatten(), TorchSVDLinear(base.fc1, a.init_log_sigma2, a.clip), torch.nn.ReLU(),
                               TorchSVDLinear(base.fc2, a.init_log_sigma2, a.clip), torch.nn.ReLU(),
                               TorchSVDLinear(base.fc3, a.init_log_sigma2, a.clip))
     layers = [net[1], net[3], net[5]]
-    opt = torch.optim.Adam(net.parameters(), lr=a.lr)
+    opt = _adam_groups(list(net.parameters()), [p for m in layers for p in (m.log_sigma2, m.log_sigma2_b)],
+                       a.lr, a.log_sigma2_lr_mult)
     loader = ArrayLoader(x_tr, y_tr, batch_size=a.batch_size, seed=a.seed)
     lr_of = lr_factor_schedule(("linear-decay", a.epochs * a.decay_start), a.epochs)
     N, steps, history = len(x_tr), len(loader), []
     for epoch in range(a.epochs):
+        if a.stop_after and epoch >= a.stop_after:
+            return net, None
         net.train()
         loader.set_epoch(epoch)
         t0 = time.perf_counter()
@@ -223,11 +320,18 @@ def train_sparse_vd(a, out_dir: Path):
         with open(log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in record.items()}), flush=True)
+        return bool(a.stop_after) and record["epoch"] >= a.stop_after
+
+    def optimizer(params):
+        return _adam_groups(params, [dict(bnn.named_parameters())["autoguide.flat.log_sigma2"]], a.lr,
+                            a.log_sigma2_lr_mult)
 
     hist = fit(bnn, ArrayLoader(x_tr, y_tr, batch_size=a.batch_size, seed=a.seed), a.epochs, lr=a.lr,
                kl_warmup=(a.kl_hold, a.kl_ramp), lr_schedule=("linear-decay", a.epochs * a.decay_start),
                checkpoint_dir=str(out_dir / "ckpt"), resume=True, seed=a.seed, progress=False,
-               callbacks=[on_epoch])
+               callbacks=[on_epoch], optimizer=optimizer)
+    if len(hist.records) < a.epochs:  # --stop-after: a pilot; re-running without it resumes
+        return bnn, None
     rep = sparsity.report(bnn)
     pruned = sparsity.export(bnn)
     # the unpruned posterior mean, for reference
@@ -255,11 +359,15 @@ def cmd_run(a):
         _, result = train_torch_sparse_vd(a, out_dir)
     else:
         _, result = train_sparse_vd(a, out_dir)
+    if result is None:
+        print(f"stopped after epoch {a.stop_after} (--stop-after); no result written", flush=True)
+        return
     result.update({"tag": tag, "model": a.model, "method": a.method, "dataset": a.dataset, "epochs": a.epochs,
                    "random_labels": a.random_labels, "init_from": a.init_from, "command": " ".join(sys.argv),
                    "threads": a.threads, "wall_seconds_this_invocation": time.perf_counter() - t0,
                    "recipe": {"lr": a.lr, "batch_size": a.batch_size, "kl_warmup": [a.kl_hold, a.kl_ramp],
                               "lr_decay_start_epoch": a.epochs * a.decay_start, "init_log_sigma2": a.init_log_sigma2,
+                              "lr_decay_start_fraction": a.decay_start, "log_sigma2_lr_mult": a.log_sigma2_lr_mult,
                               "log_alpha_clip": [-a.clip, a.clip], "prune_log_alpha_above": 3.0}})
     with open(Path(a.out) / f"{tag}.json", "w") as f:
         json.dump(result, f, indent=1)
@@ -282,6 +390,8 @@ def cmd_table(a):
         method = {"det": "deterministic", "svd": "sparse VD (pyrobnn)",
                   "torch-svd": "sparse VD (hand-written PyTorch)"}[r["method"]]
         method += " (from det.)" if r.get("init_from") else ""
+        notes = _recipe_note(r.get("recipe"), r["method"])
+        method += f" ({', '.join(notes)})" if notes else ""
         if r["method"] == "det":
             comp = "×1"
         elif r["weights_kept"] == 0:
@@ -328,6 +438,10 @@ def main(argv=None):
     r.add_argument("--kl-ramp", type=float, default=15)
     r.add_argument("--decay-start", type=float, default=0.5, help="lr constant until this fraction of the epochs")
     r.add_argument("--init-log-sigma2", type=float, default=-10.0)
+    r.add_argument("--log-sigma2-lr-mult", type=float, default=1.0,
+                   help="Adam lr of the log σ² parameters = this × the lr of θ (both follow the lr schedule)")
+    r.add_argument("--stop-after", type=int, default=None,
+                   help="pilot: stop after this many epochs without writing a result (svd resumes from its checkpoint)")
     r.add_argument("--clip", type=float, default=8.0, help="log α clipped to [-clip, clip]")
     r.add_argument("--init-from", default=None, help="det checkpoint (…/det-ckpt.safetensors) to start θ from")
     r.add_argument("--seed", type=int, default=0)
