@@ -332,8 +332,9 @@ def relevance_experiment(a):
             if stat == a.statistic and not per_seed:
                 plot_relevance(rel, out / f"relevance_{tag}.png", feature_names=names,
                                highlight=range(x.shape[1] - a.n_noise, x.shape[1]), highlight_label="noise column",
-                               title=f"hierarchical ARD, {a.dataset} + {a.n_noise} noise columns "
-                                     f"(hidden {a.hidden}, Gamma({a.ard_a:g}, {a.ard_b:g}), noise seed {noise_seed})")
+                               title=f"hierarchical ARD, {a.dataset} + {a.n_noise} noise columns\n"
+                                     f"hidden {a.hidden}, Gamma({a.ard_a:g}, {a.ard_b:g}), {a.epochs_bayes} epochs, "
+                                     f"noise seed {noise_seed}, statistic {stat}")
         xc, yc = x - x.mean(0), y.double() - y.double().mean()
         corr = (xc.double() * yc[:, None]).sum(0) / (xc.double().norm(dim=0) * yc.norm())
         rec["statistics"]["marginal-abs-correlation (reference, not ARD)"] = _noise_summary(corr.abs(), a.n_noise)
