@@ -351,7 +351,9 @@ def relevance_experiment(a):
                          "pair_auc_mean": statistics.fmean(r["pair_auc"] for r in rows),
                          "seeds_all_noise_in_bottom_third": sum(r["all_noise_in_bottom_third"] for r in rows),
                          "seeds_all_noise_last": sum(r["all_noise_last"] for r in rows)}
-    res = {"dataset": a.dataset, "features": a.features or "all", "n_inputs": x.shape[1], "n_noise": a.n_noise, "hidden": a.hidden, "a": a.ard_a,
+    prov = _provenance(a)
+    res = {"commit": prov["commit"], "modified_files": prov["modified_files"],
+           "dataset": a.dataset, "features": a.features or "all", "n_inputs": x.shape[1], "n_noise": a.n_noise, "hidden": a.hidden, "a": a.ard_a,
            "b": a.ard_b, "epochs": a.epochs_bayes, "lr": a.lr_bayes, "init_scale": a.init_scale,
            "split_seed": a.split_seed, "feature_names": names, "summary": summary, "runs": per_seed}
     (out / f"relevance_{tag}.json").write_text(json.dumps(res, indent=1))

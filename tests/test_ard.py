@@ -196,6 +196,15 @@ def test_hierarchical_sites_and_broadcast(group, alpha_shapes):
     assert torch.allclose(alpha["fn"].log_prob(alpha["value"]), ref.sum() if ref.dim() else ref, atol=1e-5)
 
 
+def test_hyper_prior_whose_median_underflows_is_refused():
+    with pytest.raises(ValueError, match="underflow"):
+        HierarchicalARD(a=1e-3, b=1e-3)  # median ≈ 5e-299: α initialised at 0 in float32, NaN loss
+    with pytest.raises(ValueError, match="underflow"):
+        ARD(mode="hierarchical", a=1e-4, b=1e-4)
+    HierarchicalARD(a=0.05, b=1e-3)  # median ≈ 6e-4: fine
+    HierarchicalARD(a=1.0, b=1.0)
+
+
 def test_scalar_gamma_log_prob_matches_torch_for_shape_not_one():
     prior = HierarchicalARD(group="weight", a=2.5, b=0.3)
     fn = prior._hyper.expand([4])

@@ -36,7 +36,13 @@ so a group the data leave at zero climbs to the ceiling ≈ (a + k/2)/b (≥ 600
 while a used group settles near k / Σ E[w²]. And the prior mean a/b sets how hard the weights are
 shrunk before the data speak: with a = 1, b = 1e-2 (mean 100, median 69) a 4-8-1 ReLU network on 128
 points collapses to the constant predictor (every weight pruned, a stable local optimum), while
-a = 0.1, b = 1e-3 fits it (tests/test_ard.py). Tipping's a = b = 1e-4 is close to the improper limit.
+a = 0.1, b = 1e-3 fits it (tests/test_ard.py). Tipping's a = b = 1e-4 is close to the improper limit
+and is refused here: its median (≈ 1e-300) underflows float32, so precisions initialised there are 0.
+
+For *relevance read-outs* (:func:`pyrobnn.relevance`) on standardised data, Gamma(1, 1) and the
+``"second-moment"`` statistic E[w²] measured best (docs/RESULTS.md, ARD section): with one weight per
+α (a single output) α's posterior Gamma(a + ½, b + ½E[w²]) carries little information, and with
+a + ½ ≤ 1 its E[1/α] is infinite.
 """
 from __future__ import annotations
 
@@ -214,6 +220,14 @@ class HierarchicalARD:
             raise ValueError(f"hierarchical ARD group must be one of {', '.join(_GROUPS)}; got {group!r}")
         check_positive("ARD Gamma shape a", a)
         check_positive("ARD Gamma rate b", b)
+        if a < 1:
+            # Pyro starts α at a median of prior draws; for small a the median ≈ (Γ(a + 1)/2)^(1/a) / b
+            # (a = b = 1e-3: ≈ 1e-299) underflows float32 to α = 0, w ~ N(0, ∞), and SVI fails with NaN.
+            log10_median = ((math.lgamma(a + 1.0) - math.log(2.0)) / a - math.log(b)) / math.log(10.0)
+            if log10_median < -20:
+                raise ValueError(f"ARD Gamma({a:g}, {b:g}) has median ≈ 1e{log10_median:.0f}: precisions "
+                                 f"initialised there underflow float32 to 0 (NaN loss). Use a larger shape a "
+                                 f"(e.g. the default a = {DEFAULT_A}) or a smaller rate b")
         self.group, self.a, self.b = group, float(a), float(b)
         self._hyper = _ScalarGamma(self.a, self.b)
 
