@@ -28,7 +28,7 @@ likelihood) and, for each ``--noise-seeds`` draw, ranks the inputs with every
 :func:`pyrobnn.relevance` statistic after fitting hierarchical ARD (one α per input; ``--hidden 0``
 is logistic / linear regression), next to two non-ARD references: the marginal |correlation| and the
 conditional |coefficient / standard error| of one multivariate fit. The commands and results behind
-docs/RESULTS.md are in runs/ard_relevance/commands.sh (Gamma(1, 1) measured better than the default).
+docs/RESULTS.md are listed there (ARD section); Gamma(1, 1) measured better than the default.
 """
 from __future__ import annotations
 
