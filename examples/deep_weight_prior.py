@@ -25,6 +25,7 @@ TraceMeanField_ELBO, Adam):
     sites (conv biases, fc): N(0, 1) — so ``dwp`` and ``gaussian`` differ only in the conv kernels' prior;
   * ``dwp-noinit`` — the same prior with the default (Kaiming-uniform) initial means;
   * ``dwp-lu`` — conv weights DWP, all other sites log-uniform;
+  * ``dwp-sample`` — ``dwp`` with the conv means initialised at full draws w ~ p(w|z) (decoder noise included);
   * ``dwp-conv1`` — DWP (and DWP init) on the first conv layer's 7×7 kernels only, N(0, 1) elsewhere;
   * ``log-uniform`` — every site log-uniform, additive-noise guide with α = σ²/θ² truncated at 1, the
     log-uniform baseline of Atanov et al.'s code (``bayes-mtrunca``: α = sigmoid(·) ≤ 1): the KL's log α is
@@ -61,7 +62,7 @@ from pyrobnn.data import load_mnist5k
 from pyrobnn.dwp import init_from_prior
 from pyrobnn.priors import DeepWeightPrior
 
-METHODS = ("dwp", "log-uniform", "gaussian", "l2", "dwp-noinit", "dwp-lu", "dwp-conv1", "gaussian-draw", "sparse-vd", "log-uniform-mf",
+METHODS = ("dwp", "log-uniform", "gaussian", "l2", "dwp-noinit", "dwp-lu", "dwp-conv1", "dwp-sample", "gaussian-draw", "sparse-vd", "log-uniform-mf",
            "log-uniform-warm")
 
 
@@ -89,13 +90,14 @@ def run_bayesian(method, prior_path, x, y, x_test, y_test, steps, lr, seed, num_
     torch.manual_seed(seed)
     net = fconv()
     guide = "mean-field"
-    if method in ("dwp", "dwp-noinit", "dwp-lu", "dwp-conv1"):
+    if method in ("dwp", "dwp-noinit", "dwp-lu", "dwp-conv1", "dwp-sample"):
         rest = "log-uniform" if method == "dwp-lu" else "gaussian"
         dwp = {"name": "deep-weight", "path": prior_path, "bias_prior": rest}
         layers = "conv1" if method == "dwp-conv1" else "conv*"
         prior = {layers: dwp, "*": rest}
         if method != "dwp-noinit":  # decoder means of z ~ N(0, I), as Atanov et al.
-            init_from_prior(net, DeepWeightPrior(prior_path), layers=layers, generator_seed=seed)
+            init_from_prior(net, DeepWeightPrior(prior_path), layers=layers, generator_seed=seed,
+                            mean_only=method != "dwp-sample")
     elif method == "log-uniform":
         # α ≤ 1: the KL stops at log α = 0 and θ starts at α = 1 (below, after the guide exists)
         prior, guide = "log-uniform", {"name": "additive-noise", "log_alpha_clip": [-8.0, 0.0]}

@@ -336,7 +336,7 @@ def test_init_from_prior_sets_kernels_of_net_and_bnn():
     names = init_from_prior(net, prior)
     assert names == ["0.weight", "2.weight"]
     torch.manual_seed(11)
-    expected = prior.for_kernel(5).vae.sample((4, 1), mean_only=True)
+    expected = prior.for_kernel(5).expand([4, 1]).sample()
     assert torch.equal(net[0].weight, expected)
     assert torch.equal(net[5].weight, fc_before)
     # a BNN before its guide exists: the guide's means start at the samples
@@ -344,22 +344,22 @@ def test_init_from_prior_sets_kernels_of_net_and_bnn():
     torch.manual_seed(12)
     init_from_prior(bnn, prior, layers="2")
     torch.manual_seed(12)
-    expected = prior.for_kernel(3).vae.sample((3, 4), mean_only=True)
+    expected = prior.for_kernel(3).expand([3, 4]).sample()
     bnn.initialize(torch.rand(2, 1, 9, 9))
     assert torch.equal(bnn.autoguide.site_params("2.weight")[0], expected)
     # and after: the means are overwritten
     torch.manual_seed(13)
     init_from_prior(bnn, prior, layers=["0"])
     torch.manual_seed(13)
-    assert torch.equal(bnn.autoguide.site_params("0.weight")[0], prior.for_kernel(5).vae.sample((4, 1), mean_only=True))
+    assert torch.equal(bnn.autoguide.site_params("0.weight")[0], prior.for_kernel(5).expand([4, 1]).sample())
     with pytest.raises(ValueError, match="has no VAE"):
         init_from_prior(small_convnet(), DeepWeightPrior({"c5": KernelVAE(5, 2, 4)}), layers="2")
 
 
-def test_init_from_prior_uses_decoder_means_by_default():
-    """Bug fixed: init drew w ~ p(w|z) (decoder noise included) instead of the paper's w = μ_θ(z).
-    With a linear decoder μ_θ(z) = A z + b, mean-only kernels lie in the 2-d affine span exactly;
-    full draws (decoder σ = e^{-2} per pixel) leave a residual of about σ per pixel."""
+def test_init_from_prior_mean_only_gives_decoder_means():
+    """``mean_only=True`` (the paper's w = μ_θ(z)) vs the default full draw w ~ p(w|z). With a linear
+    decoder μ_θ(z) = A z + b, mean-only kernels lie in the 2-d affine span exactly; full draws (decoder
+    σ ≈ e^{-2} per pixel) leave a residual of about σ per pixel."""
     torch.manual_seed(3)
     vae = KernelVAE(3, latent_dim=2, hidden=4, decoder="linear")
     prior = DeepWeightPrior(vae)
@@ -371,9 +371,9 @@ def test_init_from_prior_uses_decoder_means_by_default():
         return (d - (A @ z).T).pow(2).mean().sqrt().item()
 
     net = torch.nn.Sequential(torch.nn.Conv2d(4, 6, 3))
-    init_from_prior(net, prior, generator_seed=0)
+    init_from_prior(net, prior, generator_seed=0, mean_only=True)
     assert span_residual(net[0].weight.detach()) < 1e-5
-    init_from_prior(net, prior, generator_seed=0, mean_only=False)
+    init_from_prior(net, prior, generator_seed=0)
     noisy = span_residual(net[0].weight.detach())
     # 24 kernels × 7 residual dims of N(0, e^{-4}): RMS within ±25 % of e^{-2} = 0.135
     assert 0.75 * math.exp(-2) < noisy < 1.25 * math.exp(-2)
