@@ -605,8 +605,7 @@ class SGLDChain(Teacher):
 
     def state_bytes(self):
         seen, total = set(), 0
-        tensors = list((self.params or {}).values()) + list((self.kernel._last_good or {}).values()) \
-            + list(getattr(self.kernel, "_square_avg", None) or [])
+        tensors = list((self.params or {}).values()) + self.kernel.kept_tensors()
         for t in tensors:
             if id(t) not in seen:
                 seen.add(id(t))

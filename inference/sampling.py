@@ -397,7 +397,7 @@ def _run_chain(bnn, k: SGLD, stream, num_samples, warmup, thin, max_draws, patte
             for n in kept:
                 v = params[n].detach()
                 v = v if inv[n] is None else inv[n](v)
-                out["draws"][n].append(v.to(store_dtype) if store_dtype is not None else v.clone())
+                out["draws"][n].append(v.to(store_dtype, copy=True) if store_dtype is not None else v.clone())
             out["stats"]["potential_energy"].append(k._last_potential)
             out["stats"]["step_size"].append(k._last_step_size)
             out["stats"]["diverging"].append(False)

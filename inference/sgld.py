@@ -34,8 +34,14 @@ draws — almost free, since consecutive SGLD draws are strongly autocorrelated 
 prediction afterwards), or :func:`pyrobnn.inference.sample` (a cap on kept draws that thins adaptively,
 optional half-precision storage, and function-space outputs recorded on the fly).
 
+State. SGLD updates the state tensors in place (kernel-owned copies: the tensors a caller passes in,
+``initial_params`` included, are never written): a state dict returned by :meth:`SGLD.step` /
+:meth:`SGLD.sample` is overwritten by the next update that is given it — clone what you keep
+(``pyro.infer.MCMC`` copies every kept draw; :func:`pyrobnn.inference.sample` does too).
+
 Divergences. An update whose starting state has a NaN/inf potential is not taken: the chain returns
-to its last state with a finite potential. A kept draw is such a state only until the next update
+to its last state with a finite potential (for SGLD by subtracting the last increment, exact up to
+rounding). A kept draw is such a state only until the next update
 evaluates it, so ``diagnostics()["divergences"]`` lists the indices of the kept draws found divergent
 that way (as ``arviz.from_pyro`` reads them: those draws are flagged ``diverging``);
 ``"divergent updates"`` counts all rejected updates, warm-up and thinned-away states included.
@@ -259,16 +265,24 @@ class _LogJoint(Messenger):
                 self.constant += constant * scale
                 return
         lp = fn.log_prob(value, *msg["args"], **msg["kwargs"])
+        if msg["mask"] is None and isinstance(scale, (int, float)):
+            # sum first, then one scalar product (the N/M of a minibatch): same number, fewer passes
+            lp = lp.sum() if lp.dim() else lp
+            self.terms.append(lp if scale == 1.0 else lp * scale)
+            return
         lp = scale_and_mask(lp, scale, msg["mask"])
         self.terms.append(lp.sum() if lp.dim() else lp)
 
     def log_joint(self) -> torch.Tensor:
         terms = list(self.terms)
         if self.sq_values:
-            terms.append(_SumScaledSquaredNorms.apply(self.sq_coefs, *self.sq_values) + self.constant)
+            terms.append(_SumScaledSquaredNorms.apply(self.sq_coefs, self.constant, *self.sq_values))
         if not terms:
             raise ValueError("the model has no sample sites")
-        return terms[0] if len(terms) == 1 else torch.stack(terms).sum()
+        total = terms[0]
+        for t in terms[1:]:
+            total = total + t
+        return total
 
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
@@ -299,22 +313,23 @@ def _scalar_normal_plan(fn):
 
 
 class _SumScaledSquaredNorms(torch.autograd.Function):
-    """Σ_i c_i ‖z_i‖² over several tensors: one ``_foreach_norm`` forward, one ``_foreach_mul`` backward
-    (g·2c_i)·z_i. Autograd's generic rule for z·z takes three passes per tensor (two products and their
-    sum) and one graph node per operation and site."""
+    """k + Σ_i c_i ‖z_i‖² over several tensors: one ``_foreach_norm`` forward, one ``_foreach_mul``
+    backward (g·2c_i)·z_i. Autograd's generic rule for z·z takes three passes per tensor (two products
+    and their sum) and one graph node per operation and site."""
 
     @staticmethod
-    def forward(ctx, coefs: List[float], *zs):
+    def forward(ctx, coefs: List[float], constant: float, *zs):
         ctx.save_for_backward(*zs)
         ctx.coefs = coefs
         norms = torch.stack(torch._foreach_norm(zs))
-        return (norms * norms * norms.new_tensor(coefs)).sum()
+        total = torch.dot(norms * norms, norms.new_tensor(coefs))
+        return total.add_(constant) if constant else total
 
     @staticmethod
     def backward(ctx, grad):
         zs = ctx.saved_tensors
         g = float(grad)
-        return (None, *torch._foreach_mul(zs, [2.0 * c * g for c in ctx.coefs]))
+        return (None, None, *torch._foreach_mul(zs, [2.0 * c * g for c in ctx.coefs]))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -372,6 +387,9 @@ class SGLD(MCMCKernel):
         self._last_potential = float("nan")
         self._last_step_size = float("nan")
         self._last_good = None
+        self._owned: Optional[List[torch.Tensor]] = None   # state tensors updated in place (SGLD)
+        self._undo = None                                   # (increments, scale) of the last update
+        self._increments: Optional[List[torch.Tensor]] = None
         self._diverged = False
         self._args, self._kwargs = (), {}
         self._sites: List[tuple] = []    # (name, transform or None)
@@ -491,16 +509,31 @@ class SGLD(MCMCKernel):
         return potential.detach(), grads
 
     def _update(self, zs: List[torch.Tensor], grads, eta: float, explore: bool) -> List[torch.Tensor]:
-        new = torch._foreach_add(zs, list(grads), alpha=-0.5 * eta)
-        if not explore and self.temperature > 0:
-            noise = math.sqrt(eta * self.temperature)
-            for p in new:
-                p.add_(torch.randn_like(p), alpha=noise)
-        return new
+        """θ ← θ − (η/2)∇U + √(ηT)·ξ, in place on kernel-owned state tensors (an update that writes the
+        state where it already is, hot in cache, measures ≈5 % of a LeNet-300-100 step faster than
+        writing a fresh copy). The increment is kept until the next update, so a divergent next state
+        can be undone (:meth:`_return_to_last_good`)."""
+        zs = self._own(zs)
+        noise = math.sqrt(eta * self.temperature) if not explore and self.temperature > 0 else 0.0
+        if noise > 0:
+            # one buffer per site, reused every update (keeping a fresh tensor alive for the undo
+            # measured ≈5 % of a step; the reused buffer ≈1.5 %)
+            increments = self._increment_buffers(zs)
+            for z, g, d in zip(zs, grads, increments):
+                d.normal_()                               # ξ: the numbers torch.randn_like(z) would give
+                d.add_(g, alpha=-0.5 * eta / noise)       # ξ − (η/2)∇U/√(ηT)
+                z.add_(d, alpha=noise)                    # θ − (η/2)∇U + √(ηT)ξ
+            self._undo = (increments, noise)
+        else:
+            grads = list(grads)
+            torch._foreach_add_(zs, grads, alpha=-0.5 * eta)
+            self._undo = (grads, -0.5 * eta)
+        return zs
 
     def step(self, params: Dict[str, torch.Tensor], *args, **kwargs) -> Dict[str, torch.Tensor]:
         """One update from unconstrained ``params`` with the model run on ``(*args, **kwargs)`` — the
-        streaming entry point (:func:`pyrobnn.inference.sample` passes one data batch per step)."""
+        streaming entry point (:func:`pyrobnn.inference.sample` passes one data batch per step).
+        SGLD returns its own state tensors, which the next call given them updates in place."""
         eta = self.schedule(self._t)
         explore = self.schedule.is_exploring(self._t)
         potential, grads = self.potential_and_grad(params, *args, **kwargs)
@@ -511,11 +544,49 @@ class SGLD(MCMCKernel):
             # a divergent state: do not move from it; go back to the last state with a finite potential
             self._last_potential = pe
             self._diverged = True
-            return self._last_good
+            return self._return_to_last_good()
         self._last_potential = pe
         self._last_good = params
         new = self._update([params[n] for n, _ in self._sites], grads, eta, explore)
         return {n: v for (n, _), v in zip(self._sites, new)}
+
+    def _own(self, zs: List[torch.Tensor]) -> List[torch.Tensor]:
+        """The state tensors to update in place: ``zs`` if they are the ones this kernel returned last,
+        else kernel-owned copies (a caller's tensors — ``initial_params`` included — are never written)."""
+        owned = self._owned
+        if owned is not None and len(owned) == len(zs) and all(a is b for a, b in zip(owned, zs)):
+            return zs
+        self._owned = [z.detach().clone(memory_format=torch.contiguous_format) for z in zs]
+        self._undo = None
+        return self._owned
+
+    def _increment_buffers(self, zs: List[torch.Tensor]) -> List[torch.Tensor]:
+        bufs = self._increments
+        if bufs is None or len(bufs) != len(zs) or any(
+                b.shape != z.shape or b.dtype != z.dtype or b.device != z.device for b, z in zip(bufs, zs)):
+            bufs = self._increments = [torch.empty_like(z, memory_format=torch.contiguous_format) for z in zs]
+        return bufs
+
+    def kept_tensors(self) -> List[torch.Tensor]:
+        """Every tensor the kernel holds between updates: the state it updates in place (or the last
+        state given), the last increment (for undoing a divergent update) and optimiser state."""
+        state = self._owned if self._owned is not None else list((self._last_good or {}).values())
+        return list(state) + list(self._increments or []) + self._optimizer_state()
+
+    def _optimizer_state(self) -> List[torch.Tensor]:
+        return []
+
+    def _return_to_last_good(self) -> Dict[str, torch.Tensor]:
+        """After a divergent state: subtract the increment that led there from the kernel's state (the
+        previous state, up to rounding), or — before any update — the last state given."""
+        if self._undo is not None:
+            increments, scale = self._undo
+            self._undo = None
+            for z, d in zip(self._owned, increments):
+                z.sub_(d, alpha=scale)
+        if self._owned is not None:
+            return {n: v for (n, _), v in zip(self._sites, self._owned)}
+        return self._last_good
 
     def sample(self, params):
         """One call of the MCMC driver: one update in warm-up, ``thin`` updates afterwards."""
@@ -575,6 +646,9 @@ class PSGLD(SGLD):
 
     def _reset_state(self):
         self._square_avg: Optional[List[torch.Tensor]] = None
+
+    def _optimizer_state(self):
+        return list(self._square_avg or [])
 
     def _update(self, zs, grads, eta, explore):
         grads = list(grads)

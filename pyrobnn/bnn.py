@@ -105,6 +105,8 @@ class BNN(nn.Module):
         self.autoguide = self._build_guide(guide)
         self.input_shape: Optional[torch.Size] = None
         self._arange_cache: Dict[int, torch.Tensor] = {}
+        self._param_names = None
+        self._targets_cache = None
         names = [f"{self._uname}.{n}" for n, _ in self._deterministic_params()]
         self._finalizer = weakref.finalize(self, _release, names)
 
@@ -240,8 +242,20 @@ class BNN(nn.Module):
         return self.net(x)
 
     def _register_params(self):
-        for n, p in self._deterministic_params():
-            pyro.param(f"{self._uname}.{n}", p)
+        # the (name, parameter) list is fixed once the network is converted; walking the module tree
+        # on every model call is measurable on the SG-MCMC / SVI hot path
+        if self._param_names is None:
+            self._param_names = [(f"{self._uname}.net.{n}", p, True) for n, p in self.net.named_parameters()]
+            self._param_names += [(f"{self._uname}.likelihood.{n}", p, False)
+                                  for n, p in self.likelihood.named_parameters()]
+        for name, p, only_trainable in self._param_names:
+            if p.requires_grad or not only_trainable:   # as _deterministic_params()
+                pyro.param(name, p)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._param_names = None  # parameters may be replaced (e.g. .to() with overwrite on conversion)
+        self._targets_cache = None
+        return super()._apply(fn, *args, **kwargs)
 
     def _deterministic_params(self):
         for n, p in self.net.named_parameters():
@@ -280,8 +294,6 @@ class BNN(nn.Module):
             plate = pyro.plate("data", n, subsample_size=m)
             idx = plate._indices
             x = x[idx]
-            if y is not None:
-                y = torch.as_tensor(y)[idx]
         else:
             n = self.dataset_size or x.shape[0]
             if n < x.shape[0]:
@@ -291,12 +303,30 @@ class BNN(nn.Module):
         with self._kl_scale():
             self.likelihood.sample_latents()
             out = self._run_net(x)
-        if y is not None:
-            y = self.likelihood.check_targets(out, y)
-        else:
+        if y is None:
             self.likelihood.check_output(out)
+        elif m is not None:
+            y = self._subsampled_targets(out, y, idx, n)
+        else:
+            y = self.likelihood.check_targets(out, y)
         self.likelihood.observe(out, y, plate)
         return out
+
+    def _subsampled_targets(self, out, y, idx, n):
+        """The minibatch ``y[idx]`` of full-data targets. The full ``y`` is checked (and converted) once
+        per tensor and version — every minibatch of valid targets is valid — so SG-MCMC, which passes
+        the same full data at every step, does not re-validate a minibatch per step."""
+        y = torch.as_tensor(y)
+        cached = self._targets_cache
+        if cached is not None and cached[0]() is y and cached[1] == y._version and cached[2] == (n,) + out.shape[1:]:
+            self.likelihood.check_output(out)
+            return cached[3][idx]
+        # the checks read only the output's shape: a full-size stand-in, no memory
+        full_out = out.new_empty(()).expand((n,) + out.shape[1:])
+        checked = self.likelihood.check_targets(full_out, y)
+        self.likelihood.check_output(out)
+        self._targets_cache = (weakref.ref(y), y._version, full_out.shape, checked)
+        return checked[idx]
 
     def _model_for_guide(self, x, y=None, subsample_size=None):
         return self.model(x, y, subsample_size)

@@ -23,6 +23,8 @@ from .guides.base import LOCAL_REPARAM_KEY, local_reparam_params
 __all__ = ["BayesianModule", "BayesianLinear", "BayesianConv", "BayesianParams"]
 
 _LRT_EPS = 1e-16
+_LRT_INFER = {LOCAL_REPARAM_KEY: True}
+_NO_INFER: Dict[str, bool] = {}
 
 
 class BayesianModule(nn.Module):
@@ -47,9 +49,9 @@ class BayesianModule(nn.Module):
     def sample_param(self, pname: str, lrt: bool = False) -> torch.Tensor:
         prior = self.priors[pname]
         shape = self.site_shapes[pname]
-        infer = {LOCAL_REPARAM_KEY: True} if (lrt and self.local_reparameterization) else {}
+        infer = _LRT_INFER if (lrt and self.local_reparameterization) else _NO_INFER  # pyro.sample copies it
         if hasattr(prior, "sample_site"):
-            return prior.sample_site(self.site_name(pname), shape, infer=infer)
+            return prior.sample_site(self.site_name(pname), shape, infer=dict(infer))
         fn = self._prior_cache.get(pname)
         if fn is None:
             fn = prior.expand(shape)

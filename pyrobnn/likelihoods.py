@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .registry import LIKELIHOODS
+from .site_dist import LogitsCategorical
 
 __all__ = ["Likelihood", "Categorical", "Bernoulli", "Gaussian"]
 
@@ -102,7 +103,7 @@ class Categorical(Likelihood):
         return y
 
     def distribution(self, out):
-        return dist.Categorical(logits=out, validate_args=False)
+        return LogitsCategorical(out, validate_args=False)
 
     def log_prob(self, out, y):
         return -F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1), reduction="none").view(y.shape)

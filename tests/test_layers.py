@@ -102,3 +102,45 @@ def test_layer_pattern_selection_and_prior_mapping():
     assert set(bnn.site_priors) == {"conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias", "fc2.weight", "fc2.bias"}
     assert bnn.site_priors["conv1.weight"].scale == 0.5
     assert bnn.site_priors["fc2.weight"].scale == 1.0
+
+
+# ----------------------------------------------------------------------------------------------------
+# the classifier's observation distribution (pyrobnn.site_dist.LogitsCategorical)
+# ----------------------------------------------------------------------------------------------------
+def test_logits_categorical_is_the_categorical_distribution():
+    import pyro.distributions as dist
+
+    from pyrobnn.site_dist import LogitsCategorical
+    torch.manual_seed(0)
+    logits = torch.randn(4, 5, 3) * 3
+    y = torch.randint(0, 3, (4, 5))
+    ours, ref = LogitsCategorical(logits), dist.Categorical(logits=logits)
+    assert ours.batch_shape == ref.batch_shape and ours.event_shape == ref.event_shape
+    assert torch.allclose(ours.log_prob(y), ref.log_prob(y), atol=1e-6)
+    assert torch.allclose(ours.log_prob(y.int()), ref.log_prob(y), atol=1e-6)             # other int dtypes
+    assert torch.allclose(ours.log_prob(torch.tensor(1)), ref.log_prob(torch.tensor(1)))  # broadcast value
+    assert torch.allclose(ours.probs, ref.probs) and torch.allclose(ours.entropy(), ref.entropy())
+    assert ours.expand([2, 4, 5]).log_prob(y).shape == (2, 4, 5)
+    support = ours.enumerate_support(expand=False)
+    assert torch.allclose(ours.log_prob(support), ref.log_prob(ref.enumerate_support(expand=False)))
+    # gradients equal too (the fused cross-entropy backward)
+    a, b = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    LogitsCategorical(a).log_prob(y).sum().backward()
+    dist.Categorical(logits=b).log_prob(y).sum().backward()
+    assert torch.allclose(a.grad, b.grad, atol=1e-6)
+
+
+def test_subsampled_model_checks_the_full_targets_once():
+    """With subsample_size the model checks the whole y (a bad label outside the minibatch is still
+    caught) and caches the result per tensor version."""
+    net = nn.Sequential(nn.Linear(3, 4))
+    bnn = pyrobnn.bayesian(net, dataset_size=20, subsample_size=5)
+    x, y = torch.randn(20, 3), torch.randint(0, 4, (20,))
+    tr = poutine.trace(bnn.model).get_trace(x, y)
+    idx = tr.nodes["data"]["value"]
+    assert torch.equal(tr.nodes["obs"]["value"], y[idx])
+    y[7] = 9                                   # in-place edit: a new version is checked again
+    with pytest.raises(ValueError, match=r"class labels must lie in \[0, 3\]"):
+        bnn.model(x, y)
+    with pytest.raises(ValueError, match="targets y have shape"):
+        bnn.model(x, torch.randint(0, 4, (19,)))

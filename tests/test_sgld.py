@@ -198,6 +198,54 @@ def test_positive_site_uses_log_jacobian_and_matches_conjugate_gamma_posterior()
     assert 0.9 < tau.std().item() / sd < 1.2
 
 
+def test_sgld_updates_its_own_state_in_place_and_never_the_callers():
+    """The update is in place on kernel-owned copies: the caller's tensors (initial_params included) stay
+    as they were, a returned state is reused by the next step it is given, and the update equals the
+    Welling–Teh formula from the state the caller saw."""
+    k = SGLD(_tiny_model, step_size=0.01)
+    k.setup(0, X1, Y1)
+    w0 = torch.tensor([0.3, -0.2])
+    start = {"w": w0}
+    torch.manual_seed(5)
+    first = k.step(start, X1, Y1)
+    assert torch.equal(w0, torch.tensor([0.3, -0.2])) and first["w"] is not w0
+    w1 = first["w"].clone()
+    torch.manual_seed(6)
+    second = k.step(first, X1, Y1)
+    assert second["w"] is first["w"]                                   # updated where it was
+    torch.manual_seed(6)
+    expected = w1 - 0.005 * _grad_U(w1) + math.sqrt(0.01) * torch.randn(2)
+    assert torch.allclose(second["w"], expected, atol=1e-6)
+    # under pyro.infer.MCMC the user's initial_params are never written
+    init = {"w": torch.tensor([0.1, 0.1])}
+    MCMC(SGLD(_tiny_model, step_size=0.01), num_samples=5, warmup_steps=2, initial_params=init,
+         disable_progbar=True).run(X1, Y1)
+    assert torch.equal(init["w"], torch.tensor([0.1, 0.1]))
+
+
+def test_divergent_state_is_undone_to_the_previous_state():
+    """A state with an infinite potential is left: the kernel subtracts the increment that led there and
+    returns the previous state (to rounding)."""
+
+    def model():
+        w = pyro.sample("w", dist.Normal(0.0, 1.0).expand([3]).to_event(1))
+        pyro.factor("wall", torch.where(w[0] > 0.5, torch.tensor(-math.inf), torch.tensor(0.0)))
+
+    k = SGLD(model, step_size=0.5)
+    k.setup(0)
+    state = k.step({"w": torch.tensor([0.45, 0.0, 0.0])})
+    before = {"w": torch.tensor([0.45, 0.0, 0.0])}
+    for _ in range(200):                       # walk until an update lands in the zero-density region
+        before = {"w": state["w"].clone()}
+        state = k.step(state)
+        if state["w"][0] > 0.5:
+            break
+    assert state["w"][0] > 0.5
+    back = k.step(state)
+    assert k._diverged and not math.isfinite(k._last_potential)
+    assert torch.allclose(back["w"], before["w"], atol=1e-6)
+
+
 def test_divergent_steps_are_rejected_and_reported_for_arviz():
     import arviz as az
 
