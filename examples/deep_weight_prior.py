@@ -135,6 +135,13 @@ def run_bayesian(method, prior_path, x, y, x_test, y_test, steps, lr, seed, num_
             out = sparsity.masked_mean_forward(bnn, x_test, mask=mask)
             extra[key] = (out.argmax(-1) == y_test).float().mean().item()
         extra["fraction_pruned"] = 1 - sum(int(m.sum()) for m in keep.values()) / sum(m.numel() for m in keep.values())
+        extra["median_log_alpha"] = torch.cat([sparsity.log_alpha(bnn, s).reshape(-1) for s in keep]).median().item()
+    # where the conv kernels ended: mean |posterior mean| and mean posterior sd per conv layer
+    with torch.no_grad():
+        for site in ("conv1.weight", "conv2.weight"):
+            loc, scale = bnn.autoguide.site_params(site)
+            extra[f"{site}_mean_abs_loc"] = loc.abs().mean().item()
+            extra[f"{site}_mean_scale"] = scale.mean().item()
     return {**metrics, **extra, "train_seconds": train_s, "epochs": epochs, "steps": epochs * math.ceil(len(x) / batch),
             "final_elbo_per_datum": hist[-1]["elbo_per_datum"]}
 
@@ -238,8 +245,10 @@ def cmd_curves(args):
             net = fconv()  # the fc layer keeps its default init in both arms; only conv kernels differ
             if init == "xavier":
                 xavier_(net)
+            elif init in ("dwp", "dwp-mean"):  # full draws w ~ p(w|z), or decoder means μ_θ(z)
+                init_from_prior(net, prior, generator_seed=seed, mean_only=init == "dwp-mean")
             else:
-                init_from_prior(net, prior, generator_seed=seed)
+                raise SystemExit(f"unknown init {init!r}; known: xavier, dwp, dwp-mean")
             opt = torch.optim.Adam(net.parameters(), lr=args.lr)
             g = torch.Generator().manual_seed(seed)
             step = 0
@@ -251,7 +260,7 @@ def cmd_curves(args):
                     net.train()
                 return (logits.argmax(-1) == ds.y_test).float().mean().item(), F.cross_entropy(logits, ds.y_test).item()
 
-            label = init + (args.suffix if init == "dwp" else "")
+            label = init + (args.suffix if init.startswith("dwp") else "")
             acc, nll = evaluate()
             rows.append({"init": label, "seed": seed, "step": 0, "test_accuracy": acc, "test_nll": nll})
             while step < args.steps:
@@ -412,7 +421,8 @@ def main(argv=None):
     k.add_argument("--batch-size", type=int, default=100)
     k.add_argument("--lr", type=float, default=1e-3)
     k.add_argument("--threads", type=int, default=1)
-    k.add_argument("--inits", default="xavier,dwp", help="which initialisations to run")
+    k.add_argument("--inits", default="xavier,dwp,dwp-mean",
+                   help="which initialisations to run: xavier, dwp (full prior draws), dwp-mean (decoder means)")
     k.add_argument("--suffix", default="", help="appended to the 'dwp' label (to tell priors apart)")
     k.add_argument("--out", default="runs/dwp/curves")
     k.set_defaults(func=cmd_curves)
