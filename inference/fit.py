@@ -266,15 +266,26 @@ class SVIStep:
     """One SVI step as ``fit`` runs it: mean-field ELBO, backward, optional clipping, optimiser step.
 
     Returns the loss tensor; a non-finite loss raises :class:`TrainingDiverged` *before* any parameter
-    changes."""
+    changes.
+
+    Pyro's validation (when enabled, its default) runs on the first step only: it checks the model and
+    guide structure (matching sites, shapes), which cannot change between steps of a BNN, and warns
+    about NaN/inf log-densities, which the NaN guard here turns into an error on every step anyway.
+    Keeping it on costs ≈ 27 hooks and NaN/inf reductions per LeNet step (≈7 % of the step)."""
 
     def __init__(self, bnn: BNN, optimizer: torch.optim.Optimizer, grad_clip: Optional[float] = None):
         self.bnn, self.opt, self.grad_clip = bnn, optimizer, grad_clip
         self.elbo = TraceMeanField_ELBO()
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
+        self._validated = False
 
     def __call__(self, x, y):
-        loss = self.elbo.differentiable_loss(self.bnn.model, self.bnn.guide, x, y)
+        if self._validated:
+            with pyro.validation_enabled(False):
+                loss = self.elbo.differentiable_loss(self.bnn.model, self.bnn.guide, x, y)
+        else:
+            loss = self.elbo.differentiable_loss(self.bnn.model, self.bnn.guide, x, y)
+            self._validated = True
         if not torch.isfinite(loss):
             raise TrainingDiverged(f"the ELBO became {loss.item()}")
         self.opt.zero_grad(set_to_none=True)

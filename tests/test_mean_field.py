@@ -188,3 +188,23 @@ def test_init_scale_and_parameterization_are_validated():
         MeanField(lambda: None, init_scale=-1.0)
     with pytest.raises(ValueError, match="parameterization"):
         MeanField(lambda: None, parameterization="exp")
+
+
+def test_fit_step_validates_the_first_step_and_restores_pyro_validation():
+    """SVIStep runs Pyro's structural validation on its first step only and leaves the global setting
+    as it found it; later steps still optimise the same ELBO (loss decreases on a fixed batch)."""
+    from pyro.infer.util import is_validation_enabled
+
+    from pyrobnn.inference.fit import SVIStep
+    torch.manual_seed(0)
+    pyro.set_rng_seed(0)
+    bnn = pyrobnn.bayesian(torch.nn.Sequential(torch.nn.Linear(4, 3)), dataset_size=32,
+                           guide={"name": "mean-field", "init_scale": 0.05})
+    x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+    bnn.initialize(x)
+    step = SVIStep(bnn, torch.optim.Adam(bnn.parameters(), lr=0.05))
+    with pyro.validation_enabled(True):
+        losses = [step(x, y).item() for _ in range(60)]
+        assert is_validation_enabled()
+    assert step._validated
+    assert sum(losses[-10:]) < sum(losses[:10])
