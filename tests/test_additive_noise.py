@@ -79,6 +79,27 @@ def test_kl_in_elbo_uses_the_clipped_log_alpha_and_sigma2_is_unchanged():
     torch.testing.assert_close(q.scale, torch.tensor([math.exp(-5), 1.0, math.exp(5)]))
 
 
+def test_default_clip_is_from_above_only_so_no_weight_escapes_the_kl():
+    """Default (None, 8): a weight at log α = −12 (|θ| = 1, log σ² = −12) keeps a KL gradient that
+    raises its σ² (−½ at the asymptote); one at log α = 10 is clipped (gradient 0)."""
+    theta = torch.tensor([1.0, 1.0, 1.0])
+
+    def model():
+        pyro.sample("w", LogUniform().expand([3]).to_event(1))
+
+    guide = AdditiveNoise(model, init_loc_fn=init_to_value(values={"w": theta}))
+    assert guide.log_alpha_clip == (None, 8.0) and guide.config()["log_alpha_clip"] == [None, 8.0]
+    guide()
+    with torch.no_grad():
+        guide.flat.log_sigma2.copy_(torch.tensor([-12.0, 0.0, 10.0]))
+    loss = TraceMeanField_ELBO().differentiable_loss(model, guide)
+    torch.testing.assert_close(loss, kl_log_uniform(torch.tensor([-12.0, 0.0, 8.0])).sum())
+    loss.backward()
+    grad = guide.flat.log_sigma2.grad
+    assert abs(grad[0] + 0.5) < 1e-3 and grad[1] < 0 and grad[2] == 0
+    torch.testing.assert_close(guide.log_alpha("w"), torch.tensor([-12.0, 0.0, 8.0]))
+
+
 def test_default_init_works_with_the_improper_prior():
     torch.manual_seed(0)
 
@@ -96,7 +117,7 @@ def test_default_init_works_with_the_improper_prior():
 
 
 def test_invalid_arguments():
-    for clip in [(3.0, -3.0), (1.0,), "8", (0.0, math.inf)]:
+    for clip in [(3.0, -3.0), (1.0,), "8", (0.0, math.inf), (None, None), (-8.0, None), (None, math.nan)]:
         with pytest.raises(ValueError, match="log_alpha_clip"):
             AdditiveNoise(lambda: None, log_alpha_clip=clip)
     with pytest.raises(ValueError, match="init_log_sigma2"):
@@ -119,6 +140,11 @@ def test_from_pretrained_and_save_load_roundtrip(tmp_path):
     assert loaded.autoguide.log_alpha_clip == (-6.0, 6.0)
     for s in bnn.site_priors:
         torch.testing.assert_close(loaded.autoguide.log_alpha(s), bnn.autoguide.log_alpha(s))
+    # the default one-sided clip survives save/load too
+    default = AdditiveNoise.from_pretrained(_net(), dataset_size=50)
+    default.initialize(torch.rand(2, 5))
+    pyrobnn.save(default, tmp_path / "default.safetensors")
+    assert pyrobnn.load(tmp_path / "default.safetensors", net=_net()).autoguide.log_alpha_clip == (None, 8.0)
 
 
 @pytest.mark.parametrize("layer", ["linear", "conv"])

@@ -8,12 +8,19 @@ and a weight with log α > 3 is (almost) pure noise and can be pruned (:mod:`pyr
 additive parameterisation (free σ² rather than α) is what makes large α trainable: the gradient of the
 data term w.r.t. θ does not carry the multiplicative noise of α.
 
-How clipping enters. log α is clipped to ``log_alpha_clip`` (default [−8, 8]) wherever log α is *used*:
-in the KL to the log-uniform prior (:mod:`pyrobnn.priors.log_uniform`, which reads the site's
-``log_alpha``) and in :meth:`AdditiveNoise.log_alpha`. σ² itself is never changed: the noise the
-network sees (local reparameterisation: b ~ N(xθ, x²σ²)) uses the free log σ². This is the choice of
-the authors' reference implementation; its effect is that the KL stops pushing a weight once its log α
-leaves the clip range (the approximation is flat there, and θ → 0 gives no infinite gradient).
+How clipping enters. log α is clipped to ``log_alpha_clip`` wherever log α is *used*: in the KL to
+the log-uniform prior (:mod:`pyrobnn.priors.log_uniform`, which reads the site's ``log_variance`` and
+``log_alpha_clip``) and in :meth:`AdditiveNoise.log_alpha`. σ² itself is never changed: the noise the
+network sees (local reparameterisation: b ~ N(xθ, x²σ²)) uses the free log σ².
+
+The default clip is ``(None, 8)``: from above only. The upper clip keeps the KL's gradient finite as
+θ → 0 and costs nothing (the KL is < 2e-4 there and flat). A lower clip (the reference implementation's
+[−8, 8]) makes the KL constant below it, so every weight with log σ² − log θ² < −8 gets no KL gradient:
+started from a pretrained network with log σ² = −10, that is every weight with |θ| > e⁻¹, and the data
+term alone then drives its σ² down further — such weights are never pruned and the network is partly
+trained without its prior. The approximation needs no lower clip (it tends to −½ log α + k₁, the exact
+KL's asymptote; see :mod:`pyrobnn.priors.log_uniform`). Pass ``log_alpha_clip=(-8, 8)`` for the
+reference behaviour.
 """
 from __future__ import annotations
 
@@ -45,10 +52,10 @@ class AdditiveNoiseNormal(GuideNormal):
     so σ itself is never computed there.
 
     :param loc: θ, any shape. :param log_variance: log σ² (same shape).
-    :param log_alpha_clip: ``(low, high)`` or None.
+    :param log_alpha_clip: ``(low, high)`` (``low`` may be None: clipped from above only) or None.
     """
 
-    def __init__(self, loc, log_variance, log_alpha_clip=(-8.0, 8.0), placeholder=False):
+    def __init__(self, loc, log_variance, log_alpha_clip=(None, 8.0), placeholder=False):
         # Normal.__init__ assigns ``scale``; the property below stores it, so pass loc (same shape)
         # and then forget it: σ is computed from log σ² when first asked for.
         super().__init__(loc, loc, placeholder=placeholder)
@@ -87,7 +94,7 @@ class AdditiveNoiseNormal(GuideNormal):
             theta = self.loc
             la = self.log_variance - (theta * theta + _THETA2_EPS).log()
             clip = self.log_alpha_clip
-            self._log_alpha = la if clip is None else la.clamp(clip[0], clip[1])
+            self._log_alpha = la if clip is None else la.clamp(clip[0], clip[1])  # clamp accepts min=None
         return self._log_alpha
 
     def expand(self, batch_shape, _instance=None):
@@ -136,18 +143,20 @@ def init_to_median_or_fan_in(site=None):
     return (torch.rand(shape) * 2 - 1) * bound
 
 
-def _check_clip(clip) -> Optional[Tuple[float, float]]:
+def _check_clip(clip) -> Optional[Tuple[Optional[float], float]]:
+    """None, or ``(low, high)`` with ``low`` a finite number or None (no lower clip) and ``high`` a
+    finite number above it."""
     if clip is None:
         return None
     if isinstance(clip, (str, bytes)) or not isinstance(clip, Sequence) or len(clip) != 2:
         raise ValueError(f"log_alpha_clip must be None or a (low, high) pair, got {clip!r}")
     low, high = clip
-    for v in (low, high):
+    for v in ((high,) if low is None else (low, high)):
         if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
-            raise ValueError(f"log_alpha_clip bounds must be finite numbers, got {clip!r}")
-    if not low < high:
+            raise ValueError(f"log_alpha_clip bounds must be finite numbers (low may be None), got {clip!r}")
+    if low is not None and not low < high:
         raise ValueError(f"log_alpha_clip needs low < high, got {clip!r}")
-    return float(low), float(high)
+    return None if low is None else float(low), float(high)
 
 
 @GUIDES.register("additive-noise")
@@ -159,8 +168,9 @@ class AdditiveNoise(FlatGaussianGuide):
     :param model: any Pyro model.
     :param init_log_sigma2: initial log σ² of every weight (the reference recipe uses −10, so training
         starts from (nearly) the deterministic network).
-    :param log_alpha_clip: ``(low, high)`` range log α is clipped to where it is used (KL, masks), or
-        None. σ² is never clipped (module docstring).
+    :param log_alpha_clip: ``(low, high)`` range log α is clipped to where it is used (KL, masks);
+        ``low`` may be None (the default ``(None, 8)``: clipped from above only, so no weight escapes
+        the KL; module docstring), or None for no clip. σ² is never clipped.
     :param init_loc_fn: initial θ per site. ``bayesian()`` passes one that copies the converted
         network's weights, so ``bayesian(pretrained_net, prior="log-uniform", guide="additive-noise")``
         starts sparse VD from a pretrained deterministic network (see also :meth:`from_pretrained`).
@@ -174,7 +184,7 @@ class AdditiveNoise(FlatGaussianGuide):
     flat_names = ("theta", "log_sigma2")
 
     def __init__(self, model, *, init_loc_fn=init_to_median_or_fan_in, init_log_sigma2: float = -10.0,
-                 log_alpha_clip=(-8.0, 8.0), local_reparameterization: bool = True, create_plates=None):
+                 log_alpha_clip=(None, 8.0), local_reparameterization: bool = True, create_plates=None):
         if isinstance(init_log_sigma2, bool) or not isinstance(init_log_sigma2, numbers.Real) \
                 or not math.isfinite(init_log_sigma2):
             raise ValueError(f"AdditiveNoise init_log_sigma2 must be a finite number, got {init_log_sigma2!r}")
@@ -224,12 +234,12 @@ class AdditiveNoise(FlatGaussianGuide):
         theta, log_var = self.site_log_params(site)
         la = log_var - (theta * theta + _THETA2_EPS).log()
         if clip and self.log_alpha_clip is not None:
-            la = la.clamp(*self.log_alpha_clip)
+            la = la.clamp(*self.log_alpha_clip)  # min may be None
         return la.clone()
 
     @staticmethod
     def from_pretrained(net: torch.nn.Module, *, dataset_size: Optional[int] = None, likelihood="categorical",
-                        prior="log-uniform", init_log_sigma2: float = -10.0, log_alpha_clip=(-8.0, 8.0),
+                        prior="log-uniform", init_log_sigma2: float = -10.0, log_alpha_clip=(None, 8.0),
                         **bayesian_kwargs):
         """Sparse VD started from a trained deterministic ``net``: a :class:`pyrobnn.BNN` whose θ are
         ``net``'s weights and biases and whose log σ² are ``init_log_sigma2``.

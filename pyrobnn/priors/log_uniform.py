@@ -18,8 +18,18 @@ Where log α comes from:
     the KL and its gradient in one fused autograd function (:func:`sparse_vd_terms`, cached on the
     site's distribution);
   * any other Normal: log α = 2 log σ − log(μ² + 1e-16), clipped to :data:`DEFAULT_LOG_ALPHA_CLIP`.
-Clipping keeps the gradient finite where μ → 0; outside [−8, 8] the approximation is flat (log α ≫ 0)
-or linear in log α (log α ≪ 0), so the clip changes the KL's gradient, not the optimum's location.
+
+Why log α is clipped only from above by default (``(None, 8)``). Above, the clip keeps the gradient
+finite where θ → 0 (log α → +∞) and changes little: the KL is flat there (< 2e-4 at log α = 8, → 0).
+Below, the approximation needs no clip: as log α → −∞ it tends to −½ log α + k₁ (the sigmoid → k₁,
+½ log(1 + 1/α) → −½ log α), which is also the exact KL's asymptote, ½ E log(1 + √α ε)² − ½ log α +
+const → −½ log α + const (checked numerically down to log α = −30 in tests/test_log_uniform.py). A lower
+clip at −8 (the reference implementation's) makes the KL constant below it, so a weight with
+log σ² − log θ² < −8 — every weight with |θ| > e⁻¹ when log σ² = −10, the usual start from a
+pretrained network — gets *no* KL gradient at all and escapes the prior for good (the data term only
+lowers its σ² further). Clipping only from above keeps every weight under the KL; ``(-8, 8)`` is still
+available for the reference behaviour. The KL is evaluated with ``logsigmoid``/``softplus``, so it is
+finite for any log α (also below −88, where sigmoid underflows in float32).
 """
 from __future__ import annotations
 
@@ -37,8 +47,9 @@ __all__ = ["LogUniform", "kl_log_uniform", "neg_kl_log_uniform", "log_alpha_of_n
            "sparse_vd_kl", "K1", "K2", "K3", "DEFAULT_LOG_ALPHA_CLIP", "THETA2_EPS"]
 
 K1, K2, K3 = 0.63576, 1.87320, 1.48695
-#: log α is clipped to this range wherever the KL is evaluated on a Normal that does not carry its own
-DEFAULT_LOG_ALPHA_CLIP = (-8.0, 8.0)
+#: log α is clipped to this range wherever the KL is evaluated on a Normal that does not carry its own:
+#: from above only (module docstring: a lower clip silences the KL for weights below it)
+DEFAULT_LOG_ALPHA_CLIP = (None, 8.0)
 #: added to μ² inside log μ², so a weight at exactly 0 has a finite log α (then clipped) and gradient
 THETA2_EPS = 1e-16
 
@@ -149,13 +160,28 @@ def kl_log_uniform(log_alpha: torch.Tensor) -> torch.Tensor:
 
 
 def log_alpha_of_normal(q, clip=DEFAULT_LOG_ALPHA_CLIP) -> torch.Tensor:
-    """log α = log σ² − log μ² of a Normal (``q.log_alpha`` if it carries one), clipped to ``clip``."""
+    """log α = log σ² − log μ² of a Normal (``q.log_alpha`` if it carries one), clipped to ``clip``
+    (``(low, high)``, either bound may be None, or None)."""
     carried = getattr(q, "log_alpha", None)
     if carried is not None:
         return carried
     log_var = 2 * q.log_scale if isinstance(q, GuideNormal) else 2 * q.scale.log()
     la = log_var - (q.loc * q.loc + THETA2_EPS).log()
-    return la.clamp(clip[0], clip[1]) if clip is not None else la
+    return _clamp(la, clip)
+
+
+def _clamp(la, clip):
+    """``la`` clamped to ``clip`` = (low, high) (either may be None) or returned as is for None."""
+    if clip is None or (clip[0] is None and clip[1] is None):
+        return la
+    return la.clamp(clip[0], clip[1])
+
+
+def _bounds(clip):
+    """(low, high) floats-or-None of a clip (None: unclipped)."""
+    if clip is None:
+        return None, None
+    return tuple(None if b is None else float(b) for b in clip)
 
 
 _CONSTANTS = {}
@@ -175,9 +201,10 @@ class _SparseVDKL(torch.autograd.Function):
     """Elementwise KL(N(θ, σ²) ‖ log-uniform) from (θ, log σ²) with log α clipped, and its gradient.
 
     One pass computes the KL, log(θ² + ε) (returned, not differentiable) and the two partial
-    derivatives, so the backward is two scalings. With u = log α (clipped), s = sigmoid(−k₂ − k₃u),
-    p = sigmoid(u):  KL = k₁ s − ½ log p,  dKL/du = ½ (p − 1 − 2 k₁k₃ s(1 − s)) (0 where clipped),
-    du/d log σ² = 1,  du/dθ = −2θ / (θ² + ε). Using −log sigmoid(u) = log(1 + 1/α) needs no softplus.
+    derivatives, so the backward is two scalings. With u = log α (clipped to [low, high], either bound
+    may be None), s = sigmoid(−k₂ − k₃u), p = sigmoid(u):  KL = k₁ s − ½ log p,
+    dKL/du = ½ (p − 1 − 2 k₁k₃ s(1 − s)) (0 where clipped), du/d log σ² = 1, du/dθ = −2θ / (θ² + ε).
+    −log sigmoid(u) = log(1 + 1/α) is taken as −logsigmoid(u), finite for any u.
     """
 
     @staticmethod
@@ -186,12 +213,13 @@ class _SparseVDKL(torch.autograd.Function):
         t = torch.addcmul(eps, theta, theta)
         log_t = t.log()
         raw = log_var - log_t
-        la = raw if low is None else raw.clamp(low, high)
+        clipped = low is not None or high is not None
+        la = raw.clamp(low, high) if clipped else raw
         s = torch.add(neg_k2, la, alpha=-K3).sigmoid_()
         p = torch.sigmoid(la)
-        kl = torch.add(p.log(), s, alpha=-2 * K1).mul_(-0.5)
+        kl = torch.add(F.logsigmoid(la), s, alpha=-2 * K1).mul_(-0.5)
         u = torch.add(p, torch.addcmul(s, s, s, value=-1), alpha=-2 * K1 * K3).sub_(1)  # 2·dKL/du
-        if low is not None:
+        if clipped:
             u.masked_fill_(raw != la, 0.0)
         d_theta = torch.div(theta, t).mul_(u)  # −dKL/dθ
         ctx.save_for_backward(u, d_theta)
@@ -212,16 +240,16 @@ def sparse_vd_terms(q):
     ``q.log_variance`` = log σ², ``q.log_alpha_clip``), computed once and cached on ``q``."""
     cached = getattr(q, "_sparse_vd_terms", None)
     if cached is None:
-        clip = q.log_alpha_clip
-        low, high = (None, None) if clip is None else (float(clip[0]), float(clip[1]))
+        low, high = _bounds(q.log_alpha_clip)
         cached = _SparseVDKL.apply(q.loc, q.log_variance, low, high)
         q._sparse_vd_terms = cached
     return cached
 
 
 def sparse_vd_kl(theta: torch.Tensor, log_var: torch.Tensor, clip=DEFAULT_LOG_ALPHA_CLIP) -> torch.Tensor:
-    """Elementwise KL from raw (θ, log σ²) tensors of one shape, log α clipped to ``clip`` (or None)."""
-    low, high = (None, None) if clip is None else (float(clip[0]), float(clip[1]))
+    """Elementwise KL from raw (θ, log σ²) tensors of one shape, log α clipped to ``clip`` =
+    ``(low, high)`` (either bound may be None; default: from above only) or None (unclipped)."""
+    low, high = _bounds(clip)
     return _SparseVDKL.apply(theta, log_var, low, high)[0]
 
 
