@@ -81,8 +81,10 @@ class _AffineBayesian(BayesianModule):
             return self._affine(x, w, b)
         b_mean, b_var = _mean_var(b) if b is not None else (None, None)
         mean = self._affine(x, w_mean, b_mean)
-        var = self._affine(x * x, w_var, b_var)
-        return mean + (var + _LRT_EPS).sqrt() * torch.randn_like(mean)
+        # in place on the fresh pre-activation variance (the affine op's backward does not keep its output);
+        # addcmul: μ + σ·ε without a temporary for σ·ε
+        std = self._affine(x * x, w_var, b_var).add_(_LRT_EPS).sqrt_()
+        return torch.addcmul(mean, std, torch.randn_like(mean))
 
 
 class BayesianLinear(_AffineBayesian):

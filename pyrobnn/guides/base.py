@@ -31,11 +31,12 @@ from pyro.infer.autoguide import AutoGuide
 from pyro.infer.autoguide.guides import prototype_hide_fn
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_median
 from torch.distributions import biject_to, constraints
+from torch.autograd.function import once_differentiable
 from torch.distributions.kl import _kl_independent_independent, kl_divergence, register_kl
 
 from ..site_dist import SiteIndependent, to_site_event
 
-__all__ = ["GuideNormal", "FlatGaussianGuide", "local_reparam_params", "LOCAL_REPARAM_KEY"]
+__all__ = ["GuideNormal", "FlatGaussianGuide", "local_reparam_params", "mean_field_kl", "LOCAL_REPARAM_KEY"]
 
 LOCAL_REPARAM_KEY = "local_reparameterization"
 _ATTR = "_pyrobnn_loc_scale"
@@ -52,7 +53,15 @@ class GuideNormal(dist.Normal):
     """
 
     def __init__(self, loc, scale, gamma=None, placeholder=False, validate_args=False):
-        super().__init__(loc, scale, validate_args=validate_args)
+        if (validate_args is False and type(loc) is torch.Tensor and type(scale) is torch.Tensor
+                and loc.shape == scale.shape and loc.dtype == scale.dtype and loc.device == scale.device):
+            # what Normal.__init__ ends with for two same-shape tensors and no validation (a guide site on
+            # the hot path), without its broadcast_all and Distribution.__init__ checks
+            self.loc, self.scale = loc, scale
+            self._batch_shape, self._event_shape = loc.shape, torch.Size()
+            self._validate_args = False
+        else:
+            super().__init__(loc, scale, validate_args=validate_args)
         self.gamma = gamma
         self.placeholder = placeholder
         self._log_scale = None
@@ -70,14 +79,33 @@ class GuideNormal(dist.Normal):
             v = self._sums[key] = fn()
         return v
 
+    def fused_sums(self) -> torch.Tensor:
+        """``[Σμ², Σσ², Σ log σ, 1]`` (shape ``[4]``) from one autograd node (:class:`_GaussianSums`),
+        cached: the closed-form KL to a scalar Normal prior is one dot product with it, and the
+        log-densities at a local-reparameterisation placeholder read entries of it."""
+        v = self._sums.get("fused")
+        if v is None:
+            v = self._sums["fused"] = _GaussianSums.apply(self.loc, self.scale)
+        return v
+
+    def _fusable(self):
+        # subclasses derive σ, log σ differently (additive noise: from log σ²); they keep their own sums
+        return type(self) is GuideNormal
+
     def loc_sq_sum(self):
+        if self._fusable():
+            return self._sum("loc_sq", lambda: self.fused_sums()[0])
         flat = self.loc.reshape(-1)
         return self._sum("loc_sq", lambda: torch.dot(flat, flat))
 
     def var_sum(self):
+        if self._fusable():
+            return self._sum("var", lambda: self.fused_sums()[1])
         return self._sum("var", lambda: self.variance.sum())
 
     def log_scale_sum(self):
+        if self._fusable():
+            return self._sum("log_scale", lambda: self.fused_sums()[2])
         return self._sum("log_scale", lambda: self.log_scale.sum())
 
     def loc_sum(self):
@@ -87,7 +115,15 @@ class GuideNormal(dist.Normal):
         """Σ log q(value) for the placeholder (= the mean): −Σ log σ − n/2 log 2π; None otherwise."""
         if getattr(value, _ATTR, None) is not self:
             return None
-        return torch.rsub(self.log_scale_sum(), -_HALF_LOG_2PI * self.loc.numel())
+        n = self.loc.numel()
+        if self._fusable():
+            return self.combine_sums((0.0, 0.0, -1.0, -_HALF_LOG_2PI * n))
+        return torch.rsub(self.log_scale_sum(), -_HALF_LOG_2PI * n)
+
+    def combine_sums(self, weights) -> torch.Tensor:
+        """w₀Σμ² + w₁Σσ² + w₂Σ log σ + w₃ (a 0-d tensor): one dot product with :meth:`fused_sums`."""
+        sums = self.fused_sums()
+        return torch.dot(sums, _weights(tuple(weights), sums))
 
     @property
     def loc_sq(self):
@@ -135,6 +171,68 @@ class GuideNormal(dist.Normal):
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
+class _GaussianSums(torch.autograd.Function):
+    """``[Σμ², Σσ², Σ log σ, 1]`` of one site's mean-field Normal in one autograd node.
+
+    Forward: two dot products and one log-sum. Backward (g = the incoming ``[4]`` gradient):
+    ∂/∂μ = 2·g₀·μ, ∂/∂σ = 2·g₁·σ + g₂/σ — two tensor passes for σ, one for μ, and no per-reduction
+    graph nodes (autograd's generic rules for dot, σ·σ, log and sum take about three times as many
+    passes and nodes). The constant last entry lets a KL with a constant term be one dot product."""
+
+    @staticmethod
+    def forward(ctx, loc, scale):
+        fl, fs = loc.reshape(-1), scale.reshape(-1)
+        ctx.save_for_backward(loc, scale)
+        return torch.stack([torch.dot(fl, fl), torch.dot(fs, fs), fs.log().sum(), fl.new_ones(())])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        loc, scale = ctx.saved_tensors
+        g0, g1, g2, _ = grad.tolist()
+        grad_loc = grad_scale = None
+        if ctx.needs_input_grad[0]:
+            grad_loc = loc.mul(2.0 * g0)
+        if ctx.needs_input_grad[1]:
+            if g2 != 0.0:
+                grad_scale = torch.reciprocal(scale).mul_(g2)
+                if g1 != 0.0:
+                    grad_scale.add_(scale, alpha=2.0 * g1)
+            else:
+                grad_scale = scale.mul(2.0 * g1)
+        return grad_loc, grad_scale
+
+
+def mean_field_kl(loc: torch.Tensor, scale: torch.Tensor, prior_scale: float, prior_loc: float = 0.0) -> torch.Tensor:
+    """Σ KL(N(μ, σ²) ‖ N(m, s²)) over all elements of ``loc``/``scale`` (same shape), a 0-d tensor,
+    with one :class:`_GaussianSums` node: c·(Σσ² + Σμ²) − Σ log σ + n(log s − ½) with c = 1/(2s²)
+    (for m ≠ 0, Σ(μ − m)² = Σμ² − 2mΣμ + n·m²)."""
+    prior_loc = float(prior_loc)
+    return _kl_from_sums(_GaussianSums.apply(loc, scale), loc.sum() if prior_loc != 0.0 else None, loc.numel(),
+                         float(prior_scale), prior_loc)
+
+
+def _kl_from_sums(sums, loc_sum, count, scale0, loc0):
+    c = 0.5 / scale0 ** 2
+    kl = torch.dot(sums, _weights((c, c, -1.0, count * (math.log(scale0) - 0.5 + c * loc0 ** 2)), sums))
+    return kl if loc0 == 0.0 else kl - (2 * c * loc0) * loc_sum
+
+
+_WEIGHTS: Dict[tuple, torch.Tensor] = {}
+
+
+def _weights(values: tuple, like: torch.Tensor) -> torch.Tensor:
+    """A constant ``[4]`` tensor of ``values`` (dtype/device of ``like``), reused across steps: a BNN asks
+    for the same few (one per site and term) every step."""
+    key = (values, like.dtype, like.device)
+    w = _WEIGHTS.get(key)
+    if w is None:
+        if len(_WEIGHTS) > 4096:  # bounded: many distinct sites or priors just rebuild
+            _WEIGHTS.clear()
+        w = _WEIGHTS[key] = torch.tensor(values, dtype=like.dtype, device=like.device)
+    return w
+
+
 def _scalar(t: torch.Tensor):
     """The single value of a tensor that is a broadcast scalar (all strides 0), else None."""
     if t.dim() == 0 or all(st == 0 for st in t.stride()):
@@ -152,6 +250,8 @@ def _kl_site(q: SiteIndependent, p: SiteIndependent):
     if (isinstance(qb, GuideNormal) and scale0 is not None and q.reinterpreted_batch_ndims == n
             and p.reinterpreted_batch_ndims == n and qb.batch_shape == pb.batch_shape):
         loc0, count = pb.scalar_loc, qb.loc.numel()
+        if qb._fusable():  # one autograd node for the reductions, one dot product for the KL
+            return _kl_from_sums(qb.fused_sums(), qb.loc_sum() if loc0 != 0.0 else None, count, scale0, loc0)
         sq = qb.loc_sq_sum()
         if loc0 != 0.0:
             sq = sq - 2 * loc0 * qb.loc_sum() + count * loc0 ** 2
@@ -228,6 +328,15 @@ class FlatGaussianGuide(AutoGuide):
         self._layout: Dict[str, tuple] = {}
         self._finalizer = None
 
+    @property
+    def flat(self) -> torch.nn.Module:
+        """The module holding the flat variational parameters (``flat.<name>``, one vector each).
+
+        Read straight from ``_modules``: ``PyroModule.__getattr__`` would ``pyro.module``-register a plain
+        submodule under a class-derived name (``"MeanField.flat$$$loc"``) that every guide of the class
+        shares, so the param store would keep the first guide's tensors and ``SVI`` would step them too."""
+        return self._modules["flat"]
+
     # -- set-up -----------------------------------------------------------------------------------
     def _setup_prototype(self, *args, **kwargs):
         super()._setup_prototype(*args, **kwargs)
@@ -288,9 +397,16 @@ class FlatGaussianGuide(AutoGuide):
         # Registered with Pyro under instance-unique names, so two guides never share parameters
         # through the global param store (and the names are released when the guide is collected).
         # One split per parameter: its backward is a single concatenation, not one scatter per site.
+        flat = self._modules["flat"]
+        tensors = {p: (pyro.param(f"{self._uname}.{p}", getattr(flat, p)) if register else getattr(flat, p))
+                   for p in self.flat_names}
+        return self._split_flat(tensors)
+
+    def _split_flat(self, tensors: Dict[str, torch.Tensor]) -> Dict[str, tuple]:
+        """Per-site chunks of the flat parameters; a subclass may first transform a whole vector
+        (one elementwise op and one graph node instead of one per site)."""
         sizes = self._sizes
-        return {p: (pyro.param(f"{self._uname}.{p}", getattr(self.flat, p)) if register
-                    else getattr(self.flat, p)).split(sizes) for p in self.flat_names}
+        return {p: t.split(sizes) for p, t in tensors.items()}
 
     def site_params(self, name: str):
         """Unconstrained ``(loc, scale)`` of a site (views of the flat parameters)."""
@@ -301,34 +417,54 @@ class FlatGaussianGuide(AutoGuide):
     def site_names(self):
         return list(self._layout)
 
+    def _site_plan(self):
+        """Per latent site, what ``forward`` needs, read once from the prototype trace:
+        (index, name, shape, event_dim, transform, placeholder, vectorized frames, model event_dim)."""
+        cached = self.__dict__.get("_plan_cache")
+        if cached is not None and cached[0] is self.prototype_trace:
+            return cached[1]
+        plan = []
+        for i, (name, site) in enumerate(self.prototype_trace.iter_stochastic_nodes()):
+            offset, n, shape, event_dim, transform, placeholder = self._layout[name]
+            frames = tuple(f for f in site["cond_indep_stack"] if f.vectorized)
+            plan.append((i, name, shape, event_dim, transform, placeholder, frames, site["fn"].event_dim))
+        self.__dict__["_plan_cache"] = (self.prototype_trace, plan)
+        return plan
+
     def forward(self, *args, **kwargs):
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
         plates = self._create_plates(*args, **kwargs)
         flat = self._flat_params()
         result = {}
-        for i, (name, site) in enumerate(self.prototype_trace.iter_stochastic_nodes()):
-            offset, n, shape, event_dim, transform, placeholder = self._layout[name]
+        for i, name, shape, event_dim, transform, placeholder, frames, model_event_dim in self._site_plan():
             loc, scale, gamma = self._site_params(flat, i, shape)
+            if not frames:  # a global site (every weight of a network): no plate to enter
+                result[name] = pyro.sample(name, self._site_dist(loc, scale, gamma, placeholder, event_dim,
+                                                                 transform, model_event_dim))
+                continue
             with ExitStack() as stack:
-                for frame in site["cond_indep_stack"]:
-                    if frame.vectorized:
-                        plate = stack.enter_context(plates[frame.name])
-                        full_size = frame.full_size or frame.size
-                        if full_size != frame.size:
-                            dim = frame.dim - event_dim
-                            loc = loc.index_select(dim, plate)
-                            scale = scale.index_select(dim, plate)
-                            gamma = None if gamma is None else gamma.index_select(dim, plate)
-                base = self._site_normal(loc, scale, gamma, placeholder)
-                fn = base.to_event(event_dim) if event_dim else base
-                if transform is not None:
-                    fn = dist.TransformedDistribution(fn, [transform.with_cache()])
-                    extra = site["fn"].event_dim - fn.event_dim
-                    if extra > 0:
-                        fn = fn.to_event(extra)
-                result[name] = pyro.sample(name, fn)
+                for frame in frames:
+                    plate = stack.enter_context(plates[frame.name])
+                    full_size = frame.full_size or frame.size
+                    if full_size != frame.size:
+                        dim = frame.dim - event_dim
+                        loc = loc.index_select(dim, plate)
+                        scale = scale.index_select(dim, plate)
+                        gamma = None if gamma is None else gamma.index_select(dim, plate)
+                result[name] = pyro.sample(name, self._site_dist(loc, scale, gamma, placeholder, event_dim,
+                                                                 transform, model_event_dim))
         return result
+
+    def _site_dist(self, loc, scale, gamma, placeholder, event_dim, transform, model_event_dim):
+        base = self._site_normal(loc, scale, gamma, placeholder)
+        fn = base.to_event(event_dim) if event_dim else base
+        if transform is not None:
+            fn = dist.TransformedDistribution(fn, [transform.with_cache()])
+            extra = model_event_dim - fn.event_dim
+            if extra > 0:
+                fn = fn.to_event(extra)
+        return fn
 
     @torch.no_grad()
     def median(self, *args, **kwargs):

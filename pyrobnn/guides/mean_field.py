@@ -60,8 +60,14 @@ class MeanField(FlatGaussianGuide):
             return {"gamma": init_loc / self.init_scale, "rho": rho}
         return {"loc": init_loc, "rho": rho}
 
+    def _split_flat(self, tensors):
+        # σ = softplus(ρ) over the whole flat vector: one op and one graph node, not one per site
+        sizes = self._sizes
+        first = "gamma" if self.parameterization == "gamma" else "loc"
+        return {first: tensors[first].split(sizes), "scale": F.softplus(tensors["rho"]).split(sizes)}
+
     def _site_params(self, flat, i, shape):
-        scale = F.softplus(flat["rho"][i]).view(shape)
+        scale = flat["scale"][i].view(shape)
         if self.parameterization == "gamma":
             gamma = flat["gamma"][i].view(shape)
             return gamma * scale, scale, gamma

@@ -41,6 +41,11 @@ class ScalarNormal(dist.Normal):
         if q is None or not hasattr(q, "loc_sq_sum"):
             return None
         n = q.loc.numel()
+        combine = getattr(q, "combine_sums", None)
+        if self.scalar_loc == 0.0 and combine is not None and q._fusable():
+            # one dot product with the guide's fused [Σμ², Σσ², Σ log σ, 1]
+            return combine((-0.5 / self.scalar_scale ** 2, 0.0, 0.0,
+                            -n * (math.log(self.scalar_scale) + _HALF_LOG_2PI)))
         sq = q.loc_sq_sum()
         if self.scalar_loc != 0.0:
             sq = sq - 2 * self.scalar_loc * q.loc_sum() + n * self.scalar_loc ** 2
