@@ -264,6 +264,13 @@ class _LogJoint(Messenger):
                 self.sq_coefs.append(coef * scale)
                 self.constant += constant * scale
                 return
+        if msg["mask"] is None and isinstance(scale, (int, float)) and not msg["args"] and not msg["kwargs"]:
+            # a distribution that sums its own log-density in one op (a classifier's fused cross-entropy)
+            fast = getattr(fn, "log_prob_sum", None)
+            lp = fast(value) if fast is not None else None
+            if lp is not None:
+                self.terms.append(lp if scale == 1.0 else lp * scale)
+                return
         lp = fn.log_prob(value, *msg["args"], **msg["kwargs"])
         if msg["mask"] is None and isinstance(scale, (int, float)):
             # sum first, then one scalar product (the N/M of a minibatch): same number, fewer passes
@@ -312,6 +319,20 @@ def _scalar_normal_plan(fn):
     return plan
 
 
+_COEFS: Dict[tuple, torch.Tensor] = {}
+
+
+def _coef_tensor(coefs: List[float], like: torch.Tensor) -> torch.Tensor:
+    """The coefficients as a tensor, reused across steps (a kernel asks for the same ones every step)."""
+    key = (tuple(coefs), like.dtype, like.device)
+    t = _COEFS.get(key)
+    if t is None:
+        if len(_COEFS) > 256:
+            _COEFS.clear()
+        t = _COEFS[key] = torch.tensor(coefs, dtype=like.dtype, device=like.device)
+    return t
+
+
 class _SumScaledSquaredNorms(torch.autograd.Function):
     """k + Σ_i c_i ‖z_i‖² over several tensors: one ``_foreach_norm`` forward, one ``_foreach_mul``
     backward (g·2c_i)·z_i. Autograd's generic rule for z·z takes three passes per tensor (two products
@@ -322,7 +343,7 @@ class _SumScaledSquaredNorms(torch.autograd.Function):
         ctx.save_for_backward(*zs)
         ctx.coefs = coefs
         norms = torch.stack(torch._foreach_norm(zs))
-        total = torch.dot(norms * norms, norms.new_tensor(coefs))
+        total = torch.dot(norms * norms, _coef_tensor(coefs, norms))
         return total.add_(constant) if constant else total
 
     @staticmethod

@@ -71,11 +71,24 @@ class LogitsCategorical(dist.Categorical):
         new._validate_args = self._validate_args
         return new
 
+    def _fast_targets(self, value):
+        return (isinstance(value, torch.Tensor) and value.shape == self.batch_shape and value.dim() >= 1
+                and not value.is_floating_point() and not value.is_complex() and value.dtype != torch.bool
+                and getattr(value, "_pyro_categorical_support", None) is None)
+
+    def log_prob_sum(self, value):
+        """Σ log p(value) as one ``F.cross_entropy(reduction="sum")`` (forward and backward), or None
+        where :meth:`log_prob` would not take its fused path."""
+        if not self._fast_targets(value):
+            return None
+        if self._validate_args:
+            self._validate_sample(value)
+        flat = self._raw_logits.reshape(-1, self._num_events)
+        return -F.cross_entropy(flat, value.reshape(-1).long(), reduction="sum")
+
     def log_prob(self, value):
         raw = self._raw_logits
-        if (isinstance(value, torch.Tensor) and value.shape == self.batch_shape and value.dim() >= 1
-                and not value.is_floating_point() and not value.is_complex() and value.dtype != torch.bool
-                and getattr(value, "_pyro_categorical_support", None) is None):
+        if self._fast_targets(value):
             if self._validate_args:
                 self._validate_sample(value)
             flat = raw.reshape(-1, self._num_events)

@@ -130,6 +130,25 @@ def test_logits_categorical_is_the_categorical_distribution():
     assert torch.allclose(a.grad, b.grad, atol=1e-6)
 
 
+def test_logits_categorical_log_prob_sum_is_the_summed_log_prob():
+    """``log_prob_sum`` (one cross-entropy with reduction="sum", what SG-MCMC's log-joint uses) equals
+    Σ log_prob in value and gradient; values it cannot take (floats, a broadcast scalar) give None."""
+    import pyro.distributions as dist
+
+    from pyrobnn.site_dist import LogitsCategorical
+    torch.manual_seed(1)
+    logits = (torch.randn(6, 4, dtype=torch.float64) * 2).requires_grad_()
+    y = torch.randint(0, 4, (6,))
+    fast = LogitsCategorical(logits).log_prob_sum(y)
+    ref = dist.Categorical(logits=logits).log_prob(y).sum()
+    assert fast.shape == () and abs(fast.item() - ref.item()) < 1e-12
+    g_fast, = torch.autograd.grad(fast, logits)
+    g_ref, = torch.autograd.grad(ref, logits)
+    assert torch.allclose(g_fast, g_ref, atol=1e-12)
+    assert LogitsCategorical(logits).log_prob_sum(y.double()) is None
+    assert LogitsCategorical(logits).log_prob_sum(torch.tensor(1)) is None
+
+
 def test_subsampled_model_checks_the_full_targets_once():
     """With subsample_size the model checks the whole y (a bad label outside the minibatch is still
     caught) and caches the result per tensor version."""
