@@ -242,17 +242,47 @@ def study(a):
 
 
 # -- relevance with noise columns ---------------------------------------------------------------------------
-def _relevance_data(name, split_seed):
-    """Standardised training inputs/targets, likelihood name and feature names of a real dataset."""
+def _relevance_data(name, split_seed, rows="train"):
+    """Standardised inputs/targets, likelihood name and feature names of a real dataset: the 80 % training
+    split (``rows="train"``) or every example (``rows="all"``; relevance is a property of the fitted
+    posterior, not a test-set metric, so all the data may inform it)."""
     if name == "breast_cancer":
+        if rows == "all":
+            from sklearn.datasets import load_breast_cancer as _load
+            raw = _load()
+            x = torch.tensor(raw.data, dtype=torch.float32)
+            return (x - x.mean(0)) / x.std(0), torch.tensor(raw.target), "bernoulli", list(raw.feature_names)
         ds = load_breast_cancer(seed=split_seed)
         return ds.x_train, ds.y_train, "bernoulli", list(ds.meta["feature_names"])
     from sklearn.datasets import load_diabetes  # 442 × 10 regression; pyrobnn.data has no loader for it
     raw = load_diabetes()
     x, y = torch.tensor(raw.data, dtype=torch.float32), torch.tensor(raw.target, dtype=torch.float32)
-    train = torch.randperm(len(x), generator=torch.Generator().manual_seed(split_seed))[: int(0.8 * len(x))]
-    x, y = x[train], y[train]
+    if rows == "train":
+        train = torch.randperm(len(x), generator=torch.Generator().manual_seed(split_seed))[: int(0.8 * len(x))]
+        x, y = x[train], y[train]
     return (x - x.mean(0)) / x.std(0), (y - y.mean()) / y.std(), "gaussian", list(raw.feature_names)
+
+
+def _fit_nuts(net, prior, lik, x, y, a, seed):
+    """The exact hierarchical-ARD posterior by NUTS (Pyro's sampler on the BNN's own model; one chain,
+    weights sampled directly, α in log space): returns the BNN, the draws ``{site: [S, *shape]}`` and the
+    chain's worst split R-hat and smallest effective sample size over the weight and α sites."""
+    import pyro
+    from pyro.infer import MCMC, NUTS
+    from pyro.ops.stats import effective_sample_size, split_gelman_rubin
+    bnn = pyrobnn.bayesian(net, prior=prior, likelihood=lik, dataset_size=len(x), local_reparameterization=False)
+    pyro.set_rng_seed(seed)
+    kernel = NUTS(bnn.model, target_accept_prob=0.9, max_tree_depth=a.max_tree_depth, jit_compile=True,
+                  ignore_jit_warnings=True)
+    mcmc = MCMC(kernel, num_samples=a.samples, warmup_steps=a.warmup, disable_progbar=True)
+    mcmc.run(x, y)
+    samples = mcmc.get_samples()
+    chains = {k: v.double().unsqueeze(0) for k, v in samples.items()}  # [chain = 1, S, ...]
+    # α are positive and skewed: diagnose them in log space, where the sampler moves
+    chains = {k: (v.log() if k.endswith(".alpha") else v) for k, v in chains.items()}
+    rhat = max(float(split_gelman_rubin(v, chain_dim=0, sample_dim=1).max()) for v in chains.values())
+    ess = min(float(effective_sample_size(v, chain_dim=0, sample_dim=1).min()) for v in chains.values())
+    return bnn, samples, {"max_split_rhat": round(rhat, 4), "min_ess": round(ess, 1)}
 
 
 def _ranks(scores):
@@ -305,7 +335,7 @@ def relevance_experiment(a):
     rank the inputs with every relevance statistic, and (reference, not ARD) by the marginal
     |correlation| with the target. Writes ``<out>/relevance_<tag>.json`` and a PNG for the first seed."""
     from pyrobnn.relevance import STATISTICS, plot_relevance
-    x0, y, lik, names0 = _relevance_data(a.dataset, a.split_seed)
+    x0, y, lik, names0 = _relevance_data(a.dataset, a.split_seed, a.rows)
     if a.features:
         keep = [f.strip() for f in a.features.split(",")]
         missing = [f for f in keep if f not in names0]
@@ -313,7 +343,9 @@ def relevance_experiment(a):
             raise SystemExit(f"unknown --features {missing}; {a.dataset} has {names0}")
         x0, names0 = x0[:, [names0.index(f) for f in keep]], keep
     hidden = [a.hidden] if a.hidden > 0 else []  # --hidden 0: logistic / linear regression
-    tag = f"{a.dataset}{'_' + '-'.join(names0).replace(' ', '') if a.features else ''}_h{a.hidden}_a{a.ard_a:g}_b{a.ard_b:g}_e{a.epochs_bayes}"
+    tag = f"{a.dataset}{'_' + '-'.join(names0).replace(' ', '') if a.features else ''}_h{a.hidden}_a{a.ard_a:g}_b{a.ard_b:g}"
+    tag += f"_e{a.epochs_bayes}" if a.inference == "svi" else f"_nuts{a.warmup}-{a.samples}"
+    tag += "_allrows" if a.rows == "all" else ""
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     per_seed = []
@@ -324,27 +356,32 @@ def relevance_experiment(a):
         torch.manual_seed(noise_seed)
         net = build("mlp", in_features=x.shape[1], out_features=1, hidden=hidden)
         prior = {"name": "ard", "mode": "hierarchical", "a": a.ard_a, "b": a.ard_b}
-        bnn = pyrobnn.bayesian(net, prior=prior, guide={"name": "mean-field", "init_scale": a.init_scale},
-                               likelihood=lik, dataset_size=len(x))
         t0 = time.process_time()
-        hist = fit(bnn, (x, y), a.epochs_bayes, lr=a.lr_bayes, batch_size=len(x), progress=False, seed=noise_seed)
-        rec = {"noise_seed": noise_seed, "cpu_s": round(time.process_time() - t0, 1),
-               "final_elbo_per_datum": hist[-1]["elbo_per_datum"], "statistics": {}}
+        if a.inference == "svi":
+            bnn = pyrobnn.bayesian(net, prior=prior, guide={"name": "mean-field", "init_scale": a.init_scale},
+                                   likelihood=lik, dataset_size=len(x))
+            hist = fit(bnn, (x, y), a.epochs_bayes, lr=a.lr_bayes, batch_size=len(x), progress=False, seed=noise_seed)
+            samples, fitted = None, {"final_elbo_per_datum": hist[-1]["elbo_per_datum"]}
+        else:
+            bnn, samples, fitted = _fit_nuts(net, prior, lik, x, y, a, noise_seed)
+        rec = {"noise_seed": noise_seed, "cpu_s": round(time.process_time() - t0, 1), **fitted, "statistics": {}}
         for stat in STATISTICS:
-            rel = pyrobnn.relevance(bnn, statistic=stat)
+            rel = pyrobnn.relevance(bnn, samples=samples, statistic=stat)
             rec["statistics"][stat] = {**_noise_summary(rel.inputs, a.n_noise), "scores": rel.inputs.tolist()}
             if stat == a.statistic and not per_seed:
                 plot_relevance(rel, out / f"relevance_{tag}.png", feature_names=names,
                                highlight=range(x.shape[1] - a.n_noise, x.shape[1]), highlight_label="noise column",
-                               title=f"hierarchical ARD, {a.dataset} + {a.n_noise} noise columns\n"
-                                     f"hidden {a.hidden}, Gamma({a.ard_a:g}, {a.ard_b:g}), {a.epochs_bayes} epochs, "
-                                     f"noise seed {noise_seed}, statistic {stat}")
+                               title=f"hierarchical ARD, {a.dataset} ({a.rows} rows) + {a.n_noise} noise columns\n"
+                                     f"hidden {a.hidden}, Gamma({a.ard_a:g}, {a.ard_b:g}), "
+                                     + (f"SVI {a.epochs_bayes} epochs" if a.inference == "svi" else
+                                        f"NUTS {a.warmup} + {a.samples}")
+                                     + f", noise seed {noise_seed}, statistic {stat}")
         xc, yc = x - x.mean(0), y.double() - y.double().mean()
         corr = (xc.double() * yc[:, None]).sum(0) / (xc.double().norm(dim=0) * yc.norm())
         rec["statistics"]["marginal-abs-correlation (reference, not ARD)"] = _noise_summary(corr.abs(), a.n_noise)
         rec["statistics"]["conditional-abs-z (reference, not ARD)"] = _noise_summary(_conditional_z(x, y, lik), a.n_noise)
         per_seed.append(rec)
-        print(json.dumps({"noise_seed": noise_seed, "cpu_s": rec["cpu_s"],
+        print(json.dumps({"noise_seed": noise_seed, "cpu_s": rec["cpu_s"], **fitted,
                           **{k: [v["best_noise_rank"], v["real_below_best_noise"], round(v["pair_auc"], 3)]
                              for k, v in rec["statistics"].items()}}), flush=True)
     summary = {}
@@ -358,11 +395,15 @@ def relevance_experiment(a):
     prov = _provenance(a)
     res = {"commit": prov["commit"], "modified_files": prov["modified_files"],
            "dataset": a.dataset, "features": a.features or "all", "n_inputs": x.shape[1], "n_noise": a.n_noise, "hidden": a.hidden, "a": a.ard_a,
-           "b": a.ard_b, "epochs": a.epochs_bayes, "lr": a.lr_bayes, "init_scale": a.init_scale,
+           "b": a.ard_b, "inference": a.inference, "rows": a.rows,
+           **({"epochs": a.epochs_bayes, "lr": a.lr_bayes, "init_scale": a.init_scale} if a.inference == "svi" else
+              {"warmup": a.warmup, "samples": a.samples, "max_tree_depth": a.max_tree_depth}),
            "split_seed": a.split_seed, "feature_names": names, "summary": summary, "runs": per_seed}
     (out / f"relevance_{tag}.json").write_text(json.dumps(res, indent=1))
-    print(f"\n{a.dataset}, {x.shape[1]} inputs ({a.n_noise} noise), hidden {a.hidden}, Gamma({a.ard_a:g}, {a.ard_b:g}), "
-          f"{a.epochs_bayes} epochs; per noise seed: best noise rank | real features below the best noise | pair AUC")
+    fitted_by = f"SVI {a.epochs_bayes} epochs" if a.inference == "svi" else f"NUTS {a.warmup} warm-up + {a.samples} draws"
+    print(f"\n{a.dataset} ({a.rows} rows), {x.shape[1]} inputs ({a.n_noise} noise), hidden {a.hidden}, "
+          f"Gamma({a.ard_a:g}, {a.ard_b:g}), {fitted_by}; per noise seed: best noise rank | real features below "
+          f"the best noise | pair AUC")
     print("| statistic | best noise rank | real features below the best noise column | mean pair AUC | "
           "seeds with all noise in bottom third | seeds with all noise last |")
     print("|---|---|---|---:|---:|---:|")
@@ -396,6 +437,13 @@ def main(argv=None):
     p.add_argument("--ard-b", type=float, default=DEFAULT_B)
     p.add_argument("--split-seed", type=int, default=0)
     p.add_argument("--noise-seed", type=int, default=1)
+    p.add_argument("--rows", choices=["train", "all"], default="train",
+                   help="relevance: fit on the 80 %% training split or on every example")
+    p.add_argument("--inference", choices=["svi", "nuts"], default="svi",
+                   help="relevance: mean-field SVI (--epochs-bayes) or NUTS (--warmup, --samples)")
+    p.add_argument("--warmup", type=int, default=500)
+    p.add_argument("--samples", type=int, default=1000)
+    p.add_argument("--max-tree-depth", type=int, default=8)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     study(a) if a.what == "study" else relevance_experiment(a)
