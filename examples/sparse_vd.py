@@ -7,8 +7,9 @@ Each run trains one network and writes ``<out>/<tag>.json`` (and resumable check
     python examples/sparse_vd.py run --model lenet300 --method det --epochs 60
     python examples/sparse_vd.py run --model lenet5   --method det --epochs 30
     # sparse VD: log-uniform prior on every weight and bias, AdditiveNoise guide (log σ² init −10,
-    # log α clipped to [−8, 8]), local reparameterisation, KL weight 0 for 5 epochs then linear to 1
-    # by epoch 20, the same optimiser and lr schedule; pruned at log α > 3
+    # log α clipped to [−8, 8] with --clip-low -8, the runs of sessions 1-2), local reparameterisation,
+    # KL weight 0 for 5 epochs then linear to 1 by epoch 20, the same optimiser and lr schedule;
+    # pruned at log α > 3
     python examples/sparse_vd.py run --model lenet300 --method svd --epochs 60
     python examples/sparse_vd.py run --model lenet5   --method svd --epochs 30
     # the same sparse VD written by hand in PyTorch (LeNet-300-100 only), for comparison
@@ -21,17 +22,25 @@ Each run trains one network and writes ``<out>/<tag>.json`` (and resumable check
 Recipe variants (each changed option adds a suffix to the run's tag and a note in the table, so the
 reference runs are never overwritten): ``--init-from`` a deterministic checkpoint, ``--init-log-sigma2``,
 ``--log-sigma2-lr-mult`` (Adam lr of log σ² = this × the lr of θ), ``--lr``, ``--batch-size``,
-``--kl-hold``/``--kl-ramp``, ``--decay-start``; they apply to ``svd`` and ``torch-svd`` alike.
+``--kl-hold``/``--kl-ramp``, ``--decay-start``, ``--clip-low``; they apply to ``svd`` and ``torch-svd``
+alike. ``--finetune-epochs K`` (``svd`` only) spends the last K of the ``--epochs`` budget on a frozen
+mask: sparse VD runs the recipe over epochs − K epochs (KL warm-up unchanged, lr constant to half of
+them then linear to 0), the mask θ ⊙ [log α < 3] is then fixed and the kept weights and biases of the
+plain pruned network are trained on the data term alone (cross-entropy, Adam ``--finetune-lr``, lr
+constant for half the K epochs then linear to 0, pruned entries held at 0); the reported error is that
+network's, the compression the frozen mask's.
 ``--stop-after K`` makes a pilot: an ``svd`` run stops after K epochs without writing a result and
 resumes from its checkpoint when re-run without it. For example
 
     python examples/sparse_vd.py run --model lenet300 --method svd --epochs 60 --kl-hold 0 --kl-ramp 5 \
         --init-from runs/sparse_vd/lenet300-det-fashion_mnist-e60/det-ckpt.safetensors --init-log-sigma2 -6
 
-Why ``--init-log-sigma2`` matters from a trained network: log α is clipped to [−8, 8] in the KL, so a
-weight with log σ² − log θ² < −8 gets no KL gradient at all. With log σ² = −10 that is every weight
-with |θ| > e⁻¹ ≈ 0.37 (6 % of a trained LeNet-300-100's fc1), and the data term then pushes σ² further
-down: such weights are never pruned.
+The log α clip. The reference recipe clips log α to [−8, 8] in the KL, so a weight with
+log σ² − log θ² < −8 gets no KL gradient at all. From a trained network with log σ² = −10 that is
+every weight with |θ| > e⁻¹ ≈ 0.37 (6 % of a trained LeNet-300-100's fc1), and the data term then
+pushes σ² further down: such weights are never pruned. pyrobnn's AdditiveNoise now clips from above
+only by default (``(None, 8)``), and so does this script (``--clip-low`` none, tag suffix ``cliphi8``;
+``--clip-low -8`` reproduces the reference clip and the tags of sessions 1–2).
 
 A killed run is resumed by re-running the same command (exactly: data order and RNG state are restored).
 Test error of a sparse-VD network is that of the pruned posterior-mean network (θ ⊙ [log α < 3]),
@@ -77,7 +86,8 @@ def _tag(a):
 #: recipe options that default to the reference recipe; a run that changes one gets a tag suffix (so its
 #: results do not overwrite the reference runs) and a note in the table
 _RECIPE_DEFAULTS = {"lr": 1e-3, "batch_size": 100, "kl_hold": 5.0, "kl_ramp": 15.0, "decay_start": 0.5,
-                    "init_log_sigma2": -10.0, "log_sigma2_lr_mult": 1.0}
+                    "init_log_sigma2": -10.0, "log_sigma2_lr_mult": 1.0, "clip_low": -8.0, "finetune_epochs": 0,
+                    "finetune_lr": 1e-3}
 
 
 def _recipe_suffixes(a):
@@ -96,6 +106,10 @@ def _recipe_suffixes(a):
         out.append(f"ls2init{a.init_log_sigma2:g}")
     if a.log_sigma2_lr_mult != d["log_sigma2_lr_mult"]:
         out.append(f"ls2lr{a.log_sigma2_lr_mult:g}x")
+    if (a.clip_low, a.clip) != (d["clip_low"], 8.0):
+        out.append(f"cliphi{a.clip:g}" if a.clip_low is None else f"clip{a.clip_low:g}:{a.clip:g}")
+    if a.finetune_epochs:
+        out.append(f"ft{a.finetune_epochs}" + (f"lr{a.finetune_lr:g}" if a.finetune_lr != d["finetune_lr"] else ""))
     return out
 
 
@@ -117,6 +131,12 @@ def _recipe_note(recipe, method):
         notes.append(f"log σ² init {recipe['init_log_sigma2']:g}")
     if recipe.get("log_sigma2_lr_mult", 1.0) != 1.0:
         notes.append(f"log σ² lr ×{recipe['log_sigma2_lr_mult']:g}")
+    low, high = recipe.get("log_alpha_clip", [-8.0, 8.0])
+    if (low, high) != (-8.0, 8.0):
+        notes.append(f"log α clip ≤ {high:g} only" if low is None else f"log α clip [{low:g}, {high:g}]")
+    if recipe.get("finetune_epochs"):
+        notes.append(f"last {recipe['finetune_epochs']} epochs: mask frozen, data term only "
+                     f"(Adam {recipe.get('finetune_lr', 1e-3):g})")
     return notes
 
 
@@ -218,7 +238,7 @@ K1, K2, K3 = 0.63576, 1.87320, 1.48695
 
 class TorchSVDLinear(torch.nn.Module):
     """Sparse-VD Linear written directly in PyTorch: θ and log σ² for weight and bias, local
-    reparameterisation, KL on log α clipped to [−clip, clip]; the same mathematics as pyrobnn's
+    reparameterisation, KL on log α clipped to ``clip`` = (low or None, high); the same mathematics as pyrobnn's
     log-uniform prior + AdditiveNoise guide."""
 
     def __init__(self, linear, init_log_sigma2, clip):
@@ -230,7 +250,7 @@ class TorchSVDLinear(torch.nn.Module):
         self.clip = clip
 
     def log_alpha(self, theta, log_s2):
-        return (log_s2 - (theta * theta + 1e-16).log()).clamp(-self.clip, self.clip)
+        return (log_s2 - (theta * theta + 1e-16).log()).clamp(self.clip[0], self.clip[1])  # low may be None
 
     def forward(self, x):
         if not self.training:
@@ -258,9 +278,12 @@ def train_torch_sparse_vd(a, out_dir: Path):
     if a.init_from:
         tensors, _ = read_state(Path(a.init_from))
         base.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
-    net = torch.nn.Sequential(torch.nn.Flatten(), TorchSVDLinear(base.fc1, a.init_log_sigma2, a.clip), torch.nn.ReLU(),
-                              TorchSVDLinear(base.fc2, a.init_log_sigma2, a.clip), torch.nn.ReLU(),
-                              TorchSVDLinear(base.fc3, a.init_log_sigma2, a.clip))
+    if a.finetune_epochs:
+        raise SystemExit("--finetune-epochs is implemented for --method svd only")
+    clip = (a.clip_low, a.clip)
+    net = torch.nn.Sequential(torch.nn.Flatten(), TorchSVDLinear(base.fc1, a.init_log_sigma2, clip), torch.nn.ReLU(),
+                              TorchSVDLinear(base.fc2, a.init_log_sigma2, clip), torch.nn.ReLU(),
+                              TorchSVDLinear(base.fc3, a.init_log_sigma2, clip))
     layers = [net[1], net[3], net[5]]
     opt = _adam_groups(list(net.parameters()), [p for m in layers for p in (m.log_sigma2, m.log_sigma2_b)],
                        a.lr, a.log_sigma2_lr_mult)
@@ -307,7 +330,8 @@ def train_sparse_vd(a, out_dir: Path):
         tensors, _ = read_state(Path(a.init_from))
         net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
     bnn = pyrobnn.guides.AdditiveNoise.from_pretrained(net, dataset_size=len(x_tr), init_log_sigma2=a.init_log_sigma2,
-                                                      log_alpha_clip=(-a.clip, a.clip))
+                                                      log_alpha_clip=(a.clip_low, a.clip))
+    svd_epochs = a.epochs - a.finetune_epochs
     log_path = out_dir / "epochs.jsonl"
 
     def on_epoch(bnn, record):
@@ -326,24 +350,79 @@ def train_sparse_vd(a, out_dir: Path):
         return _adam_groups(params, [dict(bnn.named_parameters())["autoguide.flat.log_sigma2"]], a.lr,
                             a.log_sigma2_lr_mult)
 
-    hist = fit(bnn, ArrayLoader(x_tr, y_tr, batch_size=a.batch_size, seed=a.seed), a.epochs, lr=a.lr,
-               kl_warmup=(a.kl_hold, a.kl_ramp), lr_schedule=("linear-decay", a.epochs * a.decay_start),
+    loader = ArrayLoader(x_tr, y_tr, batch_size=a.batch_size, seed=a.seed)
+    hist = fit(bnn, loader, svd_epochs, lr=a.lr,
+               kl_warmup=(a.kl_hold, a.kl_ramp), lr_schedule=("linear-decay", svd_epochs * a.decay_start),
                checkpoint_dir=str(out_dir / "ckpt"), resume=True, seed=a.seed, progress=False,
                callbacks=[on_epoch], optimizer=optimizer)
-    if len(hist.records) < a.epochs:  # --stop-after: a pilot; re-running without it resumes
+    if len(hist.records) < svd_epochs:  # --stop-after: a pilot; re-running without it resumes
         return bnn, None
     rep = sparsity.report(bnn)
     pruned = sparsity.export(bnn)
     # the unpruned posterior mean, for reference
     full = sparsity.export(bnn, mask={s: torch.ones_like(m) for s, m in sparsity.masks(bnn).items()})
+    error_at_freeze = _error(pruned, x_te, y_te)
+    finetune_history = []
+    if a.finetune_epochs:
+        pruned, finetune_history = _finetune_frozen_mask(a, bnn, pruned, loader, x_te, y_te, out_dir)
     result = {"test_error": _error(pruned, x_te, y_te), "test_error_unpruned_mean": _error(full, x_te, y_te),
-              "train_seconds": sum(r["seconds"] for r in hist.records), "compression": rep["compression"],
+              "test_error_before_finetune": error_at_freeze, "finetune_history": finetune_history,
+              "train_seconds": sum(r["seconds"] for r in hist.records) + sum(r["seconds"] for r in finetune_history),
+              "compression": rep["compression"],
               "sparsity": rep["sparsity"], "weights": rep["weights"], "weights_kept": rep["weights_kept"],
               "params_kept": rep["params_kept"], "params": rep["params"], "flops": rep["flops"],
               "flops_kept": rep["flops_kept"], "layers": rep.layers, "report_table": rep.table(),
               "history": hist.records}
     pyrobnn.save(bnn, out_dir / "bnn.safetensors")
     return bnn, result
+
+
+def _finetune_frozen_mask(a, bnn, pruned, loader, x_te, y_te, out_dir: Path, save_as="finetuned.safetensors"):
+    """Train the kept weights and biases of the exported pruned network ``pruned`` on the data term for
+    ``a.finetune_epochs`` epochs (epochs svd_epochs … epochs − 1 of the budget, continuing the data
+    order), mask frozen: pruned entries get zero gradient and are reset to 0 after every step.
+    Returns (network, per-epoch records)."""
+    mask = sparsity.masks(bnn)
+    params = dict(pruned.named_parameters())
+    if set(mask) != set(params):
+        raise RuntimeError(f"exported parameters {sorted(params)} do not match the mask sites {sorted(mask)}")
+    keep = {n: mask[n].to(params[n].dtype) for n in params}
+    for p in params.values():
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params.values(), lr=a.finetune_lr)
+    K, start = a.finetune_epochs, a.epochs - a.finetune_epochs
+    lr_of = lr_factor_schedule(("linear-decay", K * 0.5), K)
+    steps, history = len(loader), []
+    kept_before = sum(int((p != 0).sum()) for p in params.values())
+    for k in range(K):
+        pruned.train()
+        loader.set_epoch(start + k)
+        t0, total = time.perf_counter(), 0.0
+        for step, (xb, yb) in enumerate(loader.batches()):
+            for g in opt.param_groups:
+                g["lr"] = a.finetune_lr * lr_of(k + step / steps)
+            loss = F.cross_entropy(pruned(xb), yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            for n, p in params.items():
+                p.grad.mul_(keep[n])
+            opt.step()
+            with torch.no_grad():
+                for n, p in params.items():
+                    p.mul_(keep[n])
+            total += loss.item()
+        rec = {"epoch": start + k + 1, "phase": "finetune", "loss": total / steps,
+               "seconds": time.perf_counter() - t0, "test_error_pruned": _error(pruned, x_te, y_te)}
+        history.append(rec)
+        print(json.dumps(rec), flush=True)
+    kept_after = sum(int((p != 0).sum()) for p in params.values())
+    if kept_after > kept_before:
+        raise RuntimeError("fine-tuning revived pruned entries")
+    for p in params.values():
+        p.requires_grad_(False)
+    write_state(out_dir / save_as, {k: v.detach().clone() for k, v in pruned.state_dict().items()},
+                {"finetune_epochs": K, "finetune_lr": a.finetune_lr})
+    return pruned.eval(), history
 
 
 def cmd_run(a):
@@ -368,7 +447,8 @@ def cmd_run(a):
                    "recipe": {"lr": a.lr, "batch_size": a.batch_size, "kl_warmup": [a.kl_hold, a.kl_ramp],
                               "lr_decay_start_epoch": a.epochs * a.decay_start, "init_log_sigma2": a.init_log_sigma2,
                               "lr_decay_start_fraction": a.decay_start, "log_sigma2_lr_mult": a.log_sigma2_lr_mult,
-                              "log_alpha_clip": [-a.clip, a.clip], "prune_log_alpha_above": 3.0}})
+                              "log_alpha_clip": [a.clip_low, a.clip], "prune_log_alpha_above": 3.0,
+                              "finetune_epochs": a.finetune_epochs, "finetune_lr": a.finetune_lr}})
     with open(Path(a.out) / f"{tag}.json", "w") as f:
         json.dump(result, f, indent=1)
     summary = {k: result[k] for k in ("test_error", "compression", "train_seconds") if k in result}
@@ -402,6 +482,25 @@ def cmd_table(a):
               f"{layers} | {r['train_seconds'] / 60:.1f} min |")
 
 
+def cmd_finetune(a):
+    """Diagnostic: the frozen-mask phase applied *after* a finished sparse-VD run (so the run's epochs
+    plus these are more than its budget: not a result for the epoch-budget targets). Prints the test
+    error of the pruned network per fine-tuning epoch."""
+    torch.set_num_threads(a.threads)
+    result = json.load(open(Path(a.out) / f"{a.tag}.json"))
+    bnn = pyrobnn.load(Path(a.out) / a.tag / "bnn.safetensors", net=build(result["model"]))
+    ds = load_fashion_mnist() if result["dataset"] == "fashion_mnist" else load_mnist5k()
+    pruned = sparsity.export(bnn)
+    print(json.dumps({"tag": a.tag, "test_error_pruned_before": _error(pruned, ds.x_test, ds.y_test),
+                      "compression": sparsity.report(bnn)["compression"]}), flush=True)
+    a.epochs, a.finetune_epochs = result["epochs"] + a.finetune_epochs, a.finetune_epochs  # continue the data order
+    loader = ArrayLoader(ds.x_train, ds.y_train, batch_size=result.get("recipe", {}).get("batch_size", 100), seed=a.seed)
+    _, hist = _finetune_frozen_mask(a, bnn, pruned, loader, ds.x_test, ds.y_test, Path(a.out) / a.tag,
+                                    save_as=f"posthoc-finetune-ft{a.finetune_epochs}-lr{a.finetune_lr:g}.safetensors")
+    print("FINETUNE", a.tag, json.dumps({"epochs": a.finetune_epochs, "lr": a.finetune_lr,
+                                         "test_error": hist[-1]["test_error_pruned"]}), flush=True)
+
+
 def cmd_sweep(a):
     """Test error and compression of a trained sparse-VD run's pruned mean network at several log α
     thresholds (the recipe's is 3), and with biases left unpruned."""
@@ -418,6 +517,10 @@ def cmd_sweep(a):
             err = _error(sparsity.export(bnn, mask=m), ds.x_test, ds.y_test)
             comp = sparsity.report(bnn, mask=m)["compression"]
             print(f"| {label} | {thr} | {100 * err:.2f} % | ×{comp:.1f} |")
+
+
+def _optional_float(text):
+    return None if text.lower() in ("none", "") else float(text)
 
 
 def main(argv=None):
@@ -442,7 +545,13 @@ def main(argv=None):
                    help="Adam lr of the log σ² parameters = this × the lr of θ (both follow the lr schedule)")
     r.add_argument("--stop-after", type=int, default=None,
                    help="pilot: stop after this many epochs without writing a result (svd resumes from its checkpoint)")
-    r.add_argument("--clip", type=float, default=8.0, help="log α clipped to [-clip, clip]")
+    r.add_argument("--clip", type=float, default=8.0, help="log α clipped from above at this value")
+    r.add_argument("--clip-low", type=_optional_float, default=None,
+                   help="lower log α clip ('none', the default: clipped from above only, pyrobnn's default; "
+                        "-8: the reference recipe's [-8, 8], used in sessions 1-2)")
+    r.add_argument("--finetune-epochs", type=int, default=0,
+                   help="svd: the last K of --epochs train the pruned network with the mask frozen, data term only")
+    r.add_argument("--finetune-lr", type=float, default=1e-3, help="Adam lr of the frozen-mask phase")
     r.add_argument("--init-from", default=None, help="det checkpoint (…/det-ckpt.safetensors) to start θ from")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--threads", type=int, default=1)
@@ -457,7 +566,17 @@ def main(argv=None):
     w.add_argument("--threads", type=int, default=1)
     w.add_argument("--out", default=DEFAULT_OUT)
     w.set_defaults(func=cmd_sweep)
+    ft = sub.add_parser("finetune", help="diagnostic: frozen-mask fine-tuning after a finished svd run")
+    ft.add_argument("tag")
+    ft.add_argument("--finetune-epochs", type=int, default=10)
+    ft.add_argument("--finetune-lr", type=float, default=1e-3)
+    ft.add_argument("--seed", type=int, default=0)
+    ft.add_argument("--threads", type=int, default=1)
+    ft.add_argument("--out", default=DEFAULT_OUT)
+    ft.set_defaults(func=cmd_finetune)
     a = p.parse_args(argv)
+    if a.cmd == "run" and not 0 <= a.finetune_epochs < a.epochs:
+        p.error("--finetune-epochs must be in [0, --epochs)")
     a.func(a)
 
 
