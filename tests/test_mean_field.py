@@ -268,3 +268,34 @@ def test_svi_steps_only_its_own_guide_parameters():
     captured = {id(site["value"].unconstrained()) for site in capture.trace.nodes.values()}
     assert captured == {id(p) for p in second.autoguide.flat.parameters()}
     assert not any("$$$" in name for name in pyro.get_param_store().keys())
+
+
+def test_fused_variance_and_sums_node_matches_autograd():
+    """The layer's σ² and the KL's reductions from one node (what a locally reparameterised site uses
+    while training): values and gradients equal the elementwise computation; gradcheck on the node."""
+    from pyrobnn.guides.base import _GaussianVarianceSums
+    from pyrobnn.priors.gaussian import ScalarNormal
+    torch.manual_seed(5)
+    loc = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
+    rho = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    noise = torch.randn(3, 7, dtype=torch.float64)
+
+    def objective(fused):
+        sigma = torch.nn.functional.softplus(rho)
+        q = GuideNormal(loc, sigma, placeholder=True)
+        if fused:
+            var = q.variance
+            kl = kl_divergence(q.to_event(2), ScalarNormal(0.0, 0.5, (7, 4)).to_event(2))
+        else:
+            var = sigma * sigma
+            kl = (math.log(0.5) - sigma.log() + (sigma ** 2 + loc ** 2) / 0.5 - 0.5).sum()
+        out = x @ loc.T + (x * x @ var.T).sqrt() * noise
+        return (out ** 2).sum() + kl
+
+    a, b = objective(True), objective(False)
+    assert abs(a.item() - b.item()) < 1e-10 * abs(b.item())
+    for ga, gb in zip(torch.autograd.grad(a, (loc, rho)), torch.autograd.grad(b, (loc, rho))):
+        assert torch.allclose(ga, gb, rtol=1e-11, atol=1e-12)
+    sigma = (torch.rand(5, 3, dtype=torch.float64) + 0.2).requires_grad_()
+    assert torch.autograd.gradcheck(_GaussianVarianceSums.apply, (loc.detach()[:5, :3].clone().requires_grad_(), sigma))

@@ -85,8 +85,16 @@ class GuideNormal(dist.Normal):
         log-densities at a local-reparameterisation placeholder read entries of it."""
         v = self._sums.get("fused")
         if v is None:
-            v = self._sums["fused"] = _GaussianSums.apply(self.loc, self.scale)
+            if self._var is None and self._fuse_variance():
+                self._var, v = _GaussianVarianceSums.apply(self.loc, self.scale)
+            else:
+                v = _GaussianSums.apply(self.loc, self.scale)
+            self._sums["fused"] = v
         return v
+
+    def _fuse_variance(self):
+        # σ² (the layer's) and the sums (the KL's) from one node, when a backward will run through both
+        return self._fusable() and torch.is_grad_enabled() and (self.loc.requires_grad or self.scale.requires_grad)
 
     def _fusable(self):
         # subclasses derive σ, log σ differently (additive noise: from log σ²); they keep their own sums
@@ -141,7 +149,10 @@ class GuideNormal(dist.Normal):
     @property
     def variance(self):
         if self._var is None:
-            self._var = self.scale * self.scale
+            if "fused" not in self._sums and self._fuse_variance():
+                self.fused_sums()
+            else:
+                self._var = self.scale * self.scale
         return self._var
 
     def expand(self, batch_shape, _instance=None):
@@ -199,6 +210,46 @@ class _GaussianSums(torch.autograd.Function):
                 if g1 != 0.0:
                     grad_scale.add_(scale, alpha=2.0 * g1)
             else:
+                grad_scale = scale.mul(2.0 * g1)
+        return grad_loc, grad_scale
+
+
+class _GaussianVarianceSums(torch.autograd.Function):
+    """(σ², ``[Σμ², Σσ², Σ log σ, 1]``) of one site in one autograd node: the layer's pre-activation
+    variance and the KL's reductions. Backward (g_v the gradient of σ², g the ``[4]`` one):
+    ∂/∂μ = 2·g₀·μ, ∂/∂σ = 2σ·g_v + 2·g₁·σ + g₂/σ in four tensor passes (σ·σ's generic backward, the
+    reductions' and the accumulation of the two take seven)."""
+
+    @staticmethod
+    def forward(ctx, loc, scale):
+        ctx.set_materialize_grads(False)
+        fl, fs = loc.reshape(-1), scale.reshape(-1)
+        ctx.save_for_backward(loc, scale)
+        var = scale * scale
+        sums = torch.stack([torch.dot(fl, fl), torch.dot(fs, fs), fs.log().sum(), fl.new_ones(())])
+        return var, sums
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_var, grad_sums):
+        loc, scale = ctx.saved_tensors
+        g0, g1, g2, _ = grad_sums.tolist() if grad_sums is not None else (0.0, 0.0, 0.0, 0.0)
+        grad_loc = grad_scale = None
+        if ctx.needs_input_grad[0] and g0 != 0.0:
+            grad_loc = loc.mul(2.0 * g0)
+        if ctx.needs_input_grad[1]:
+            if grad_var is not None:
+                grad_scale = scale * grad_var if g2 == 0.0 else \
+                    torch.addcmul(torch.reciprocal(scale).mul_(g2), scale, grad_var, value=2.0)
+                if g2 == 0.0:
+                    grad_scale.mul_(2.0)
+                if g1 != 0.0:
+                    grad_scale.add_(scale, alpha=2.0 * g1)
+            elif g2 != 0.0:
+                grad_scale = torch.reciprocal(scale).mul_(g2)
+                if g1 != 0.0:
+                    grad_scale.add_(scale, alpha=2.0 * g1)
+            elif g1 != 0.0:
                 grad_scale = scale.mul(2.0 * g1)
         return grad_loc, grad_scale
 

@@ -17,6 +17,11 @@ def _softplus_inv(y: float) -> float:
     return y + math.log(-math.expm1(-y))
 
 
+def _shaped(chunk, shape):
+    # a 1-d site (a bias) is its chunk already: no view, no graph node
+    return chunk if chunk.shape == shape else chunk.view(shape)
+
+
 @GUIDES.register("mean-field")
 class MeanField(FlatGaussianGuide):
     """Factorised Normal over every continuous latent site of any Pyro model (an ``AutoGuide``).
@@ -67,8 +72,8 @@ class MeanField(FlatGaussianGuide):
         return {first: tensors[first].split(sizes), "scale": F.softplus(tensors["rho"]).split(sizes)}
 
     def _site_params(self, flat, i, shape):
-        scale = flat["scale"][i].view(shape)
+        scale = _shaped(flat["scale"][i], shape)
         if self.parameterization == "gamma":
-            gamma = flat["gamma"][i].view(shape)
+            gamma = _shaped(flat["gamma"][i], shape)
             return gamma * scale, scale, gamma
-        return flat["loc"][i].view(shape), scale, None
+        return _shaped(flat["loc"][i], shape), scale, None
