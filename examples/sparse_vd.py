@@ -51,7 +51,9 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -442,6 +444,7 @@ def cmd_run(a):
         print(f"stopped after epoch {a.stop_after} (--stop-after); no result written", flush=True)
         return
     result.update({"tag": tag, "model": a.model, "method": a.method, "dataset": a.dataset, "epochs": a.epochs,
+                   "limit_train": a.limit_train,
                    "random_labels": a.random_labels, "init_from": a.init_from, "command": " ".join(sys.argv),
                    "threads": a.threads, "wall_seconds_this_invocation": time.perf_counter() - t0,
                    "recipe": {"lr": a.lr, "batch_size": a.batch_size, "kl_warmup": [a.kl_hold, a.kl_ramp],
@@ -483,22 +486,49 @@ def cmd_table(a):
 
 
 def cmd_finetune(a):
-    """Diagnostic: the frozen-mask phase applied *after* a finished sparse-VD run (so the run's epochs
-    plus these are more than its budget: not a result for the epoch-budget targets). Prints the test
-    error of the pruned network per fine-tuning epoch."""
+    """Diagnostic: a frozen-mask phase applied to the mask saved at the end of a finished run's sparse-VD
+    phase (``bnn.safetensors``). For a run without one this adds epochs beyond its budget (not a result
+    for the epoch-budget targets); for a run made with ``--finetune-epochs K`` and the same K here it
+    replays that run's phase with other settings (same epochs, same data order). Prints the test error
+    of the pruned network per epoch."""
     torch.set_num_threads(a.threads)
     result = json.load(open(Path(a.out) / f"{a.tag}.json"))
     bnn = pyrobnn.load(Path(a.out) / a.tag / "bnn.safetensors", net=build(result["model"]))
-    ds = load_fashion_mnist() if result["dataset"] == "fashion_mnist" else load_mnist5k()
+    limit = result.get("limit_train")
+    if limit is None:  # results written before limit_train was recorded carry it in the tag only
+        match = re.search(r"-n(\d+)-", a.tag)
+        limit = int(match.group(1)) if match else None
+    x_tr, y_tr, x_te, y_te = _data(argparse.Namespace(dataset=result["dataset"], limit_train=limit,
+                                                      random_labels=result["random_labels"]))
     pruned = sparsity.export(bnn)
-    print(json.dumps({"tag": a.tag, "test_error_pruned_before": _error(pruned, ds.x_test, ds.y_test),
+    print(json.dumps({"tag": a.tag, "test_error_pruned_before": _error(pruned, x_te, y_te),
                       "compression": sparsity.report(bnn)["compression"]}), flush=True)
-    a.epochs, a.finetune_epochs = result["epochs"] + a.finetune_epochs, a.finetune_epochs  # continue the data order
-    loader = ArrayLoader(ds.x_train, ds.y_train, batch_size=result.get("recipe", {}).get("batch_size", 100), seed=a.seed)
-    _, hist = _finetune_frozen_mask(a, bnn, pruned, loader, ds.x_test, ds.y_test, Path(a.out) / a.tag,
+    # the sparse-VD phase of the run had epochs − (its own frozen-mask epochs) epochs; continue the data order
+    # from there, so with the run's own K this is the run's frozen-mask phase with other settings
+    svd_epochs = result["epochs"] - result.get("recipe", {}).get("finetune_epochs", 0)
+    a.epochs = svd_epochs + a.finetune_epochs
+    loader = ArrayLoader(x_tr, y_tr, batch_size=result.get("recipe", {}).get("batch_size", 100), seed=a.seed)
+    _, hist = _finetune_frozen_mask(a, bnn, pruned, loader, x_te, y_te, Path(a.out) / a.tag,
                                     save_as=f"posthoc-finetune-ft{a.finetune_epochs}-lr{a.finetune_lr:g}.safetensors")
     print("FINETUNE", a.tag, json.dumps({"epochs": a.finetune_epochs, "lr": a.finetune_lr,
                                          "test_error": hist[-1]["test_error_pruned"]}), flush=True)
+
+
+def cmd_clipcheck(a):
+    """For finished sparse-VD runs: kept parameters (weights and biases, log α < 3) whose unclipped
+    log α is below −8 — the ones a lower clip at −8 leaves without KL gradient — and the lowest log σ²."""
+    torch.set_num_threads(a.threads)
+    for tag in a.tags:
+        result = json.load(open(Path(a.out) / f"{tag}.json"))
+        bnn = pyrobnn.load(Path(a.out) / tag / "bnn.safetensors", net=build(result["model"]))
+        g, kept, below, lowest = bnn.autoguide, 0, 0, math.inf
+        for site in bnn.site_priors:
+            la = g.log_alpha(site, clip=False)
+            kept += int((la < 3).sum())
+            below += int((la < -8).sum())
+            lowest = min(lowest, float(g.site_log_params(site)[1].detach().min()))
+        print(json.dumps({"tag": tag, "params_kept": kept, "kept_with_log_alpha_below_-8": below,
+                          "min_log_sigma2": round(lowest, 2)}), flush=True)
 
 
 def cmd_sweep(a):
@@ -574,6 +604,11 @@ def main(argv=None):
     ft.add_argument("--threads", type=int, default=1)
     ft.add_argument("--out", default=DEFAULT_OUT)
     ft.set_defaults(func=cmd_finetune)
+    c = sub.add_parser("clipcheck", help="kept parameters of finished svd runs with unclipped log α < −8")
+    c.add_argument("tags", nargs="+")
+    c.add_argument("--threads", type=int, default=1)
+    c.add_argument("--out", default=DEFAULT_OUT)
+    c.set_defaults(func=cmd_clipcheck)
     a = p.parse_args(argv)
     if a.cmd == "run" and not 0 <= a.finetune_epochs < a.epochs:
         p.error("--finetune-epochs must be in [0, --epochs)")
