@@ -18,6 +18,8 @@ Each run trains one network and writes ``<out>/<tag>.json`` (and resumable check
     python examples/sparse_vd.py run --model lenet300 --method svd --epochs 200 --dataset mnist5k --random-labels
     python examples/sparse_vd.py table
     python examples/sparse_vd.py sweep lenet300-svd-fashion_mnist-e60   # other log α thresholds
+    python examples/sparse_vd.py clipcheck lenet300-svd-fashion_mnist-pretrained-e60   # kept params with log α < −8
+    python examples/sparse_vd.py finetune TAG --finetune-epochs 10 --finetune-lr 1e-3   # frozen-mask phase on a run's mask
 
 Recipe variants (each changed option adds a suffix to the run's tag and a note in the table, so the
 reference runs are never overwritten): ``--init-from`` a deterministic checkpoint, ``--init-log-sigma2``,
