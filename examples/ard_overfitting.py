@@ -382,7 +382,7 @@ def relevance_experiment(a):
                                title=f"hierarchical ARD, {a.dataset} ({a.rows} rows) + {a.n_noise} noise columns\n"
                                      f"hidden {a.hidden}, Gamma({a.ard_a:g}, {a.ard_b:g}), "
                                      + (f"SVI {a.epochs_bayes} epochs" if a.inference == "svi" else
-                                        f"NUTS {a.warmup} + {a.samples}")
+                                        f"NUTS {a.chains} × ({a.warmup} + {a.samples})")
                                      + f", noise seed {noise_seed}, statistic {stat}")
         xc, yc = x - x.mean(0), y.double() - y.double().mean()
         corr = (xc.double() * yc[:, None]).sum(0) / (xc.double().norm(dim=0) * yc.norm())

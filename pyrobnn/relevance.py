@@ -25,6 +25,13 @@ statistics rank a noise column first in several runs. The reason: with one weigh
 output) α's exact posterior Gamma(a + ½, b + ½E[w²]) hardly moves from its prior unless b ≪ ½E[w²],
 and in SVI q(log α) of a group the data do not constrain converges slowly; E[w²] needs neither.
 
+Posterior draws (``samples=``, e.g. NUTS on ``bayesian(..., local_reparameterization=False).model``)
+give E[w²] with each weight's full marginal posterior variance. Mean-field VI underestimates that
+variance for inputs that are collinear with others (their effect is shared, the data fix only sums of
+weights), so its E[w²] ranks them by their conditional effect size and redundant ones fall among
+pure-noise inputs. Measured on breast cancer + 10 noise columns: pair AUC 0.875 (mean-field) vs 0.974
+(NUTS), same split, prior and noise draws (docs/RESULTS.md, ARD section).
+
 Per-weight quantities are averaged over every dim but the input dim (outputs, kernel taps). The
 network's input relevance is that of the first weight site in execution order. Which statistic ranks
 pure-noise inputs last on real data is measured in docs/RESULTS.md (ARD section).
