@@ -1,19 +1,53 @@
-"""Shared timing harness: interleaved rounds, medians, ratios — all in one process."""
+"""Shared timing harness: interleaved rounds, medians, ratios — all in one process.
+
+Page faults. On glibc, a freed block of a few hundred KB or more can go back to the OS (the heap top is
+trimmed, or the block was mmap'ed), and the next allocation of that size then faults its pages in
+again: about 2 µs per 4 KB page here, so up to 1.5 ms for the ~1 MB tensors of a LeNet-300-100 step.
+Whether that happens depends on the process's allocation history and changes from round to round
+(0 to 700 faults per step for the same step in one run), which is noise no contender controls.
+:func:`interleaved` counts the minor faults per call; :func:`fixed_malloc_env` gives the environment
+that turns glibc's dynamic trim/mmap thresholds off (set before the process starts).
+"""
+import os
+import resource
 import statistics
+import sys
 import time
 
 
 CLOCKS = {"wall": time.perf_counter, "thread": time.thread_time}
 
+#: glibc tunables that stop the allocator from returning freed tensors to the OS between steps
+FIXED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(4 << 30)}
+
+
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def reexec_with_fixed_malloc():
+    """Re-run this script with :data:`FIXED_MALLOC` in the environment (glibc reads it at start-up
+    only), unless it is already set. Returns only when it is set."""
+    if all(os.environ.get(k) == v for k, v in FIXED_MALLOC.items()):
+        return
+    env = {**os.environ, **FIXED_MALLOC}
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable] + sys.argv, env)
+
+
+def malloc_mode() -> str:
+    return "fixed" if all(os.environ.get(k) == v for k, v in FIXED_MALLOC.items()) else "default"
+
 
 def interleaved(fns: dict, rounds: int = 15, steps: int = 10, warmup: int = 10, clock: str = "wall",
-                samples: bool = False):
+                samples: bool = False, faults: dict = None):
     """Median seconds per call of each function, measured round-robin so drift hits all alike.
 
     Each round runs every function ``steps`` times; the order is rotated from round to round, so no
     function always runs right after the same other one (whose cache footprint it would inherit).
     ``clock="thread"`` counts the CPU time of the calling thread: with ``torch.set_num_threads(1)`` all
     the work runs there, so the numbers hold up on a machine that other jobs keep busy.
+    ``faults``, if given a dict, receives per function the median minor page faults per call.
 
     :returns: ``{name: median seconds}``; with ``samples=True`` also ``{name: [seconds per call, per round]}``
         (for ratios taken within each round, see :func:`median_round_ratios`)."""
@@ -22,16 +56,21 @@ def interleaved(fns: dict, rounds: int = 15, steps: int = 10, warmup: int = 10, 
         for _ in range(warmup):
             f()
     times = {k: [] for k in fns}
+    pf = {k: [] for k in fns}
     order = list(fns)
     for r in range(rounds):
         shift = r % len(order)
         for k in order[shift:] + order[:shift]:
             f = fns[k]
+            f0 = _minor_faults()
             t = now()
             for _ in range(steps):
                 f()
             times[k].append((now() - t) / steps)
+            pf[k].append((_minor_faults() - f0) / steps)
     medians = {k: statistics.median(v) for k, v in times.items()}
+    if faults is not None:
+        faults.update({k: statistics.median(v) for k, v in pf.items()})
     return (medians, times) if samples else medians
 
 

@@ -12,7 +12,11 @@ give the same update (same loss, noise, gradients and Adam step), so they comput
 Reported: per contender the median over rounds, the ratio of medians to hand-written, and the median of
 per-round ratios (load drifting between rounds cancels in the latter).
 
-    python benchmarks/step_cost.py [--rounds 15] [--clock thread] [--json out.json]
+    python benchmarks/step_cost.py [--rounds 15] [--clock thread] [--malloc fixed] [--json out.json]
+
+Each row also shows the median minor page faults per step. ``--malloc fixed`` re-runs the script with
+glibc's trim/mmap thresholds fixed (see ``_timing.py``), so that freed tensors are not handed back to the
+OS and faulted in again: that noise, not the code, moved the ratios by several percent between runs.
 """
 import argparse
 import json
@@ -30,7 +34,7 @@ from pyro.infer.autoguide import AutoNormal
 from pyro.nn import PyroModule, PyroSample
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _timing import interleaved, median_round_ratios  # noqa: E402
+from _timing import interleaved, malloc_mode, median_round_ratios, reexec_with_fixed_malloc  # noqa: E402
 
 import pyrobnn  # noqa: E402
 from pyrobnn.inference.fit import SVIStep  # noqa: E402
@@ -207,7 +211,11 @@ def main(argv=None):
     ap.add_argument("--clock", choices=["wall", "thread"], default="wall",
                     help="wall: elapsed time with torch's default threads; thread: CPU time of one torch thread "
                          "(robust when other jobs load the machine)")
+    ap.add_argument("--malloc", choices=["default", "fixed"], default="default",
+                    help="fixed: re-run with glibc's dynamic trim/mmap thresholds off (no page-fault noise)")
     args = ap.parse_args(argv)
+    if args.malloc == "fixed":
+        reexec_with_fixed_malloc()
     if args.clock == "thread":
         torch.set_num_threads(1)
     results = {"same_update_max_rel_diff": check_same_update()}
@@ -215,22 +223,27 @@ def main(argv=None):
     for validation in (True, False):
         pyro.enable_validation(validation)
         fns = build_steps()
-        med, times = interleaved(fns, rounds=args.rounds, steps=args.steps, clock=args.clock, samples=True)
+        faults = {}
+        med, times = interleaved(fns, rounds=args.rounds, steps=args.steps, clock=args.clock, samples=True,
+                                 faults=faults)
         ref = med["hand-written BBB+LRT"]
         round_ratios = median_round_ratios(times, "hand-written BBB+LRT")
         results["validation_on" if validation else "validation_off"] = {
-            k: {"ms": round(v * 1e3, 3), "ratio": round(v / ref, 3), "median_round_ratio": round(round_ratios[k], 3)}
+            k: {"ms": round(v * 1e3, 3), "ratio": round(v / ref, 3), "median_round_ratio": round(round_ratios[k], 3),
+                "page_faults_per_step": round(faults[k], 1)}
             for k, v in med.items()}
     pyro.enable_validation(True)
     print(f"LeNet-300-100, batch {B}, torch {torch.__version__}, pyro {pyro.__version__}, "
-          f"threads {torch.get_num_threads()}, clock {args.clock}")
+          f"threads {torch.get_num_threads()}, clock {args.clock}, malloc {malloc_mode()}")
+    results["malloc"] = malloc_mode()
     for mode, rows in results.items():
-        if not mode.startswith("validation"):
+        if not isinstance(rows, dict) or not mode.startswith("validation"):
             continue
         print(f"\n[Pyro {mode.replace('_', ' ')}]  median ms/step, ratio of medians to hand-written, "
-              f"median of per-round ratios")
+              f"median of per-round ratios, minor page faults per step")
         for k, r in rows.items():
-            print(f"  {k:26s} {r['ms']:8.3f} ms   ×{r['ratio']:.3f}   ×{r['median_round_ratio']:.3f}")
+            print(f"  {k:26s} {r['ms']:8.3f} ms   ×{r['ratio']:.3f}   ×{r['median_round_ratio']:.3f}"
+                  f"   {r['page_faults_per_step']:7.1f}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return results
