@@ -20,6 +20,7 @@ Each run trains one network and writes ``<out>/<tag>.json`` (and resumable check
     python examples/sparse_vd.py sweep lenet300-svd-fashion_mnist-e60   # other log α thresholds
     python examples/sparse_vd.py clipcheck lenet300-svd-fashion_mnist-pretrained-e60   # kept params with log α < −8
     python examples/sparse_vd.py finetune TAG --finetune-epochs 10 --finetune-lr 1e-3   # frozen-mask phase on a run's mask
+    python examples/sparse_vd.py finetune TAG --finetune-epochs 20 --finetune-objective distill --distill-temperature 2
 
 Recipe variants (each changed option adds a suffix to the run's tag and a note in the table, so the
 reference runs are never overwritten): ``--init-from`` a deterministic checkpoint, ``--init-log-sigma2``,
@@ -30,7 +31,15 @@ mask: sparse VD runs the recipe over epochs − K epochs (KL warm-up unchanged, 
 them then linear to 0), the mask θ ⊙ [log α < 3] is then fixed and the kept weights and biases of the
 plain pruned network are trained on the data term alone (cross-entropy, Adam ``--finetune-lr``, lr
 constant for half the K epochs then linear to 0, pruned entries held at 0); the reported error is that
-network's, the compression the frozen mask's.
+network's, the compression the frozen mask's. ``--threshold`` sets the log α threshold of that mask
+(default 3; also the final pruning of a run without a frozen-mask phase). ``--finetune-objective distill``
+trains the frozen-mask network instead by distillation from the sparse-VD network's own posterior
+predictive at the freeze point (``bnn.sample_outputs``: ``--distill-samples`` draws per training input
+from the guide, every weight, computed once), with ``pyrobnn.inference.distillation_loss``
+(T²·KL(p̄_T ‖ softmax(g/T)), T = ``--distill-temperature``), mixed with the label cross-entropy by
+``--distill-label-weight`` w: (1 − w)·distillation + w·CE. It stays within the epoch budget (the teacher
+is the run's own network at epoch epochs − K). ``finetune TAG`` takes the same options (``--threshold``,
+``--finetune-objective``, ...) and writes ``<out>/<TAG>/posthoc-finetune-….json``.
 ``--stop-after K`` makes a pilot: an ``svd`` run stops after K epochs without writing a result and
 resumes from its checkpoint when re-run without it. For example
 
@@ -91,7 +100,8 @@ def _tag(a):
 #: results do not overwrite the reference runs) and a note in the table
 _RECIPE_DEFAULTS = {"lr": 1e-3, "batch_size": 100, "kl_hold": 5.0, "kl_ramp": 15.0, "decay_start": 0.5,
                     "init_log_sigma2": -10.0, "log_sigma2_lr_mult": 1.0, "clip_low": -8.0, "finetune_epochs": 0,
-                    "finetune_lr": 1e-3}
+                    "finetune_lr": 1e-3, "threshold": 3.0, "finetune_objective": "data", "distill_temperature": 1.0,
+                    "distill_samples": 32, "distill_label_weight": 0.0}
 
 
 def _recipe_suffixes(a):
@@ -114,6 +124,19 @@ def _recipe_suffixes(a):
         out.append(f"cliphi{a.clip:g}" if a.clip_low is None else f"clip{a.clip_low:g}:{a.clip:g}")
     if a.finetune_epochs:
         out.append(f"ft{a.finetune_epochs}" + (f"lr{a.finetune_lr:g}" if a.finetune_lr != d["finetune_lr"] else ""))
+    out += _frozen_phase_suffixes(a)
+    return out
+
+
+def _frozen_phase_suffixes(a):
+    """Tag parts for the mask threshold and the frozen-mask objective (``[]`` for the defaults)."""
+    d = _RECIPE_DEFAULTS
+    out = []
+    if a.threshold != d["threshold"]:
+        out.append(f"thr{a.threshold:g}")
+    if a.finetune_epochs and a.finetune_objective == "distill":
+        out.append(f"distT{a.distill_temperature:g}s{a.distill_samples}"
+                   + (f"lw{a.distill_label_weight:g}" if a.distill_label_weight != d["distill_label_weight"] else ""))
     return out
 
 
@@ -138,9 +161,18 @@ def _recipe_note(recipe, method):
     low, high = recipe.get("log_alpha_clip", [-8.0, 8.0])
     if (low, high) != (-8.0, 8.0):
         notes.append(f"log α clip ≤ {high:g} only" if low is None else f"log α clip [{low:g}, {high:g}]")
+    if recipe.get("prune_log_alpha_above", 3.0) != 3.0:
+        notes.append(f"pruned at log α > {recipe['prune_log_alpha_above']:g}")
     if recipe.get("finetune_epochs"):
-        notes.append(f"last {recipe['finetune_epochs']} epochs: mask frozen, data term only "
-                     f"(Adam {recipe.get('finetune_lr', 1e-3):g})")
+        if recipe.get("finetune_objective", "data") == "distill":
+            lw = recipe.get("distill_label_weight", 0.0)
+            notes.append(f"last {recipe['finetune_epochs']} epochs: mask frozen, distilled from the sparse-VD "
+                         f"posterior predictive at the freeze (T {recipe['distill_temperature']:g}, "
+                         f"{recipe['distill_samples']} draws" + (f", label weight {lw:g}" if lw else "") +
+                         f"; Adam {recipe.get('finetune_lr', 1e-3):g})")
+        else:
+            notes.append(f"last {recipe['finetune_epochs']} epochs: mask frozen, data term only "
+                         f"(Adam {recipe.get('finetune_lr', 1e-3):g})")
     return notes
 
 
@@ -361,16 +393,18 @@ def train_sparse_vd(a, out_dir: Path):
                callbacks=[on_epoch], optimizer=optimizer)
     if len(hist.records) < svd_epochs:  # --stop-after: a pilot; re-running without it resumes
         return bnn, None
-    rep = sparsity.report(bnn)
-    pruned = sparsity.export(bnn)
+    mask = sparsity.masks(bnn, threshold=a.threshold)
+    rep = sparsity.report(bnn, mask=mask)
+    pruned = sparsity.export(bnn, mask=mask)
     # the unpruned posterior mean, for reference
-    full = sparsity.export(bnn, mask={s: torch.ones_like(m) for s, m in sparsity.masks(bnn).items()})
+    full = sparsity.export(bnn, mask={s: torch.ones_like(m) for s, m in mask.items()})
     error_at_freeze = _error(pruned, x_te, y_te)
-    finetune_history = []
+    finetune_history, teacher = [], {}
     if a.finetune_epochs:
-        pruned, finetune_history = _finetune_frozen_mask(a, bnn, pruned, loader, x_te, y_te, out_dir)
+        pruned, finetune_history, teacher = _finetune_frozen_mask(a, bnn, pruned, mask, loader, x_te, y_te, out_dir)
     result = {"test_error": _error(pruned, x_te, y_te), "test_error_unpruned_mean": _error(full, x_te, y_te),
               "test_error_before_finetune": error_at_freeze, "finetune_history": finetune_history,
+              "distill_teacher": teacher,
               "train_seconds": sum(r["seconds"] for r in hist.records) + sum(r["seconds"] for r in finetune_history),
               "compression": rep["compression"],
               "sparsity": rep["sparsity"], "weights": rep["weights"], "weights_kept": rep["weights_kept"],
@@ -381,12 +415,32 @@ def train_sparse_vd(a, out_dir: Path):
     return bnn, result
 
 
-def _finetune_frozen_mask(a, bnn, pruned, loader, x_te, y_te, out_dir: Path, save_as="finetuned.safetensors"):
-    """Train the kept weights and biases of the exported pruned network ``pruned`` on the data term for
-    ``a.finetune_epochs`` epochs (epochs svd_epochs … epochs − 1 of the budget, continuing the data
-    order), mask frozen: pruned entries get zero gradient and are reset to 0 after every step.
-    Returns (network, per-epoch records)."""
-    mask = sparsity.masks(bnn)
+@torch.no_grad()
+def _teacher_log_probs(bnn, x, num_samples, temperature, seed, batch=2000):
+    """log p̄_T(x) ``[N, C]``: the log of the posterior predictive of ``bnn`` (its guide, every weight,
+    none pruned) at temperature T, p̄_T = (1/S) Σ_s softmax(f_s(x)/T) over S draws (local
+    reparameterisation: independent draws per example). Drawn with its own seed, so a run and a replay
+    of its frozen-mask phase get the same targets."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        out = []
+        for i in range(0, len(x), batch):
+            logits = bnn.sample_outputs(x[i:i + batch], num_samples)          # [S, B, C]
+            out.append(torch.logsumexp(F.log_softmax(logits / temperature, -1), 0) - math.log(num_samples))
+    return torch.cat(out)
+
+
+def _finetune_frozen_mask(a, bnn, pruned, mask, loader, x_te, y_te, out_dir: Path, save_as="finetuned.safetensors"):
+    """Train the kept weights and biases of the exported pruned network ``pruned`` (whose mask is
+    ``mask``) for ``a.finetune_epochs`` epochs (epochs svd_epochs … epochs − 1 of the budget, continuing
+    the data order), mask frozen: pruned entries get zero gradient and are reset to 0 after every step.
+
+    ``a.finetune_objective``: ``data`` — cross-entropy on the labels; ``distill`` — distillation from
+    the sparse-VD network's own posterior predictive at the freeze point (``bnn``'s guide, S =
+    ``a.distill_samples`` draws per training input, computed once), the objective of
+    ``pyrobnn.inference.distillation_loss``, T²·KL(p̄_T ‖ softmax(g/T)) at T = ``a.distill_temperature``,
+    mixed with the label cross-entropy as (1 − w)·distill + w·CE, w = ``a.distill_label_weight``.
+    Returns (network, per-epoch records, teacher summary — ``{}`` for ``data``)."""
     params = dict(pruned.named_parameters())
     if set(mask) != set(params):
         raise RuntimeError(f"exported parameters {sorted(params)} do not match the mask sites {sorted(mask)}")
@@ -396,16 +450,43 @@ def _finetune_frozen_mask(a, bnn, pruned, loader, x_te, y_te, out_dir: Path, sav
     opt = torch.optim.Adam(params.values(), lr=a.finetune_lr)
     K, start = a.finetune_epochs, a.epochs - a.finetune_epochs
     lr_of = lr_factor_schedule(("linear-decay", K * 0.5), K)
-    steps, history = len(loader), []
+    steps, history, teacher = len(loader), [], {}
+    distill = a.finetune_objective == "distill"
+    if distill:
+        from pyrobnn.inference import distillation_loss
+        T, w = a.distill_temperature, a.distill_label_weight
+        t0 = time.perf_counter()
+        log_p = _teacher_log_probs(bnn, loader.x, a.distill_samples, T, a.seed + 104729)
+        # the same batches as ``loader`` (same seed, batch size and epoch permutation), labelled by index
+        index_loader = ArrayLoader(loader.x, torch.arange(len(loader.x)), batch_size=loader.batch_size,
+                                   seed=loader.seed)
+        p_test = _teacher_log_probs(bnn, x_te, a.distill_samples, 1.0, a.seed + 104729 + 1)
+        teacher = {"test_error": float((p_test.argmax(-1) != y_te).float().mean()),
+                   "train_error_T": float((log_p.argmax(-1) != loader.y).float().mean()),
+                   "samples": a.distill_samples, "temperature": T, "label_weight": w,
+                   "seconds": time.perf_counter() - t0}
+        print(json.dumps({"distill_teacher": teacher}), flush=True)
     kept_before = sum(int((p != 0).sum()) for p in params.values())
     for k in range(K):
         pruned.train()
         loader.set_epoch(start + k)
         t0, total = time.perf_counter(), 0.0
-        for step, (xb, yb) in enumerate(loader.batches()):
+        if distill:
+            index_loader.set_epoch(start + k)
+            batches = ((xb, loader.y[ib], ib) for xb, ib in index_loader.batches())
+        else:
+            batches = ((xb, yb, None) for xb, yb in loader.batches())
+        for step, (xb, yb, ib) in enumerate(batches):
             for g in opt.param_groups:
                 g["lr"] = a.finetune_lr * lr_of(k + step / steps)
-            loss = F.cross_entropy(pruned(xb), yb)
+            if distill:
+                out = pruned(xb)
+                # T·log p̄_T as one network's logits: its softmax at temperature T is p̄_T itself
+                loss = (1 - w) * distillation_loss(T * log_p[ib], out, temperature=T)
+                if w:
+                    loss = loss + w * F.cross_entropy(out, yb)
+            else:
+                loss = F.cross_entropy(pruned(xb), yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             for n, p in params.items():
@@ -425,8 +506,9 @@ def _finetune_frozen_mask(a, bnn, pruned, loader, x_te, y_te, out_dir: Path, sav
     for p in params.values():
         p.requires_grad_(False)
     write_state(out_dir / save_as, {k: v.detach().clone() for k, v in pruned.state_dict().items()},
-                {"finetune_epochs": K, "finetune_lr": a.finetune_lr})
-    return pruned.eval(), history
+                {"finetune_epochs": K, "finetune_lr": a.finetune_lr, "finetune_objective": a.finetune_objective,
+                 "threshold": a.threshold})
+    return pruned.eval(), history, teacher
 
 
 def cmd_run(a):
@@ -452,8 +534,11 @@ def cmd_run(a):
                    "recipe": {"lr": a.lr, "batch_size": a.batch_size, "kl_warmup": [a.kl_hold, a.kl_ramp],
                               "lr_decay_start_epoch": a.epochs * a.decay_start, "init_log_sigma2": a.init_log_sigma2,
                               "lr_decay_start_fraction": a.decay_start, "log_sigma2_lr_mult": a.log_sigma2_lr_mult,
-                              "log_alpha_clip": [a.clip_low, a.clip], "prune_log_alpha_above": 3.0,
-                              "finetune_epochs": a.finetune_epochs, "finetune_lr": a.finetune_lr}})
+                              "log_alpha_clip": [a.clip_low, a.clip], "prune_log_alpha_above": a.threshold,
+                              "finetune_epochs": a.finetune_epochs, "finetune_lr": a.finetune_lr,
+                              "finetune_objective": a.finetune_objective,
+                              "distill_temperature": a.distill_temperature, "distill_samples": a.distill_samples,
+                              "distill_label_weight": a.distill_label_weight}})
     with open(Path(a.out) / f"{tag}.json", "w") as f:
         json.dump(result, f, indent=1)
     summary = {k: result[k] for k in ("test_error", "compression", "train_seconds") if k in result}
@@ -502,18 +587,36 @@ def cmd_finetune(a):
         limit = int(match.group(1)) if match else None
     x_tr, y_tr, x_te, y_te = _data(argparse.Namespace(dataset=result["dataset"], limit_train=limit,
                                                       random_labels=result["random_labels"]))
-    pruned = sparsity.export(bnn)
-    print(json.dumps({"tag": a.tag, "test_error_pruned_before": _error(pruned, x_te, y_te),
-                      "compression": sparsity.report(bnn)["compression"]}), flush=True)
+    mask = sparsity.masks(bnn, threshold=a.threshold)
+    pruned = sparsity.export(bnn, mask=mask)
+    rep = sparsity.report(bnn, mask=mask)
+    before = _error(pruned, x_te, y_te)
+    print(json.dumps({"tag": a.tag, "threshold": a.threshold, "test_error_pruned_before": before,
+                      "compression": rep["compression"]}), flush=True)
     # the sparse-VD phase of the run had epochs − (its own frozen-mask epochs) epochs; continue the data order
     # from there, so with the run's own K this is the run's frozen-mask phase with other settings
     svd_epochs = result["epochs"] - result.get("recipe", {}).get("finetune_epochs", 0)
     a.epochs = svd_epochs + a.finetune_epochs
     loader = ArrayLoader(x_tr, y_tr, batch_size=result.get("recipe", {}).get("batch_size", 100), seed=a.seed)
-    _, hist = _finetune_frozen_mask(a, bnn, pruned, loader, x_te, y_te, Path(a.out) / a.tag,
-                                    save_as=f"posthoc-finetune-ft{a.finetune_epochs}-lr{a.finetune_lr:g}.safetensors")
-    print("FINETUNE", a.tag, json.dumps({"epochs": a.finetune_epochs, "lr": a.finetune_lr,
-                                         "test_error": hist[-1]["test_error_pruned"]}), flush=True)
+    name = "-".join([f"posthoc-finetune-ft{a.finetune_epochs}", f"lr{a.finetune_lr:g}"] + _frozen_phase_suffixes(a))
+    t0 = time.perf_counter()
+    _, hist, teacher = _finetune_frozen_mask(a, bnn, pruned, mask, loader, x_te, y_te, Path(a.out) / a.tag,
+                                             save_as=f"{name}.safetensors")
+    record = {"tag": a.tag, "replay": name, "epochs": a.finetune_epochs, "lr": a.finetune_lr,
+              "threshold": a.threshold, "objective": a.finetune_objective,
+              "within_budget": a.finetune_epochs == result.get("recipe", {}).get("finetune_epochs", 0),
+              "test_error_before": before, "test_error": hist[-1]["test_error_pruned"],
+              "compression": rep["compression"], "weights_kept": rep["weights_kept"],
+              "layer_sparsity": {r["layer"]: r["sparsity"] for r in rep.layers},
+              "distill_teacher": teacher, "seconds": time.perf_counter() - t0,
+              "finetune_history": hist, "command": " ".join(sys.argv)}
+    if a.finetune_objective == "distill":
+        record.update({"distill_temperature": a.distill_temperature, "distill_samples": a.distill_samples,
+                       "distill_label_weight": a.distill_label_weight})
+    with open(Path(a.out) / a.tag / f"{name}.json", "w") as f:
+        json.dump(record, f, indent=1)
+    print("FINETUNE", a.tag, json.dumps({k: record[k] for k in ("replay", "within_budget", "test_error_before",
+                                                                 "test_error", "compression")}), flush=True)
 
 
 def cmd_clipcheck(a):
@@ -555,6 +658,18 @@ def _optional_float(text):
     return None if text.lower() in ("none", "") else float(text)
 
 
+def _frozen_phase_args(p):
+    p.add_argument("--threshold", type=float, default=3.0,
+                   help="log α threshold of the reported network's mask (the frozen mask with --finetune-epochs)")
+    p.add_argument("--finetune-objective", choices=["data", "distill"], default="data",
+                   help="frozen-mask phase: data (cross-entropy on the labels) or distill (from the sparse-VD "
+                        "posterior predictive at the freeze point)")
+    p.add_argument("--distill-temperature", type=float, default=1.0)
+    p.add_argument("--distill-samples", type=int, default=32, help="posterior draws per training input (teacher)")
+    p.add_argument("--distill-label-weight", type=float, default=0.0,
+                   help="loss = (1 − w)·distillation + w·label cross-entropy")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -584,6 +699,7 @@ def main(argv=None):
     r.add_argument("--finetune-epochs", type=int, default=0,
                    help="svd: the last K of --epochs train the pruned network with the mask frozen, data term only")
     r.add_argument("--finetune-lr", type=float, default=1e-3, help="Adam lr of the frozen-mask phase")
+    _frozen_phase_args(r)
     r.add_argument("--init-from", default=None, help="det checkpoint (…/det-ckpt.safetensors) to start θ from")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--threads", type=int, default=1)
@@ -602,6 +718,7 @@ def main(argv=None):
     ft.add_argument("tag")
     ft.add_argument("--finetune-epochs", type=int, default=10)
     ft.add_argument("--finetune-lr", type=float, default=1e-3)
+    _frozen_phase_args(ft)
     ft.add_argument("--seed", type=int, default=0)
     ft.add_argument("--threads", type=int, default=1)
     ft.add_argument("--out", default=DEFAULT_OUT)
@@ -614,6 +731,11 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.cmd == "run" and not 0 <= a.finetune_epochs < a.epochs:
         p.error("--finetune-epochs must be in [0, --epochs)")
+    if a.cmd == "run" and a.finetune_objective != "data" and not a.finetune_epochs:
+        p.error("--finetune-objective needs --finetune-epochs K > 0")
+    if a.cmd in ("run", "finetune"):
+        if a.distill_samples < 1 or a.distill_temperature <= 0 or not 0 <= a.distill_label_weight <= 1:
+            p.error("need --distill-samples ≥ 1, --distill-temperature > 0 and --distill-label-weight in [0, 1]")
     a.func(a)
 
 

@@ -1,0 +1,96 @@
+"""examples/sparse_vd.py: the frozen-mask phase's options (mask threshold, distillation from the
+sparse-VD posterior predictive) — tags, the distillation target, the mask kept frozen. Small and fast."""
+import argparse
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import pyrobnn
+from pyrobnn import sparsity
+from pyrobnn.data import ArrayLoader
+from pyrobnn.inference import distillation_loss
+
+_PATH = Path(__file__).resolve().parents[1] / "examples" / "sparse_vd.py"
+
+
+@pytest.fixture(scope="module")
+def svd():
+    spec = importlib.util.spec_from_file_location("sparse_vd_example", _PATH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _args(svd, argv):
+    ns = {}
+    parser_args = ["run", "--model", "lenet300", "--method", "svd"] + argv
+    orig = svd.cmd_run
+    try:
+        svd.cmd_run = lambda a: ns.setdefault("a", a)
+        svd.main(parser_args)
+    finally:
+        svd.cmd_run = orig
+    return ns["a"]
+
+
+def test_default_frozen_phase_options_keep_the_reference_tags(svd):
+    assert svd._tag(_args(svd, ["--epochs", "60"])) == "lenet300-svd-fashion_mnist-cliphi8-e60"
+    assert (svd._tag(_args(svd, ["--finetune-epochs", "20", "--kl-hold", "0", "--kl-ramp", "5"]))
+            == "lenet300-svd-fashion_mnist-kl0+5-cliphi8-ft20-e60")
+
+
+def test_changed_frozen_phase_options_get_tag_suffixes(svd):
+    a = _args(svd, ["--finetune-epochs", "10", "--threshold", "2.5", "--finetune-objective", "distill",
+                    "--distill-temperature", "2", "--distill-label-weight", "0.5"])
+    assert svd._tag(a) == "lenet300-svd-fashion_mnist-cliphi8-ft10-thr2.5-distT2s32lw0.5-e60"
+    with pytest.raises(SystemExit):   # distillation needs a frozen-mask phase
+        _args(svd, ["--finetune-objective", "distill"])
+
+
+def test_cached_predictive_as_logits_gives_the_library_distillation_objective():
+    torch.manual_seed(0)
+    S, B, C, T = 5, 7, 4, 2.5
+    draws, student = torch.randn(S, B, C) * 3, torch.randn(B, C)
+    log_p = torch.logsumexp(F.log_softmax(draws / T, -1), 0) - torch.log(torch.tensor(float(S)))
+    direct = distillation_loss(draws, student, temperature=T)
+    cached = distillation_loss(T * log_p, student, temperature=T)
+    assert torch.allclose(direct, cached, atol=1e-6)
+
+
+def test_distilled_frozen_mask_phase_keeps_the_mask_and_the_data_order(svd, tmp_path):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    x, y = torch.randn(40, 6), torch.randint(0, 3, (40,))
+    bnn = pyrobnn.guides.AdditiveNoise.from_pretrained(net, dataset_size=40, init_log_sigma2=-10.0)
+    bnn.initialize(x[:2])
+    g = bnn.autoguide
+    with torch.no_grad():
+        g.flat.log_sigma2.uniform_(-6.0, 6.0)   # some weights above the threshold, some below
+    mask = sparsity.masks(bnn, threshold=1.0)
+    assert 0 < sum(int(m.sum()) for m in mask.values()) < sum(m.numel() for m in mask.values())
+    pruned = sparsity.export(bnn, mask=mask)
+    loader = ArrayLoader(x, y, batch_size=8, seed=3)
+    a = argparse.Namespace(finetune_epochs=2, epochs=5, finetune_lr=1e-2, finetune_objective="distill",
+                           distill_temperature=2.0, distill_samples=4, distill_label_weight=0.5, seed=0,
+                           threshold=1.0)
+    # the index loader sees the same batches as the data loader
+    index_loader = ArrayLoader(x, torch.arange(40), batch_size=8, seed=3)
+    for e in (3, 4):
+        loader.set_epoch(e)
+        index_loader.set_epoch(e)
+        for (xb, yb), (xi, ib) in zip(loader.batches(), index_loader.batches()):
+            assert torch.equal(xb, xi) and torch.equal(yb, y[ib])
+    out, hist, teacher = svd._finetune_frozen_mask(a, bnn, pruned, mask, loader, x, y, tmp_path)
+    assert len(hist) == 2 and [r["epoch"] for r in hist] == [4, 5]
+    assert set(teacher) >= {"test_error", "train_error_T", "samples", "temperature"}
+    params = dict(out.named_parameters())
+    for name, keep in mask.items():
+        assert torch.all(params[name][~keep] == 0)
+    # teacher targets are reproducible (own seed): the same cache twice
+    t1 = svd._teacher_log_probs(bnn, x, 4, 2.0, seed=11)
+    t2 = svd._teacher_log_probs(bnn, x, 4, 2.0, seed=11)
+    assert torch.equal(t1, t2) and torch.allclose(t1.exp().sum(-1), torch.ones(40), atol=1e-5)
