@@ -81,6 +81,18 @@ def stratified_subset(y: torch.Tensor, n: int, seed: int) -> torch.Tensor:
 CHANNELS = [16, 32]
 
 
+def validation_split(ds, n_val: int = 1000, seed: int = 12345):
+    """A copy of ``ds`` whose test set is a fixed random ``n_val`` of its training digits and whose training
+    set is the rest — for choosing priors and settings without looking at the held-out test digits."""
+    import copy
+    perm = torch.randperm(len(ds.y_train), generator=torch.Generator().manual_seed(seed))
+    val, rest = perm[:n_val].sort().values, perm[n_val:].sort().values
+    out = copy.copy(ds)
+    out.x_test, out.y_test = ds.x_train[val], ds.y_train[val]
+    out.x_train, out.y_train = ds.x_train[rest], ds.y_train[rest]
+    return out
+
+
 def fconv():
     return pyrobnn.models.build("fconv", channels=CHANNELS)
 
@@ -183,6 +195,8 @@ def done_keys(path):
 def cmd_compare(args):
     torch.set_num_threads(args.threads)
     ds = load_mnist5k()
+    if args.validation:  # model selection without the test set: 1,000 of the 4,000 training digits held out
+        ds = validation_split(ds)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     res_path = out / "results.jsonl"
@@ -216,7 +230,7 @@ def cmd_compare(args):
                     r = run_bayesian(m, args.prior, x, y, ds.x_test, ds.y_test, args.steps, args.lr, seed,
                                      args.num_samples)
                 rec = {"method": m + args.suffix, "prior_file": args.prior if m.startswith("dwp") else None,
-                       "n": n, "seed": seed, **r, "lr": args.lr, "l2": args.l2 if m == "l2" else None,
+                       "n": n, "seed": seed, "eval": "validation" if args.validation else "test", **r, "lr": args.lr, "l2": args.l2 if m == "l2" else None,
                        "wall_seconds": time.time() - t0}
                 with open(res_path, "a") as f:
                     f.write(json.dumps(rec) + "\n")
@@ -410,6 +424,9 @@ def main(argv=None):
     c.add_argument("--num-samples", type=int, default=10, help="posterior draws for the test predictive")
     c.add_argument("--threads", type=int, default=1)
     c.add_argument("--suffix", default="", help="appended to the method names recorded (e.g. to tell priors apart)")
+    c.add_argument("--validation", action="store_true",
+                   help="score on 1,000 held-out *training* digits (train subsets from the other 3,000), for model "
+                        "selection without the test set")
     c.add_argument("--out", default="runs/dwp/compare")
     c.set_defaults(func=cmd_compare)
     k = sub.add_parser("curves")

@@ -10,7 +10,7 @@ import torch.nn as nn
 from pyro.infer import SVI, TraceMeanField_ELBO
 
 import pyrobnn
-from pyrobnn.dwp import collect_kernels, fit_kernel_vae, init_from_prior, train_deep_weight_prior
+from pyrobnn.dwp import augment_kernels, collect_kernels, fit_kernel_vae, init_from_prior, train_deep_weight_prior
 from pyrobnn.priors import DeepWeightPrior, KernelVAE
 from pyrobnn.priors.deep_weight import load_kernel_vaes, save_kernel_vaes
 
@@ -273,6 +273,36 @@ def test_collect_kernels_drops_near_zero_kernels():
     assert counts["0"] == {"total": 8, "kept": 7, "kernel_size": 5}
     assert counts["2"] == {"total": 24, "kept": 23, "kernel_size": 3}
     assert kernels["0"].shape == (7, 5, 5) and kernels["2"].shape == (23, 3, 3)
+
+
+def test_augment_kernels_gives_the_dihedral_and_sign_images():
+    torch.manual_seed(0)
+    w = torch.randn(3, 5, 5)
+    assert torch.equal(augment_kernels(w, "none"), w)
+    s = augment_kernels(w, "sign")
+    assert s.shape == (6, 5, 5) and torch.equal(s[3:], -w)
+    d = augment_kernels(w, "dihedral+sign")
+    assert d.shape == (48, 5, 5) and torch.equal(d[:3], w)
+    # every image is a rotation/transpose of an original, up to sign, and all 16 images are distinct
+    k = w[0]
+    group = [torch.rot90(k, r) for r in range(4)] + [torch.rot90(k, r).T for r in range(4)]
+    group += [-g for g in group]
+    images = d[0::3]
+    assert len(images) == 16 and all(any(torch.equal(i, g) for g in group) for i in images)
+    assert len({tuple(i.flatten().tolist()) for i in images}) == 16
+    # norms are preserved
+    assert torch.allclose(d.flatten(1).norm(dim=1), w.flatten(1).norm(dim=1).repeat(16))
+    with pytest.raises(ValueError, match="augment must be one of"):
+        augment_kernels(w, "flip")
+    with pytest.raises(ValueError, match="kernels must be"):
+        augment_kernels(torch.randn(3, 4, 5), "sign")
+
+
+def test_fit_kernel_vae_augments_only_the_training_kernels():
+    torch.manual_seed(0)
+    w = torch.randn(40, 3, 3) * 0.1
+    _, rec = fit_kernel_vae(w, latent_dim=2, hidden=4, epochs=1, min_steps=2, holdout=0.25, augment="dihedral")
+    assert rec["kernels_heldout"] == 10 and rec["kernels_train"] == 30 * 8 and rec["augment"] == "dihedral"
 
 
 def test_fit_kernel_vae_learns_a_kernel_distribution():

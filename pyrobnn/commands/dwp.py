@@ -21,6 +21,8 @@ def register(sub):
                    help="at least this many VAE optimiser steps per layer (small kernel sets get more epochs)")
     t.add_argument("--min-norm-fraction", type=float, default=0.05,
                    help="drop kernels whose norm is below this fraction of the layer's median (default 0.05)")
+    t.add_argument("--augment", default="none", choices=("none", "sign", "dihedral", "dihedral+sign"),
+                   help="symmetry augmentation of the VAEs' training kernels (rotations/transposes, sign flips)")
     t.add_argument("--weight-decay", type=float, default=0.0, help="L2 coefficient of the source nets' Adam")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -58,7 +60,7 @@ def run_train(args):
         args.out, source=args.source, num_nets=args.k, epochs=args.epochs, limit_train=args.limit_train,
         arch=args.arch, latent_dim=args.latent, hidden=args.hidden, vae_epochs=args.vae_epochs,
         min_norm_fraction=args.min_norm_fraction, seed=args.seed, vae_min_steps=args.vae_min_steps,
-        weight_decay=args.weight_decay, log=None if args.quiet else print)
+        weight_decay=args.weight_decay, augment=args.augment, log=None if args.quiet else print)
     summary = {"out": args.out, "vaes": {n: v.config() for n, v in prior.vaes.items()},
                "kernels": prior.provenance["kernels"],
                "bound_heldout": {n: r["bound_heldout"] for n, r in prior.provenance["vae"].items()},
