@@ -299,3 +299,24 @@ def test_fused_variance_and_sums_node_matches_autograd():
         assert torch.allclose(ga, gb, rtol=1e-11, atol=1e-12)
     sigma = (torch.rand(5, 3, dtype=torch.float64) + 0.2).requires_grad_()
     assert torch.autograd.gradcheck(_GaussianVarianceSums.apply, (loc.detach()[:5, :3].clone().requires_grad_(), sigma))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fast_softplus_matches_torch_softplus_values_and_gradients(dtype):
+    from pyrobnn.guides.mean_field import _Softplus, softplus
+    torch.manual_seed(0)
+    rho = torch.cat([torch.linspace(-20, 20, 401), torch.randn(1000) * 3 - 4.6]).to(dtype).requires_grad_()
+    ref = torch.nn.functional.softplus(rho)
+    fast = _Softplus.apply(rho)
+    tol = 2e-6 if dtype == torch.float32 else 1e-12
+    assert torch.allclose(fast, ref, rtol=tol, atol=0)
+    g = torch.randn_like(rho)
+    (gr,) = torch.autograd.grad(ref, rho, g)
+    (gf,) = torch.autograd.grad(fast, rho, g)
+    assert torch.allclose(gf, gr, rtol=tol, atol=1e-30)
+    # above torch's threshold (ρ > 20), and for NaN, the dispatcher takes F.softplus itself
+    big = torch.tensor([1.0, 25.0, 100.0], dtype=dtype)
+    assert torch.equal(softplus(big), torch.nn.functional.softplus(big))
+    assert torch.isnan(softplus(torch.tensor([0.0, float("nan")], dtype=dtype))[1])
+    if dtype == torch.float64:
+        assert torch.autograd.gradcheck(_Softplus.apply, (rho[:50].detach().clone().requires_grad_(),))

@@ -17,6 +17,39 @@ def _softplus_inv(y: float) -> float:
     return y + math.log(-math.expm1(-y))
 
 
+_LOG2_E = 1.0 / math.log(2.0)
+_SOFTPLUS_THRESHOLD = 20.0  # torch's: softplus(x) = x above it
+
+
+class _Softplus(torch.autograd.Function):
+    """σ = softplus(ρ) = log(1 + e^ρ), the same values as ``F.softplus`` to float rounding, faster on CPU.
+
+    e^ρ is taken as 2^(ρ·log₂e): torch's CPU ``exp2`` is about 4× faster than its ``exp`` here, and the
+    product adds at most one rounding (≈ 1e-7 relative for |ρ| ≤ 20). e^ρ is kept for the backward,
+    dσ/dρ = e^ρ / (1 + e^ρ), so the backward needs no exponential (``softplus_backward`` recomputes one).
+    Callers use it only where every ρ ≤ 20 (see :func:`softplus`)."""
+
+    @staticmethod
+    def forward(ctx, rho):
+        t = torch.exp2(rho * _LOG2_E)
+        ctx.save_for_backward(t)
+        return torch.log1p(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (t,) = ctx.saved_tensors
+        s = t + 1.0
+        return torch.div(t, s, out=s).mul_(grad)
+
+
+def softplus(rho: torch.Tensor) -> torch.Tensor:
+    """``F.softplus(rho)`` (β = 1, threshold 20), by :class:`_Softplus` when every ρ ≤ 20 — the usual
+    case for a guide's scales, σ ≤ 20 — and by ``F.softplus`` otherwise."""
+    if rho.numel() and rho.is_floating_point() and float(rho.detach().amax()) <= _SOFTPLUS_THRESHOLD:
+        return _Softplus.apply(rho)
+    return F.softplus(rho)
+
+
 def _shaped(chunk, shape):
     # a 1-d site (a bias) is its chunk already: no view, no graph node
     return chunk if chunk.shape == shape else chunk.view(shape)
@@ -69,7 +102,7 @@ class MeanField(FlatGaussianGuide):
         # σ = softplus(ρ) over the whole flat vector: one op and one graph node, not one per site
         sizes = self._sizes
         first = "gamma" if self.parameterization == "gamma" else "loc"
-        return {first: tensors[first].split(sizes), "scale": F.softplus(tensors["rho"]).split(sizes)}
+        return {first: tensors[first].split(sizes), "scale": softplus(tensors["rho"]).split(sizes)}
 
     def _site_params(self, flat, i, shape):
         scale = _shaped(flat["scale"][i], shape)
