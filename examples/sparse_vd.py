@@ -120,7 +120,7 @@ def _recipe_suffixes(a):
         out.append(f"ls2init{a.init_log_sigma2:g}")
     if a.log_sigma2_lr_mult != d["log_sigma2_lr_mult"]:
         out.append(f"ls2lr{a.log_sigma2_lr_mult:g}x")
-    if (a.clip_low, a.clip) != (d["clip_low"], 8.0):
+    if (a.clip_low, a.clip) != (d["clip_low"], 8.0) and a.method != "det":   # no log α in a det run
         out.append(f"cliphi{a.clip:g}" if a.clip_low is None else f"clip{a.clip_low:g}:{a.clip:g}")
     if a.finetune_epochs:
         out.append(f"ft{a.finetune_epochs}" + (f"lr{a.finetune_lr:g}" if a.finetune_lr != d["finetune_lr"] else ""))

@@ -41,6 +41,8 @@ def test_default_frozen_phase_options_keep_the_reference_tags(svd):
     assert svd._tag(_args(svd, ["--epochs", "60"])) == "lenet300-svd-fashion_mnist-cliphi8-e60"
     assert (svd._tag(_args(svd, ["--finetune-epochs", "20", "--kl-hold", "0", "--kl-ramp", "5"]))
             == "lenet300-svd-fashion_mnist-kl0+5-cliphi8-ft20-e60")
+    # a deterministic run has no log α: no clip suffix (its checkpoint path stays the documented one)
+    assert svd._tag(_args(svd, ["--method", "det"])) == "lenet300-det-fashion_mnist-e60"
 
 
 def test_changed_frozen_phase_options_get_tag_suffixes(svd):
