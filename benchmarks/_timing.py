@@ -5,8 +5,8 @@ trimmed, or the block was mmap'ed), and the next allocation of that size then fa
 again: about 2 µs per 4 KB page here, so up to 1.5 ms for the ~1 MB tensors of a LeNet-300-100 step.
 Whether that happens depends on the process's allocation history and changes from round to round
 (0 to 700 faults per step for the same step in one run), which is noise no contender controls.
-:func:`interleaved` counts the minor faults per call; :func:`fixed_malloc_env` gives the environment
-that turns glibc's dynamic trim/mmap thresholds off (set before the process starts).
+:func:`interleaved` counts the minor faults per call; :data:`FIXED_MALLOC` is the environment that turns
+glibc's dynamic trim/mmap thresholds off (read at process start: :func:`reexec_with_fixed_malloc`).
 """
 import os
 import resource
@@ -28,7 +28,7 @@ def _minor_faults() -> int:
 def reexec_with_fixed_malloc():
     """Re-run this script with :data:`FIXED_MALLOC` in the environment (glibc reads it at start-up
     only), unless it is already set. Returns only when it is set."""
-    if all(os.environ.get(k) == v for k, v in FIXED_MALLOC.items()):
+    if malloc_mode() == "fixed":
         return
     env = {**os.environ, **FIXED_MALLOC}
     sys.stdout.flush()
