@@ -92,6 +92,8 @@ def _tag(a):
     if a.limit_train:
         parts.append(f"n{a.limit_train}")
     parts += _recipe_suffixes(a)
+    if getattr(a, "seed", 0) != 0:  # seed 0 keeps the earlier tags; another seed must not resume seed 0's run
+        parts.append(f"seed{a.seed}")
     parts.append(f"e{a.epochs}")
     return "-".join(parts)
 

@@ -45,6 +45,12 @@ def test_default_frozen_phase_options_keep_the_reference_tags(svd):
     assert svd._tag(_args(svd, ["--method", "det"])) == "lenet300-det-fashion_mnist-e60"
 
 
+def test_a_seed_other_than_0_gets_its_own_tag(svd):
+    # a seed-1 run must not resume (and report) seed 0's checkpoint
+    assert svd._tag(_args(svd, ["--method", "det", "--seed", "1"])) == "lenet300-det-fashion_mnist-seed1-e60"
+    assert svd._tag(_args(svd, ["--seed", "0"])) == "lenet300-svd-fashion_mnist-cliphi8-e60"
+
+
 def test_changed_frozen_phase_options_get_tag_suffixes(svd):
     a = _args(svd, ["--finetune-epochs", "10", "--threshold", "2.5", "--finetune-objective", "distill",
                     "--distill-temperature", "2", "--distill-label-weight", "0.5"])
