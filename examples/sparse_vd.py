@@ -97,6 +97,8 @@ def _tag(a):
         parts.append("pretrained")
     if a.limit_train:
         parts.append(f"n{a.limit_train}")
+    if getattr(a, "validation", False):
+        parts.append("val")
     parts += _recipe_suffixes(a)
     if getattr(a, "seed", 0) != 0:  # seed 0 keeps the earlier tags; another seed must not resume seed 0's run
         parts.append(f"seed{a.seed}")
@@ -221,7 +223,19 @@ def _data(a):
     if a.random_labels:
         g = torch.Generator().manual_seed(12345)
         y_tr = y_tr[torch.randperm(len(y_tr), generator=g)]
+    if getattr(a, "validation", False):
+        # recipe selection without the test set: a fixed VALIDATION_SIZE of the training images (the same for
+        # every seed and run) is held out and takes the test set's place in every number the run reports
+        if len(x_tr) <= 2 * VALIDATION_SIZE:
+            raise SystemExit(f"--validation needs more than {2 * VALIDATION_SIZE} training images, got {len(x_tr)}")
+        perm = torch.randperm(len(x_tr), generator=torch.Generator().manual_seed(20261204))
+        val, keep = perm[:VALIDATION_SIZE], perm[VALIDATION_SIZE:]
+        return x_tr[keep], y_tr[keep], x_tr[val], y_tr[val]
     return x_tr, y_tr, x_te, y_te
+
+
+#: training images held out by ``--validation``
+VALIDATION_SIZE = 5000
 
 
 @torch.no_grad()
@@ -537,7 +551,8 @@ def cmd_run(a):
         return
     result.update({"tag": tag, "model": a.model, "method": a.method, "dataset": a.dataset, "epochs": a.epochs,
                    "limit_train": a.limit_train,
-                   "random_labels": a.random_labels, "init_from": a.init_from, "command": " ".join(sys.argv),
+                   "random_labels": a.random_labels, "validation": bool(getattr(a, "validation", False)),
+                   "init_from": a.init_from, "command": " ".join(sys.argv),
                    "threads": a.threads, "wall_seconds_this_invocation": time.perf_counter() - t0,
                    "recipe": {"lr": a.lr, "batch_size": a.batch_size, "kl_warmup": [a.kl_hold, a.kl_ramp],
                               "lr_decay_start_epoch": a.epochs * a.decay_start, "init_log_sigma2": a.init_log_sigma2,
@@ -594,7 +609,8 @@ def cmd_finetune(a):
         match = re.search(r"-n(\d+)-", a.tag)
         limit = int(match.group(1)) if match else None
     x_tr, y_tr, x_te, y_te = _data(argparse.Namespace(dataset=result["dataset"], limit_train=limit,
-                                                      random_labels=result["random_labels"]))
+                                                      random_labels=result["random_labels"],
+                                                      validation=result.get("validation", False)))
     mask = sparsity.masks(bnn, threshold=a.threshold)
     pruned = sparsity.export(bnn, mask=mask)
     rep = sparsity.report(bnn, mask=mask)
@@ -710,6 +726,9 @@ def main(argv=None):
     _frozen_phase_args(r)
     r.add_argument("--init-from", default=None, help="det checkpoint (…/det-ckpt.safetensors) to start θ from")
     r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--validation", action="store_true",
+                   help=f"hold out {VALIDATION_SIZE} fixed training images and report every error on them instead "
+                        "of the test set (tag suffix 'val'): for choosing a recipe without the test set")
     r.add_argument("--threads", type=int, default=1)
     r.add_argument("--out", default=DEFAULT_OUT)
     r.set_defaults(func=cmd_run)

@@ -102,3 +102,26 @@ def test_distilled_frozen_mask_phase_keeps_the_mask_and_the_data_order(svd, tmp_
     t1 = svd._teacher_log_probs(bnn, x, 4, 2.0, seed=11)
     t2 = svd._teacher_log_probs(bnn, x, 4, 2.0, seed=11)
     assert torch.equal(t1, t2) and torch.allclose(t1.exp().sum(-1), torch.ones(40), atol=1e-5)
+
+
+def test_validation_holds_out_a_fixed_part_of_the_training_set(svd, monkeypatch):
+    a = _args(svd, ["--validation", "--dataset", "mnist5k", "--seed", "1"])
+    assert svd._tag(a) == "lenet300-svd-mnist5k-val-cliphi8-seed1-e60"
+    monkeypatch.setattr(svd, "VALIDATION_SIZE", 500)
+    x_tr, y_tr, x_ev, y_ev = svd._data(a)
+    full = svd._data(_args(svd, ["--dataset", "mnist5k"]))
+    assert len(x_ev) == 500 and len(x_tr) == len(full[0]) - 500
+    # the held-out images come from the training set and none of them is trained on (an image that occurs
+    # twice among the training digits may sit on both sides)
+    from collections import Counter
+    counts = Counter(tuple(r.tolist()) for r in full[0].flatten(1))
+    kept_rows = {tuple(r.tolist()) for r in x_tr.flatten(1)}
+    ev_rows = [tuple(r.tolist()) for r in x_ev.flatten(1)]
+    assert all(counts[r] >= 1 for r in ev_rows)
+    assert all(r not in kept_rows for r in ev_rows if counts[r] == 1)
+    # the split is the same for another seed (one fixed validation set for every recipe)
+    x2 = svd._data(_args(svd, ["--validation", "--dataset", "mnist5k"]))[2]
+    assert torch.equal(x2, x_ev)
+    monkeypatch.setattr(svd, "VALIDATION_SIZE", 5000)
+    with pytest.raises(SystemExit, match="--validation needs more than"):
+        svd._data(a)
