@@ -46,7 +46,9 @@ from the guide, every weight, computed once), with ``pyrobnn.inference.distillat
 ``--distill-label-weight`` w: (1 − w)·distillation + w·CE. It stays within the epoch budget (the teacher
 is the run's own network at epoch epochs − K). ``finetune TAG`` takes the same options (``--threshold``,
 ``--finetune-objective``, ...) and writes ``<out>/<TAG>/posthoc-finetune-….json``.
-``--stop-after K`` makes a pilot: an ``svd`` run stops after K epochs without writing a result and
+``--validation`` holds out 5,000 fixed training images and reports every error on them instead of the
+test set (tag suffix ``val``; ``finetune`` of such a run replays on the same split), for choosing a
+recipe without the test set. ``--stop-after K`` makes a pilot: an ``svd`` run stops after K epochs without writing a result and
 resumes from its checkpoint when re-run without it. For example
 
     python examples/sparse_vd.py run --model lenet300 --method svd --epochs 60 --kl-hold 0 --kl-ramp 5 \
