@@ -553,6 +553,7 @@ def cmd_run(a):
         print(f"stopped after epoch {a.stop_after} (--stop-after); no result written", flush=True)
         return
     result.update({"tag": tag, "model": a.model, "method": a.method, "dataset": a.dataset, "epochs": a.epochs,
+                   "seed": a.seed,
                    "limit_train": a.limit_train,
                    "random_labels": a.random_labels, "validation": bool(getattr(a, "validation", False)),
                    "init_from": a.init_from, "command": " ".join(sys.argv),
@@ -606,6 +607,9 @@ def cmd_finetune(a):
     of the pruned network per epoch."""
     torch.set_num_threads(a.threads)
     result = json.load(open(Path(a.out) / f"{a.tag}.json"))
+    if a.seed is None:  # the run's own seed; results written before it was recorded carry it in the tag only
+        match = re.search(r"-seed(\d+)-", a.tag)
+        a.seed = result.get("seed", int(match.group(1)) if match else 0)
     bnn = pyrobnn.load(Path(a.out) / a.tag / "bnn.safetensors", net=build(result["model"]))
     limit = result.get("limit_train")
     if limit is None:  # results written before limit_train was recorded carry it in the tag only
@@ -749,7 +753,8 @@ def main(argv=None):
     ft.add_argument("--finetune-epochs", type=int, default=10)
     ft.add_argument("--finetune-lr", type=float, default=1e-3)
     _frozen_phase_args(ft)
-    ft.add_argument("--seed", type=int, default=0)
+    ft.add_argument("--seed", type=int, default=None,
+                    help="data-order seed (default: the run's own, so that the replay sees the run's batches)")
     ft.add_argument("--threads", type=int, default=1)
     ft.add_argument("--out", default=DEFAULT_OUT)
     ft.set_defaults(func=cmd_finetune)
