@@ -79,6 +79,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 import pyrobnn
@@ -114,7 +115,9 @@ def _tag(a):
 _RECIPE_DEFAULTS = {"lr": 1e-3, "batch_size": 100, "kl_hold": 5.0, "kl_ramp": 15.0, "decay_start": 0.5,
                     "init_log_sigma2": -10.0, "log_sigma2_lr_mult": 1.0, "clip_low": -8.0, "finetune_epochs": 0,
                     "finetune_lr": 1e-3, "threshold": 3.0, "finetune_objective": "data", "distill_temperature": 1.0,
-                    "distill_samples": 32, "distill_label_weight": 0.0}
+                    "distill_samples": 32, "distill_label_weight": 0.0, "finetune_average": False,
+                    "finetune_weight_decay": 0.0, "finetune_noise": False,
+                    "finetune_label_smoothing": 0.0}
 
 
 def _recipe_suffixes(a):
@@ -150,6 +153,15 @@ def _frozen_phase_suffixes(a):
     if a.finetune_epochs and a.finetune_objective == "distill":
         out.append(f"distT{a.distill_temperature:g}s{a.distill_samples}"
                    + (f"lw{a.distill_label_weight:g}" if a.distill_label_weight != d["distill_label_weight"] else ""))
+    if a.finetune_epochs:
+        if getattr(a, "finetune_noise", False):
+            out.append("noise")
+        if getattr(a, "finetune_weight_decay", 0.0):
+            out.append(f"wd{a.finetune_weight_decay:g}")
+        if getattr(a, "finetune_label_smoothing", 0.0):
+            out.append(f"ls{a.finetune_label_smoothing:g}")
+        if getattr(a, "finetune_average", False):
+            out.append("swa")
     return out
 
 
@@ -184,8 +196,14 @@ def _recipe_note(recipe, method):
                          f"{recipe['distill_samples']} draws" + (f", label weight {lw:g}" if lw else "") +
                          f"; Adam {recipe.get('finetune_lr', 1e-3):g})")
         else:
+            extra = "".join([", posterior noise" if recipe.get("finetune_noise") else "",
+                             f", weight decay {recipe['finetune_weight_decay']:g}"
+                             if recipe.get("finetune_weight_decay") else "",
+                             f", label smoothing {recipe['finetune_label_smoothing']:g}"
+                             if recipe.get("finetune_label_smoothing") else "",
+                             ", weights averaged over the decay half" if recipe.get("finetune_average") else ""])
             notes.append(f"last {recipe['finetune_epochs']} epochs: mask frozen, data term only "
-                         f"(Adam {recipe.get('finetune_lr', 1e-3):g})")
+                         f"(Adam {recipe.get('finetune_lr', 1e-3):g}{extra})")
     return notes
 
 
@@ -455,6 +473,35 @@ def _teacher_log_probs(bnn, x, num_samples, temperature, seed, batch=2000):
     return torch.cat(out)
 
 
+def _posterior_noise_hooks(bnn, pruned, keep):
+    """Forward hooks that add, in training mode, the output noise of each kept weight and bias
+    w ~ N(θ, α θ²) to ``pruned``'s Linear/Conv2d layers — local reparameterisation: the pre-activation gets
+    N(0, Σ x² α θ² + α_b θ_b²) — with α = exp(log α) of the sparse-VD guide at the freeze, fixed; θ are
+    the layer's current (trained) weights. Multiplicative noise, so growing θ does not escape it (Gaussian
+    dropout with one rate per weight). Returns the hook handles."""
+    handles = []
+    for name, module in pruned.named_modules():
+        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+            continue
+        alpha_w = sparsity.log_alpha(bnn, f"{name}.weight").exp() * keep[f"{name}.weight"]
+        alpha_b = (sparsity.log_alpha(bnn, f"{name}.bias").exp() * keep[f"{name}.bias"]
+                   if module.bias is not None else None)
+
+        def hook(mod, inputs, out, alpha_w=alpha_w, alpha_b=alpha_b):
+            if not mod.training:
+                return out
+            x = inputs[0]
+            var_w = alpha_w * mod.weight * mod.weight
+            var_b = alpha_b * mod.bias * mod.bias if alpha_b is not None else None
+            if isinstance(mod, nn.Linear):
+                var = F.linear(x * x, var_w, var_b)
+            else:
+                var = F.conv2d(x * x, var_w, var_b, mod.stride, mod.padding, mod.dilation, mod.groups)
+            return out + (var + 1e-8).sqrt() * torch.randn_like(out)
+        handles.append(module.register_forward_hook(hook))
+    return handles
+
+
 def _finetune_frozen_mask(a, bnn, pruned, mask, loader, x_te, y_te, out_dir: Path, save_as="finetuned.safetensors"):
     """Train the kept weights and biases of the exported pruned network ``pruned`` (whose mask is
     ``mask``) for ``a.finetune_epochs`` epochs (epochs svd_epochs … epochs − 1 of the budget, continuing
@@ -472,8 +519,13 @@ def _finetune_frozen_mask(a, bnn, pruned, mask, loader, x_te, y_te, out_dir: Pat
     keep = {n: mask[n].to(params[n].dtype) for n in params}
     for p in params.values():
         p.requires_grad_(True)
-    opt = torch.optim.Adam(params.values(), lr=a.finetune_lr)
+    wd = getattr(a, "finetune_weight_decay", 0.0)
+    opt = (torch.optim.AdamW(params.values(), lr=a.finetune_lr, weight_decay=wd) if wd
+           else torch.optim.Adam(params.values(), lr=a.finetune_lr))
     K, start = a.finetune_epochs, a.epochs - a.finetune_epochs
+    hooks = _posterior_noise_hooks(bnn, pruned, keep) if getattr(a, "finetune_noise", False) else []
+    average = getattr(a, "finetune_average", False)
+    avg, n_avg = {n: torch.zeros_like(p) for n, p in params.items()}, 0
     lr_of = lr_factor_schedule(("linear-decay", K * 0.5), K)
     steps, history, teacher = len(loader), [], {}
     distill = a.finetune_objective == "distill"
@@ -511,7 +563,7 @@ def _finetune_frozen_mask(a, bnn, pruned, mask, loader, x_te, y_te, out_dir: Pat
                 if w:
                     loss = loss + w * F.cross_entropy(out, yb)
             else:
-                loss = F.cross_entropy(pruned(xb), yb)
+                loss = F.cross_entropy(pruned(xb), yb, label_smoothing=getattr(a, "finetune_label_smoothing", 0.0))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             for n, p in params.items():
@@ -522,9 +574,25 @@ def _finetune_frozen_mask(a, bnn, pruned, mask, loader, x_te, y_te, out_dir: Pat
                     p.mul_(keep[n])
             total += loss.item()
         rec = {"epoch": start + k + 1, "phase": "finetune", "loss": total / steps,
-               "seconds": time.perf_counter() - t0, "test_error_pruned": _error(pruned, x_te, y_te)}
+               "seconds": time.perf_counter() - t0, "test_error_pruned": _error(pruned.eval(), x_te, y_te)}
+        if average and k >= K // 2:   # the lr-decay half: a running mean of the end-of-epoch weights
+            n_avg += 1
+            with torch.no_grad():
+                for n, p in params.items():
+                    avg[n].add_(p - avg[n], alpha=1.0 / n_avg)
+            rec["averaged_epochs"] = n_avg
         history.append(rec)
         print(json.dumps(rec), flush=True)
+    for h in hooks:
+        h.remove()
+    if average and n_avg:
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(avg[n] * keep[n])
+        history[-1]["test_error_last_iterate"] = history[-1]["test_error_pruned"]
+        history[-1]["test_error_pruned"] = _error(pruned.eval(), x_te, y_te)
+        print(json.dumps({"averaged_over_epochs": n_avg, "test_error_averaged": history[-1]["test_error_pruned"]}),
+              flush=True)
     kept_after = sum(int((p != 0).sum()) for p in params.values())
     if kept_after > kept_before:
         raise RuntimeError("fine-tuning revived pruned entries")
@@ -532,7 +600,9 @@ def _finetune_frozen_mask(a, bnn, pruned, mask, loader, x_te, y_te, out_dir: Pat
         p.requires_grad_(False)
     write_state(out_dir / save_as, {k: v.detach().clone() for k, v in pruned.state_dict().items()},
                 {"finetune_epochs": K, "finetune_lr": a.finetune_lr, "finetune_objective": a.finetune_objective,
-                 "threshold": a.threshold})
+                 "threshold": a.threshold, "finetune_noise": bool(hooks), "finetune_weight_decay": wd,
+                 "finetune_average": average,
+                 "finetune_label_smoothing": getattr(a, "finetune_label_smoothing", 0.0)})
     return pruned.eval(), history, teacher
 
 
@@ -565,7 +635,10 @@ def cmd_run(a):
                               "finetune_epochs": a.finetune_epochs, "finetune_lr": a.finetune_lr,
                               "finetune_objective": a.finetune_objective,
                               "distill_temperature": a.distill_temperature, "distill_samples": a.distill_samples,
-                              "distill_label_weight": a.distill_label_weight}})
+                              "distill_label_weight": a.distill_label_weight,
+                              "finetune_noise": a.finetune_noise, "finetune_weight_decay": a.finetune_weight_decay,
+                              "finetune_average": a.finetune_average,
+                              "finetune_label_smoothing": a.finetune_label_smoothing}})
     with open(Path(a.out) / f"{tag}.json", "w") as f:
         json.dump(result, f, indent=1)
     summary = {k: result[k] for k in ("test_error", "compression", "train_seconds") if k in result}
@@ -634,7 +707,9 @@ def cmd_finetune(a):
     _, hist, teacher = _finetune_frozen_mask(a, bnn, pruned, mask, loader, x_te, y_te, Path(a.out) / a.tag,
                                              save_as=f"{name}.safetensors")
     record = {"tag": a.tag, "replay": name, "epochs": a.finetune_epochs, "lr": a.finetune_lr,
-              "threshold": a.threshold, "objective": a.finetune_objective,
+              "threshold": a.threshold, "objective": a.finetune_objective, "noise": a.finetune_noise,
+              "weight_decay": a.finetune_weight_decay, "average": a.finetune_average,
+              "label_smoothing": a.finetune_label_smoothing,
               "within_budget": a.finetune_epochs == result.get("recipe", {}).get("finetune_epochs", 0),
               "test_error_before": before, "test_error": hist[-1]["test_error_pruned"],
               "compression": rep["compression"], "weights_kept": rep["weights_kept"],
@@ -699,6 +774,17 @@ def _frozen_phase_args(p):
     p.add_argument("--distill-samples", type=int, default=32, help="posterior draws per training input (teacher)")
     p.add_argument("--distill-label-weight", type=float, default=0.0,
                    help="loss = (1 − w)·distillation + w·label cross-entropy")
+    p.add_argument("--finetune-noise", action="store_true",
+                   help="frozen-mask phase: train with the multiplicative Gaussian noise of the posterior at the "
+                        "freeze (each kept weight w ~ N(θ, α θ²), α fixed from the guide; local "
+                        "reparameterisation), like Gaussian dropout with per-weight rates; evaluation uses θ")
+    p.add_argument("--finetune-weight-decay", type=float, default=0.0,
+                   help="frozen-mask phase: decoupled weight decay (AdamW) on the kept weights and biases")
+    p.add_argument("--finetune-label-smoothing", type=float, default=0.0,
+                   help="frozen-mask phase (data objective): label smoothing of the cross-entropy")
+    p.add_argument("--finetune-average", action="store_true",
+                   help="frozen-mask phase: report the average of the kept weights at the end of each epoch of "
+                        "the lr-decay half (stochastic weight averaging) instead of the last iterate")
 
 
 def main(argv=None):

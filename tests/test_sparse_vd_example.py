@@ -125,3 +125,89 @@ def test_validation_holds_out_a_fixed_part_of_the_training_set(svd, monkeypatch)
     monkeypatch.setattr(svd, "VALIDATION_SIZE", 5000)
     with pytest.raises(SystemExit, match="--validation needs more than"):
         svd._data(a)
+
+
+def _small_sparse_vd(seed=0):
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    x, y = torch.randn(40, 6), torch.randint(0, 3, (40,))
+    bnn = pyrobnn.guides.AdditiveNoise.from_pretrained(net, dataset_size=40, init_log_sigma2=-10.0)
+    bnn.initialize(x[:2])
+    with torch.no_grad():
+        bnn.autoguide.flat.log_sigma2.uniform_(-6.0, 6.0)
+    mask = sparsity.masks(bnn, threshold=1.0)
+    return bnn, mask, x, y
+
+
+def _frozen_args(**kw):
+    base = dict(finetune_epochs=4, epochs=6, finetune_lr=1e-2, finetune_objective="data", distill_temperature=1.0,
+                distill_samples=4, distill_label_weight=0.0, seed=0, threshold=1.0, finetune_noise=False,
+                finetune_weight_decay=0.0, finetune_average=False)
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+def test_new_frozen_phase_options_get_tag_suffixes(svd):
+    a = _args(svd, ["--finetune-epochs", "20", "--finetune-weight-decay", "0.05", "--finetune-average",
+                    "--finetune-noise"])
+    assert svd._tag(a) == "lenet300-svd-fashion_mnist-cliphi8-ft20-noise-wd0.05-swa-e60"
+    assert svd._tag(_args(svd, ["--finetune-epochs", "20"])) == "lenet300-svd-fashion_mnist-cliphi8-ft20-e60"
+
+
+def test_weight_averaging_reports_the_mean_of_the_decay_half_end_of_epoch_weights(svd, tmp_path, monkeypatch):
+    bnn, mask, x, y = _small_sparse_vd()
+    plain = svd._finetune_frozen_mask(_frozen_args(), bnn, sparsity.export(bnn, mask=mask), mask,
+                                      ArrayLoader(x, y, batch_size=8, seed=3), x, y, tmp_path)[0]
+    # record the end-of-epoch weights of an averaged run (same data order and start): epochs 2 and 3 of 4
+    seen = []
+    orig = svd._error
+
+    def spy(net, *args, **kw):
+        seen.append({n: p.detach().clone() for n, p in net.named_parameters()})
+        return orig(net, *args, **kw)
+    monkeypatch.setattr(svd, "_error", spy)
+    out, hist, _ = svd._finetune_frozen_mask(_frozen_args(finetune_average=True), bnn,
+                                             sparsity.export(bnn, mask=mask), mask,
+                                             ArrayLoader(x, y, batch_size=8, seed=3), x, y, tmp_path)
+    assert [r.get("averaged_epochs") for r in hist] == [None, None, 1, 2]
+    # the last iterate is the plain run's network; the reported one is the mean of epochs 3 and 4's weights
+    assert torch.allclose(seen[3]["3.weight"], plain[3].weight)
+    for n, p in out.named_parameters():
+        assert torch.allclose(p, (seen[2][n] + seen[3][n]) / 2, atol=1e-7)
+        assert torch.all(p[~mask[n]] == 0)
+    assert "test_error_last_iterate" in hist[-1]
+
+
+def test_posterior_noise_hooks_add_the_frozen_posterior_variance_in_training_only(svd):
+    bnn, mask, x, _ = _small_sparse_vd()
+    pruned = sparsity.export(bnn, mask=mask)
+    keep = {n: m.float() for n, m in mask.items()}
+    clean = pruned(x).detach()
+    handles = svd._posterior_noise_hooks(bnn, pruned, keep)
+    pruned.eval()
+    assert torch.equal(pruned(x), clean)                      # evaluation uses θ
+    pruned.train()
+    # first layer's pre-activation: mean θx + b, variance Σ x² α θ² + α_b b² (Monte Carlo over 20,000 draws)
+    lin = pruned[1]
+    alpha_w = sparsity.log_alpha(bnn, "1.weight").exp() * keep["1.weight"]
+    alpha_b = sparsity.log_alpha(bnn, "1.bias").exp() * keep["1.bias"]
+    xi = x[:1].expand(20000, -1)
+    draws = lin(xi).detach()
+    want_var = (xi[:1] ** 2) @ (alpha_w * lin.weight ** 2).T + alpha_b * lin.bias ** 2
+    assert torch.allclose(draws.mean(0), (xi[:1] @ lin.weight.T + lin.bias)[0], atol=4 * (want_var[0] / 20000).sqrt().max() + 1e-6)
+    assert torch.allclose(draws.var(0), want_var[0].detach(), rtol=0.05, atol=1e-6)
+    for h in handles:
+        h.remove()
+    assert torch.equal(pruned(x), clean)
+
+
+def test_weight_decay_shrinks_the_kept_weights_and_keeps_the_mask(svd, tmp_path):
+    bnn, mask, x, y = _small_sparse_vd()
+    norms = {}
+    for wd in (0.0, 5.0):
+        out = svd._finetune_frozen_mask(_frozen_args(finetune_weight_decay=wd), bnn, sparsity.export(bnn, mask=mask),
+                                        mask, ArrayLoader(x, y, batch_size=8, seed=3), x, y, tmp_path)[0]
+        norms[wd] = sum(float(p.pow(2).sum()) for p in out.parameters())
+        for n, p in out.named_parameters():
+            assert torch.all(p[~mask[n]] == 0)
+    assert norms[5.0] < 0.9 * norms[0.0]
