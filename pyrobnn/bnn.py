@@ -44,6 +44,12 @@ class _KLWeight(Messenger):
 def _build_prior(spec):
     if isinstance(spec, (str, Mapping)):
         return PRIORS.build(spec)
+    if (type(spec) in (torch.distributions.Normal, pyro.distributions.Normal) and spec.batch_shape == torch.Size()
+            and spec.event_shape == torch.Size()):
+        # a scalar Normal given as a plain distribution is pyrobnn's Gaussian: the same prior, which also
+        # evaluates local-reparameterisation placeholders exactly (pyrobnn.guides.base) and can be saved
+        from .priors.gaussian import Gaussian
+        return Gaussian(scale=float(spec.scale), loc=float(spec.loc))
     if isinstance(spec, torch.distributions.Distribution) or hasattr(spec, "sample_site"):
         return spec
     raise TypeError(f"a prior must be a registered name, a {{'name': ...}} mapping or a distribution, got {spec!r}")

@@ -189,9 +189,11 @@ def test_fused_additive_noise_kl_matches_autograd_reference(clip):
         assert torch.autograd.gradcheck(lambda t, v: sparse_vd_kl(t, v, None), (theta, log_var))
 
 
-def test_model_log_prob_at_placeholder_reuses_the_kl_terms():
-    """At a locally reparameterised site the model's log p(θ) = −Σ log|θ| (one reduction of the
-    cached log θ²) and the guide's log q(θ) = −Σ ½ log σ² − n ½ log 2π."""
+def test_model_log_prob_at_placeholder_is_the_expectation_under_q():
+    """At a locally reparameterised site the model's log p is E_q[log p(w)] := −Σ KL − H(q) (from the KL
+    terms cached on q) and the guide's log q is E_q[log q] = −Σ ½ log σ² − n(½ log 2π + ½): their
+    difference is −KL exactly, so Trace_ELBO and TraceMeanField_ELBO agree."""
+    from pyrobnn.priors.log_uniform import sparse_vd_kl
     net = torch.nn.Sequential(torch.nn.Linear(3, 4))
     bnn = pyrobnn.bayesian(net, prior="log-uniform", guide="additive-noise", dataset_size=10)
     x = torch.rand(2, 3)
@@ -199,10 +201,11 @@ def test_model_log_prob_at_placeholder_reuses_the_kl_terms():
     guide_tr = pyro.poutine.trace(bnn.guide).get_trace(x)
     model_tr = pyro.poutine.trace(pyro.poutine.replay(bnn.model, guide_tr)).get_trace(x, torch.tensor([0, 1]))
     theta, sigma = bnn.autoguide.site_params("0.weight")
-    torch.testing.assert_close(model_tr.nodes["0.weight"]["fn"].log_prob(model_tr.nodes["0.weight"]["value"]),
-                               -theta.abs().log().sum())
-    torch.testing.assert_close(guide_tr.nodes["0.weight"]["fn"].log_prob(guide_tr.nodes["0.weight"]["value"]),
-                               torch.distributions.Normal(theta, sigma).log_prob(theta).sum())
+    lp = model_tr.nodes["0.weight"]["fn"].log_prob(model_tr.nodes["0.weight"]["value"])
+    lq = guide_tr.nodes["0.weight"]["fn"].log_prob(guide_tr.nodes["0.weight"]["value"])
+    torch.testing.assert_close(lq, -torch.distributions.Normal(theta, sigma).entropy().sum())
+    kl = sparse_vd_kl(theta, 2 * sigma.log(), clip=(None, 8.0)).sum()
+    torch.testing.assert_close(lq - lp, kl)
     # an ordinary value takes the ordinary path
     w = torch.randn(4, 3)
     torch.testing.assert_close(model_tr.nodes["0.weight"]["fn"].log_prob(w), -w.abs().log().sum())

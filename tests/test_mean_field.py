@@ -153,11 +153,16 @@ def test_closed_form_kl_matches_monte_carlo(prior):
     assert torch.allclose(kl, ref, atol=1e-5)
 
 
-def test_placeholder_log_prob_is_exact_density_at_mean():
+def test_placeholder_log_prob_is_the_expected_log_density_under_q():
+    """At a placeholder (the mean, tagged with q) log q is E_q[log q(w)] = −H(q) elementwise, so that with
+    the prior's E_q[log p(w)] every ELBO sees −KL exactly (Monte Carlo check of the expectation)."""
+    torch.manual_seed(0)
     q = GuideNormal(torch.randn(5), torch.rand(5) + 0.1, placeholder=True)
     v = q.rsample()
     assert torch.equal(v, q.loc)
-    assert torch.allclose(q.log_prob(v), dist.Normal(q.loc, q.scale).log_prob(q.loc))
+    assert torch.allclose(q.log_prob(v), -dist.Normal(q.loc, q.scale).entropy())
+    mc = dist.Normal(q.loc, q.scale).log_prob(dist.Normal(q.loc, q.scale).sample((200000,))).mean(0)
+    assert torch.allclose(q.log_prob(v), mc, atol=1e-2)
 
 
 def test_constrained_site_gets_transformed_guide():
@@ -236,8 +241,9 @@ def test_fused_mean_field_kl_matches_elementwise_formula_and_gradients(prior_loc
 
 
 def test_placeholder_log_densities_from_fused_sums_are_exact():
-    """At a local-reparameterisation placeholder (= μ), the guide's Σ log q and the prior's Σ log p
-    read the fused sums; both equal the elementwise densities summed, and stay differentiable."""
+    """At a local-reparameterisation placeholder (= μ), the guide's Σ E_q[log q] and the prior's
+    Σ E_q[log p] read the fused sums; both equal the closed-form expectations summed (their difference
+    is −KL), and stay differentiable."""
     from pyrobnn.priors.gaussian import ScalarNormal
     torch.manual_seed(4)
     loc = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
@@ -246,13 +252,15 @@ def test_placeholder_log_densities_from_fused_sums_are_exact():
     v = q.rsample()
     p = ScalarNormal(0.0, 0.3, (6, 5)).to_event(2)
     lq, lp = q.log_prob(v), p.log_prob(v)
-    ref_q = dist.Normal(loc, scale).log_prob(loc.detach()).sum()
-    ref_p = dist.Normal(torch.tensor(0.0, dtype=torch.float64), torch.tensor(0.3, dtype=torch.float64)).log_prob(loc).sum()
+    ref_q = -dist.Normal(loc, scale).entropy().sum()
+    ref_p = (-(loc ** 2 + scale ** 2) / (2 * 0.09) - math.log(0.3) - 0.5 * math.log(2 * math.pi)).sum()
     assert abs(lq.item() - ref_q.item()) < 1e-10 and abs(lp.item() - ref_p.item()) < 1e-10
+    kl = kl_divergence(dist.Normal(loc, scale), dist.Normal(torch.zeros((), dtype=torch.float64), torch.tensor(0.3, dtype=torch.float64))).sum()
+    assert abs((lq - lp).item() - kl.item()) < 1e-10
     g_scale, = torch.autograd.grad(lq, scale, retain_graph=True)  # lq and lp share the fused sums
     assert torch.allclose(g_scale, -1 / scale.detach())
-    g_loc, = torch.autograd.grad(lp, loc)
-    assert torch.allclose(g_loc, -loc.detach() / 0.09)
+    g_loc, g_scale_p = torch.autograd.grad(lp, (loc, scale))
+    assert torch.allclose(g_loc, -loc.detach() / 0.09) and torch.allclose(g_scale_p, -scale.detach() / 0.09)
 
 
 def test_svi_steps_only_its_own_guide_parameters():

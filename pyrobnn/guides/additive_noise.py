@@ -114,15 +114,15 @@ class AdditiveNoiseNormal(GuideNormal):
 
 
 class _IndependentAdditiveNoise(dist.Independent):
-    """At the site's own placeholder, log q(θ) = −Σ ½ log σ² − n ½ log 2π: one reduction of log σ²
-    (Pyro evaluates it for every site although the mean-field ELBO does not use it)."""
+    """At the site's own placeholder, E_q[log q] = −Σ ½ log σ² − n(½ log 2π + ½): one reduction of
+    log σ² (see :mod:`pyrobnn.guides.base` for why the placeholder's density is an expectation)."""
 
     def log_prob(self, value):
         base = self.base_dist
         if local_reparam_params(value) is not base:
             return super().log_prob(value)
         n = math.prod(base.batch_shape[len(base.batch_shape) - self.reinterpreted_batch_ndims:])
-        return sum_rightmost(base.log_variance, self.reinterpreted_batch_ndims) * -0.5 - n * _HALF_LOG_2PI
+        return sum_rightmost(base.log_variance, self.reinterpreted_batch_ndims) * -0.5 - n * (_HALF_LOG_2PI + 0.5)
 
 
 def init_to_median_or_fan_in(site=None):

@@ -10,9 +10,16 @@ Local reparameterisation. A model site may declare ``infer={"local_reparameteriz
 (pyrobnn's Bayesian layers do). For such a site with real support and a closed-form KL to its prior,
 the guide does not draw a weight: the site's value is the posterior mean carrying its ``(loc, scale)``
 (see :func:`local_reparam_params`), and the layer draws its pre-activations from their exact Gaussian
-instead. This is exact for the ELBO estimators that use the closed-form KL (``TraceMeanField_ELBO``,
-which ``pyrobnn.inference.fit`` uses). With ``Trace_ELBO`` construct the guide with
-``local_reparameterization=False``.
+instead.
+
+Densities at a placeholder. Pyro's ELBOs evaluate log p and log q at every site's value; at a
+placeholder both are *expectations under q*: the guide gives E_q[log q(w)] = −log σ − ½ log 2π − ½ and
+the prior E_q[log p(w)] (each prior that supports placeholders implements it in closed form, see
+:func:`expects_placeholders`). Their difference is −KL(q ‖ p) exactly, so every ELBO that is linear in
+log p − log q is exact and equal to the closed-form one: ``TraceMeanField_ELBO`` (which uses the KL,
+and ``pyrobnn.inference.fit``), ``Trace_ELBO`` and ``TraceGraph_ELBO`` (tests/test_placeholders.py). A site
+whose prior does not implement the expectation (a foreign distribution) gets no placeholder: its
+weights are drawn.
 """
 from __future__ import annotations
 
@@ -36,7 +43,8 @@ from torch.distributions.kl import _kl_independent_independent, kl_divergence, r
 
 from ..site_dist import SiteIndependent, to_site_event
 
-__all__ = ["GuideNormal", "FlatGaussianGuide", "local_reparam_params", "mean_field_kl", "LOCAL_REPARAM_KEY"]
+__all__ = ["GuideNormal", "FlatGaussianGuide", "local_reparam_params", "mean_field_kl", "LOCAL_REPARAM_KEY",
+           "expects_placeholders", "expected_normal_log_prob"]
 
 LOCAL_REPARAM_KEY = "local_reparameterization"
 _ATTR = "_pyrobnn_loc_scale"
@@ -120,13 +128,14 @@ class GuideNormal(dist.Normal):
         return self._sum("loc", lambda: self.loc.sum())
 
     def log_prob_sum(self, value):
-        """Σ log q(value) for the placeholder (= the mean): −Σ log σ − n/2 log 2π; None otherwise."""
+        """Σ E_q[log q] at the placeholder: −Σ log σ − n(½ log 2π + ½) (the negative entropy); None for
+        any other value."""
         if getattr(value, _ATTR, None) is not self:
             return None
         n = self.loc.numel()
         if self._fusable():
-            return self.combine_sums((0.0, 0.0, -1.0, -_HALF_LOG_2PI * n))
-        return torch.rsub(self.log_scale_sum(), -_HALF_LOG_2PI * n)
+            return self.combine_sums((0.0, 0.0, -1.0, -_NEG_ENTROPY_CONST * n))
+        return torch.rsub(self.log_scale_sum(), -_NEG_ENTROPY_CONST * n)
 
     def combine_sums(self, weights) -> torch.Tensor:
         """w₀Σμ² + w₁Σσ² + w₂Σ log σ + w₃ (a 0-d tensor): one dot product with :meth:`fused_sums`."""
@@ -174,12 +183,33 @@ class GuideNormal(dist.Normal):
 
     def log_prob(self, value):
         if getattr(value, _ATTR, None) is self:
-            # the placeholder is the mean: log N(μ; μ, σ) = −log σ − ½ log 2π, exactly
-            return torch.rsub(self.log_scale, -_HALF_LOG_2PI)
+            # at the placeholder: E_q[log q(w)] = −log σ − ½ log 2π − ½ (see the module doc)
+            return torch.rsub(self.log_scale, -_NEG_ENTROPY_CONST)
         return super().log_prob(value)
 
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+#: E_q[log q] = −log σ − this, for a Normal q
+_NEG_ENTROPY_CONST = _HALF_LOG_2PI + 0.5
+
+
+def expects_placeholders(fn) -> bool:
+    """Whether a model site's distribution ``fn`` evaluates a local-reparameterisation placeholder as
+    E_q[log p(w)] (the protocol of the module doc): its base distribution (under any ``Independent``)
+    declares ``placeholder_expectation = True``. Only such sites get placeholders from a guide."""
+    while isinstance(fn, torch.distributions.Independent):
+        fn = fn.base_dist
+    return bool(getattr(fn, "placeholder_expectation", False))
+
+
+def expected_normal_log_prob(q, loc, scale) -> torch.Tensor:
+    """E_q[log N(w; loc, scale²)] elementwise for a Normal q: −((μ − loc)² + σ²) / (2 scale²) − log scale
+    − ½ log 2π (``loc``, ``scale``: tensors or floats broadcastable to q's shape)."""
+    if isinstance(scale, torch.Tensor):
+        diff2 = (q.loc - loc) ** 2
+        return -(diff2 + q.variance) / (2 * scale * scale) - scale.log() - _HALF_LOG_2PI
+    diff2 = q.loc_sq if (loc == 0.0 and hasattr(q, "loc_sq")) else (q.loc - loc) ** 2
+    return (q.variance + diff2).mul(-0.5 / scale ** 2).sub_(math.log(scale) + _HALF_LOG_2PI)
 
 
 class _GaussianSums(torch.autograd.Function):
@@ -409,7 +439,7 @@ class FlatGaussianGuide(AutoGuide):
             n = init.numel()
             real = _is_real(support)
             placeholder = self.local_reparameterization and bool(site["infer"].get(LOCAL_REPARAM_KEY)) \
-                and real and self._has_closed_form_kl(site, event_dim)
+                and real and expects_placeholders(site["fn"]) and self._has_closed_form_kl(site, event_dim)
             self._layout[name] = (offset, n, torch.Size(full_shape), event_dim, None if real else transform,
                                   placeholder)
             inits.append(init.reshape(-1))

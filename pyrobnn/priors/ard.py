@@ -56,7 +56,7 @@ from pyro.distributions.torch_distribution import TorchDistribution
 from torch.distributions import constraints
 from torch.distributions.kl import register_kl
 
-from ..guides.base import GuideNormal, local_reparam_params
+from ..guides.base import GuideNormal, expected_normal_log_prob, local_reparam_params
 from ..registry import PRIORS
 from ._util import check_positive
 
@@ -70,8 +70,8 @@ _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 _NO_DENSITY = (
     "empirical-Bayes ARD has no fixed density: its variance δ² = μ² + σ² is set from the variational "
     "posterior q(w) = N(μ, σ²), so it is only defined inside a variational ELBO with a pyrobnn Gaussian "
-    "guide and local reparameterisation (pyrobnn.inference.fit / TraceMeanField_ELBO, which use its "
-    "closed-form KL). For MCMC/SG-MCMC samplers, Trace_ELBO or local_reparameterization=False use "
+    "guide and local reparameterisation (pyrobnn.inference.fit, or pyro.infer.SVI with TraceMeanField_ELBO or "
+    "Trace_ELBO). For MCMC/SG-MCMC samplers or local_reparameterization=False use "
     "ARD(mode='hierarchical'), whose precisions α are real latent sites."
 )
 
@@ -88,8 +88,11 @@ class EmpiricalARD(TorchDistribution):
 
     arg_constraints = {}
     support = constraints.real
-    has_rsample = False
+    # True although it cannot be sampled: a model site's value (replayed from a reparameterised guide)
+    # is then differentiable, and Pyro's TraceGraph_ELBO keeps the value — and its placeholder tag — as is
+    has_rsample = True
     registry_name = "ard"
+    placeholder_expectation = True
 
     def __init__(self, batch_shape=torch.Size(), validate_args=None):
         super().__init__(torch.Size(batch_shape), torch.Size(), validate_args=False)
@@ -112,20 +115,24 @@ class EmpiricalARD(TorchDistribution):
         # NotImplementedError makes Pyro's init_to_median fall back to init_to_feasible (zeros).
         raise NotImplementedError(_NO_DENSITY)
 
+    def rsample(self, sample_shape=torch.Size()):
+        return self.sample(sample_shape)
+
     def log_prob(self, value):
-        """log N(w; 0, μ² + σ²) — the prior at its optimum — for a guide placeholder ``value``.
+        """E_q[log N(w; 0, δ²)] with δ² = μ² + σ² (the prior at its optimum), −½ log δ² − ½ log 2π − ½,
+        for a guide placeholder ``value``.
 
         A locally reparameterised guide hands the model the posterior mean tagged with its q, so the
-        optimum prior is known here; E_q[log q − this] is exactly the KL above. Pyro's ELBOs evaluate
-        every model site's log-density even when a closed-form KL replaces it, hence this branch.
-        Any other value (a sampler's proposal, a plain draw) has no defined density: ValueError.
+        optimum prior is known here, and the placeholder's density is an expectation under q (see
+        :mod:`pyrobnn.guides.base`): minus the guide's E_q[log q] it is exactly −KL, so ``Trace_ELBO``
+        agrees with the closed form. Any other value (a sampler's proposal, a plain draw) has no
+        defined density: ValueError.
         """
         q = local_reparam_params(value)
         if q is None:
             raise ValueError(_NO_DENSITY)
         loc_sq = q.loc_sq if hasattr(q, "loc_sq") else q.loc * q.loc
-        var = q.variance + loc_sq
-        return -0.5 * (value * value / var + var.log()) - _HALF_LOG_2PI
+        return (q.variance + loc_sq).log().mul(-0.5).sub_(_HALF_LOG_2PI + 0.5)
 
     def __repr__(self):
         return f"EmpiricalARD(batch_shape={tuple(self.batch_shape)})"
@@ -202,6 +209,23 @@ class _ScalarGamma(dist.Gamma):
         return lp if a == 1.0 else lp + (a - 1.0) * value.log()
 
 
+class _PlaceholderNormal(dist.Normal):
+    """N(loc, scale²) (tensor parameters) whose density at a local-reparameterisation placeholder of q is
+    E_q[log p(w)] (see :mod:`pyrobnn.guides.base`); an ordinary Normal everywhere else (torch's
+    Normal–Normal KL applies)."""
+
+    placeholder_expectation = True
+
+    def expand(self, batch_shape, _instance=None):
+        return super().expand(batch_shape, _instance=_instance or _PlaceholderNormal.__new__(_PlaceholderNormal))
+
+    def log_prob(self, value):
+        q = local_reparam_params(value)
+        if q is not None:
+            return expected_normal_log_prob(q, self.loc, self.scale)
+        return super().log_prob(value)
+
+
 class HierarchicalARD:
     """α ~ Gamma(a, b) per weight / input unit / layer, then w ~ N(0, 1/α) (see the module doc).
 
@@ -255,7 +279,7 @@ class HierarchicalARD:
         hyper = self._hyper.expand(ashape)
         alpha = pyro.sample(f"{name}.alpha", hyper.to_event(len(ashape)) if len(ashape) else hyper)
         scale = self._broadcastable(alpha, shape).rsqrt().expand(shape)
-        prior = dist.Normal(scale.new_zeros(()).expand(shape), scale)
+        prior = _PlaceholderNormal(scale.new_zeros(()).expand(shape), scale)
         return pyro.sample(name, prior.to_event(len(shape)) if len(shape) else prior, infer=infer or {})
 
     def __repr__(self):

@@ -7,6 +7,7 @@ import pyro.distributions as dist
 import torch
 
 from ..registry import PRIORS
+from ..guides.base import expected_normal_log_prob
 from ..site_dist import to_site_event
 from ._util import check_positive, check_finite
 
@@ -22,6 +23,9 @@ class ScalarNormal(dist.Normal):
     log-density and the KL (``pyrobnn.guides.base``) skip full-size temporaries for loc and scale.
     """
 
+    #: evaluates a local-reparameterisation placeholder as E_q[log p(w)] (see ``pyrobnn.guides.base``)
+    placeholder_expectation = True
+
     def __init__(self, loc: float, scale: float, batch_shape=torch.Size()):
         self.scalar_loc, self.scalar_scale = float(loc), float(scale)
         batch_shape = torch.Size(batch_shape)
@@ -35,27 +39,26 @@ class ScalarNormal(dist.Normal):
         return to_site_event(self, reinterpreted_batch_ndims)
 
     def log_prob_sum(self, value):
-        """Σ log p(value) for a local-reparameterisation placeholder (the guide mean μ), from the Σμ²
-        the KL needs anyway; None for any other value (the elementwise path is used)."""
+        """Σ E_q[log p(w)] for a local-reparameterisation placeholder of q = N(μ, σ²):
+        −(Σ(μ − m)² + Σσ²) / (2s²) − n(log s + ½ log 2π), from the sums the KL needs anyway; None for
+        any other value (the elementwise path is used)."""
         q = getattr(value, "_pyrobnn_loc_scale", None)
         if q is None or not hasattr(q, "loc_sq_sum"):
             return None
         n = q.loc.numel()
+        c, const = -0.5 / self.scalar_scale ** 2, -n * (math.log(self.scalar_scale) + _HALF_LOG_2PI)
         combine = getattr(q, "combine_sums", None)
         if self.scalar_loc == 0.0 and combine is not None and q._fusable():
-            # one dot product with the guide's fused [Σμ², Σσ², Σ log σ, 1]
-            return combine((-0.5 / self.scalar_scale ** 2, 0.0, 0.0,
-                            -n * (math.log(self.scalar_scale) + _HALF_LOG_2PI)))
+            return combine((c, c, 0.0, const))   # one dot product with the guide's fused [Σμ², Σσ², Σ log σ, 1]
         sq = q.loc_sq_sum()
         if self.scalar_loc != 0.0:
             sq = sq - 2 * self.scalar_loc * q.loc_sum() + n * self.scalar_loc ** 2
-        return sq * (-0.5 / self.scalar_scale ** 2) - n * (math.log(self.scalar_scale) + _HALF_LOG_2PI)
+        return (sq + q.var_sum()) * c + const
 
     def log_prob(self, value):
-        q = getattr(value, "_pyrobnn_loc_scale", None)  # a local-reparameterisation placeholder (= its mean)
-        if q is not None and self.scalar_loc == 0.0:
-            # exact density at the mean, reusing μ² that the closed-form KL needs anyway
-            return q.loc_sq.mul(-0.5 / self.scalar_scale ** 2).sub_(math.log(self.scalar_scale) + _HALF_LOG_2PI)
+        q = getattr(value, "_pyrobnn_loc_scale", None)  # a local-reparameterisation placeholder
+        if q is not None:
+            return expected_normal_log_prob(q, self.scalar_loc, self.scalar_scale)
         z = value if self.scalar_loc == 0.0 else value - self.scalar_loc
         return (z * z) * (-0.5 / self.scalar_scale ** 2) - (math.log(self.scalar_scale) + _HALF_LOG_2PI)
 

@@ -33,6 +33,8 @@ saturates below log α ≈ −87 in float32 (where sigmoid underflows), its grad
 """
 from __future__ import annotations
 
+import math
+
 import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
@@ -67,11 +69,17 @@ class LogUniform(dist.TorchDistribution):
     * ``sample`` raises ``NotImplementedError``: an improper density has no samples. Use it with a
       variational guide (``AdditiveNoise``, ``MeanField``) and ``TraceMeanField_ELBO``.
     * KL to a Normal guide: the Molchanov et al. approximation (module docstring).
+    * At a local-reparameterisation placeholder of q (a guide's mean tagged with q) ``log_prob`` is
+      E_q[log p(w)] := −KL(q ‖ p) − H(q), so every ELBO agrees with the closed form
+      (:mod:`pyrobnn.guides.base`).
     """
 
     arg_constraints = {}
     support = constraints.real
-    has_rsample = False
+    # True although it cannot be sampled: a model site's value (replayed from a reparameterised guide)
+    # is then differentiable, and Pyro's TraceGraph_ELBO keeps the value — and its placeholder tag — as is
+    has_rsample = True
+    placeholder_expectation = True
 
     def __init__(self, batch_shape=torch.Size(), validate_args=None):
         super().__init__(torch.Size(batch_shape), torch.Size(), validate_args=False)
@@ -90,9 +98,9 @@ class LogUniform(dist.TorchDistribution):
         return _IndependentLogUniform(self, reinterpreted_batch_ndims)
 
     def log_prob(self, value):
-        lt = _shared_log_theta2(value)
-        if lt is not None:
-            return lt * -0.5
+        q = local_reparam_params(value)
+        if q is not None:
+            return _broadcast(_expected_log_prob(q), self)
         lp = -value.abs().log()
         if lp.shape != self.batch_shape and self.batch_shape:
             lp = lp.expand(torch.broadcast_shapes(lp.shape, self.batch_shape))
@@ -123,26 +131,36 @@ class LogUniform(dist.TorchDistribution):
 
 
 class _IndependentLogUniform(dist.Independent):
-    """``LogUniform(...).to_event(k)``: at a sparse-VD placeholder (the value is θ, tagged with its
-    guide Normal) the log-density −Σ log|θ| = −½ Σ log θ² reuses log(θ² + 1e-16) already computed for
-    the KL, as a single reduction. Elsewhere it is the ordinary Independent log-density."""
+    """``LogUniform(...).to_event(k)``: at a local-reparameterisation placeholder of q the density is
+    E_q[log p(w)] := −KL(q ‖ p) − H(q) elementwise (the improper prior's log-density is defined up to
+    the constant the KL approximation fixes), summed, reusing the KL terms cached on q; so minus the
+    guide's E_q[log q] it is −KL exactly (see :mod:`pyrobnn.guides.base`). Elsewhere it is the ordinary
+    Independent log-density."""
 
     def log_prob(self, value):
-        lt = _shared_log_theta2(value)
-        if lt is None:
+        q = local_reparam_params(value)
+        if q is None:
             return super().log_prob(value)
-        lp = sum_rightmost(lt, self.reinterpreted_batch_ndims) * -0.5
+        k = self.reinterpreted_batch_ndims
+        # −(Σ KL + Σ log σ + n(½ log 2π + ½)) from sums: no elementwise temporary on the hot path
+        log_var = getattr(q, "log_variance", None)
+        log_scale_sum = (sum_rightmost(log_var, k) * 0.5 if log_var is not None
+                         else sum_rightmost(q.log_scale, k))
+        n = math.prod(q.batch_shape[len(q.batch_shape) - k:])
+        lp = (sum_rightmost(_kl_elementwise(q), k) + log_scale_sum).add_(n * _HALF_LOG_2PI_PLUS_HALF).neg_()
         if self.batch_shape and lp.shape != self.batch_shape:
             lp = lp.expand(torch.broadcast_shapes(lp.shape, self.batch_shape))
         return lp
 
 
-def _shared_log_theta2(value):
-    """log(θ² + 1e-16) of an additive-noise placeholder value (computed with its KL), else None."""
-    q = local_reparam_params(value)
-    if q is None or getattr(q, "log_variance", None) is None:
-        return None
-    return sparse_vd_terms(q)[1]
+_HALF_LOG_2PI_PLUS_HALF = 0.5 * math.log(2 * math.pi) + 0.5
+
+
+def _expected_log_prob(q):
+    """E_q[log p(w)] = −KL(q ‖ log-uniform) − H(q), elementwise; the KL as registered below (cached on
+    an additive-noise q, where the ELBO's KL reuses it)."""
+    kl = _kl_elementwise(q)
+    return (kl + q.log_scale).add_(_HALF_LOG_2PI_PLUS_HALF).neg_()
 
 
 # -- the KL approximation ------------------------------------------------------------------------------------
@@ -256,12 +274,14 @@ def sparse_vd_kl(theta: torch.Tensor, log_var: torch.Tensor, clip=DEFAULT_LOG_AL
     return _SparseVDKL.apply(theta, log_var, low, high)[0]
 
 
-def _kl(q, p):
+def _kl_elementwise(q):
     if getattr(q, "log_variance", None) is not None and hasattr(q, "log_alpha_clip"):
-        kl = sparse_vd_terms(q)[0]
-    else:
-        kl = kl_log_uniform(log_alpha_of_normal(q))
-    return _broadcast(kl, p)
+        return sparse_vd_terms(q)[0]
+    return kl_log_uniform(log_alpha_of_normal(q))
+
+
+def _kl(q, p):
+    return _broadcast(_kl_elementwise(q), p)
 
 
 def _broadcast(kl, p):
