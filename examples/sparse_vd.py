@@ -19,6 +19,9 @@ Each run trains one network and writes ``<out>/<tag>.json`` (and resumable check
         --finetune-lr 3e-3 --threshold 1.75
     python examples/sparse_vd.py run --model lenet5 --method svd --epochs 30 --kl-hold 3 --kl-ramp 8 \
         --finetune-epochs 8 --finetune-lr 3e-3 --threshold 2
+    # session 6: LeNet-300-100 with the frozen-mask phase's weight decay chosen on the validation split
+    python examples/sparse_vd.py run --model lenet300 --method svd --epochs 60 --finetune-epochs 20 \
+        --finetune-lr 3e-3 --threshold 1.5 --finetune-weight-decay 0.05
     # the same sparse VD written by hand in PyTorch (LeNet-300-100 only), for comparison
     python examples/sparse_vd.py run --model lenet300 --method torch-svd --epochs 60
     # the random-label check (labels shuffled → essentially every weight pruned)
@@ -47,6 +50,11 @@ from the guide, every weight, computed once), with ``pyrobnn.inference.distillat
 ``--distill-label-weight`` w: (1 − w)·distillation + w·CE. It stays within the epoch budget (the teacher
 is the run's own network at epoch epochs − K). ``finetune TAG`` takes the same options (``--threshold``,
 ``--finetune-objective``, ...) and writes ``<out>/<TAG>/posthoc-finetune-….json``.
+Regularisers of the frozen-mask phase (each adds a tag suffix): ``--finetune-weight-decay WD`` (AdamW,
+decoupled; ``wdWD``), ``--finetune-label-smoothing S`` (``lsS``), ``--finetune-average`` (report the mean of
+the end-of-epoch weights over the lr-decay half instead of the last iterate; ``swa``), ``--finetune-noise``
+(train with the freeze-point posterior's multiplicative noise, each kept weight N(θ, α θ²) with α fixed,
+local reparameterisation; ``noise``).
 ``--validation`` holds out 5,000 fixed training images and reports every error on them instead of the
 test set (tag suffix ``val``; ``finetune`` of such a run replays on the same split), for choosing a
 recipe without the test set. ``--stop-after K`` makes a pilot: an ``svd`` run stops after K epochs without writing a result and
