@@ -55,6 +55,9 @@ decoupled; ``wdWD``), ``--finetune-label-smoothing S`` (``lsS``), ``--finetune-a
 the end-of-epoch weights over the lr-decay half instead of the last iterate; ``swa``), ``--finetune-noise``
 (train with the freeze-point posterior's multiplicative noise, each kept weight N(θ, α θ²) with α fixed,
 local reparameterisation; ``noise``).
+``--target-compression C`` replaces ``--threshold``: the mask keeps the ⌊|W|/C⌋ weights of lowest log α at
+the freeze (``pyrobnn.sparsity.threshold_for_compression``; tag suffix ``cmpC``), so every seed ends at the
+same compression instead of the same threshold.
 ``--validation`` holds out 5,000 fixed training images and reports every error on them instead of the
 test set (tag suffix ``val``; ``finetune`` of such a run replays on the same split), for choosing a
 recipe without the test set. ``--stop-after K`` makes a pilot: an ``svd`` run stops after K epochs without writing a result and
@@ -156,7 +159,9 @@ def _frozen_phase_suffixes(a):
     """Tag parts for the mask threshold and the frozen-mask objective (``[]`` for the defaults)."""
     d = _RECIPE_DEFAULTS
     out = []
-    if a.threshold != d["threshold"]:
+    if getattr(a, "target_compression", None):
+        out.append(f"cmp{a.target_compression:g}")
+    elif a.threshold != d["threshold"]:
         out.append(f"thr{a.threshold:g}")
     if a.finetune_epochs and a.finetune_objective == "distill":
         out.append(f"distT{a.distill_temperature:g}s{a.distill_samples}"
@@ -194,7 +199,9 @@ def _recipe_note(recipe, method):
     low, high = recipe.get("log_alpha_clip", [-8.0, 8.0])
     if (low, high) != (-8.0, 8.0):
         notes.append(f"log α clip ≤ {high:g} only" if low is None else f"log α clip [{low:g}, {high:g}]")
-    if recipe.get("prune_log_alpha_above", 3.0) != 3.0:
+    if recipe.get("target_compression"):
+        notes.append(f"pruned to ×{recipe['target_compression']:g} (log α ≥ {recipe['prune_log_alpha_above']:.3g})")
+    elif recipe.get("prune_log_alpha_above", 3.0) != 3.0:
         notes.append(f"pruned at log α > {recipe['prune_log_alpha_above']:g}")
     if recipe.get("finetune_epochs"):
         if recipe.get("finetune_objective", "data") == "distill":
@@ -444,7 +451,8 @@ def train_sparse_vd(a, out_dir: Path):
                callbacks=[on_epoch], optimizer=optimizer)
     if len(hist.records) < svd_epochs:  # --stop-after: a pilot; re-running without it resumes
         return bnn, None
-    mask = sparsity.masks(bnn, threshold=a.threshold)
+    _set_freeze_threshold(a, bnn)
+    mask = sparsity.masks(bnn, threshold=a.freeze_threshold)
     rep = sparsity.report(bnn, mask=mask)
     pruned = sparsity.export(bnn, mask=mask)
     # the unpruned posterior mean, for reference
@@ -464,6 +472,16 @@ def train_sparse_vd(a, out_dir: Path):
               "history": hist.records}
     pyrobnn.save(bnn, out_dir / "bnn.safetensors")
     return bnn, result
+
+
+def _set_freeze_threshold(a, bnn):
+    """``a.freeze_threshold``: the log α threshold of the mask — ``--threshold``, or with
+    ``--target-compression C`` the one that keeps the ⌊|W|/C⌋ weights of lowest log α at the freeze
+    (``pyrobnn.sparsity.threshold_for_compression``), so every seed gets the same compression."""
+    target = getattr(a, "target_compression", None)
+    a.freeze_threshold = sparsity.threshold_for_compression(bnn, target) if target else a.threshold
+    if target:
+        print(json.dumps({"target_compression": target, "threshold": a.freeze_threshold}), flush=True)
 
 
 @torch.no_grad()
@@ -608,7 +626,8 @@ def _finetune_frozen_mask(a, bnn, pruned, mask, loader, x_te, y_te, out_dir: Pat
         p.requires_grad_(False)
     write_state(out_dir / save_as, {k: v.detach().clone() for k, v in pruned.state_dict().items()},
                 {"finetune_epochs": K, "finetune_lr": a.finetune_lr, "finetune_objective": a.finetune_objective,
-                 "threshold": a.threshold, "finetune_noise": bool(hooks), "finetune_weight_decay": wd,
+                 "threshold": getattr(a, "freeze_threshold", a.threshold), "finetune_noise": bool(hooks),
+                 "finetune_weight_decay": wd,
                  "finetune_average": average,
                  "finetune_label_smoothing": getattr(a, "finetune_label_smoothing", 0.0)})
     return pruned.eval(), history, teacher
@@ -639,7 +658,9 @@ def cmd_run(a):
                    "recipe": {"lr": a.lr, "batch_size": a.batch_size, "kl_warmup": [a.kl_hold, a.kl_ramp],
                               "lr_decay_start_epoch": a.epochs * a.decay_start, "init_log_sigma2": a.init_log_sigma2,
                               "lr_decay_start_fraction": a.decay_start, "log_sigma2_lr_mult": a.log_sigma2_lr_mult,
-                              "log_alpha_clip": [a.clip_low, a.clip], "prune_log_alpha_above": a.threshold,
+                              "log_alpha_clip": [a.clip_low, a.clip],
+                              "prune_log_alpha_above": getattr(a, "freeze_threshold", a.threshold),
+                              "target_compression": a.target_compression,
                               "finetune_epochs": a.finetune_epochs, "finetune_lr": a.finetune_lr,
                               "finetune_objective": a.finetune_objective,
                               "distill_temperature": a.distill_temperature, "distill_samples": a.distill_samples,
@@ -699,11 +720,12 @@ def cmd_finetune(a):
     x_tr, y_tr, x_te, y_te = _data(argparse.Namespace(dataset=result["dataset"], limit_train=limit,
                                                       random_labels=result["random_labels"],
                                                       validation=result.get("validation", False)))
-    mask = sparsity.masks(bnn, threshold=a.threshold)
+    _set_freeze_threshold(a, bnn)
+    mask = sparsity.masks(bnn, threshold=a.freeze_threshold)
     pruned = sparsity.export(bnn, mask=mask)
     rep = sparsity.report(bnn, mask=mask)
     before = _error(pruned, x_te, y_te)
-    print(json.dumps({"tag": a.tag, "threshold": a.threshold, "test_error_pruned_before": before,
+    print(json.dumps({"tag": a.tag, "threshold": a.freeze_threshold, "test_error_pruned_before": before,
                       "compression": rep["compression"]}), flush=True)
     # the sparse-VD phase of the run had epochs − (its own frozen-mask epochs) epochs; continue the data order
     # from there, so with the run's own K this is the run's frozen-mask phase with other settings
@@ -715,7 +737,8 @@ def cmd_finetune(a):
     _, hist, teacher = _finetune_frozen_mask(a, bnn, pruned, mask, loader, x_te, y_te, Path(a.out) / a.tag,
                                              save_as=f"{name}.safetensors")
     record = {"tag": a.tag, "replay": name, "epochs": a.finetune_epochs, "lr": a.finetune_lr,
-              "threshold": a.threshold, "objective": a.finetune_objective, "noise": a.finetune_noise,
+              "threshold": a.freeze_threshold, "target_compression": a.target_compression,
+              "objective": a.finetune_objective, "noise": a.finetune_noise,
               "weight_decay": a.finetune_weight_decay, "average": a.finetune_average,
               "label_smoothing": a.finetune_label_smoothing,
               "within_budget": a.finetune_epochs == result.get("recipe", {}).get("finetune_epochs", 0),
@@ -775,6 +798,9 @@ def _optional_float(text):
 def _frozen_phase_args(p):
     p.add_argument("--threshold", type=float, default=3.0,
                    help="log α threshold of the reported network's mask (the frozen mask with --finetune-epochs)")
+    p.add_argument("--target-compression", type=float, default=None,
+                   help="instead of --threshold: the threshold that reaches this compression |W|/|W≠0| at the "
+                        "freeze (the weights of lowest log α kept)")
     p.add_argument("--finetune-objective", choices=["data", "distill"], default="data",
                    help="frozen-mask phase: data (cross-entropy on the labels) or distill (from the sparse-VD "
                         "posterior predictive at the freeze point)")
@@ -863,6 +889,8 @@ def main(argv=None):
     if a.cmd == "run" and a.finetune_objective != "data" and not a.finetune_epochs:
         p.error("--finetune-objective needs --finetune-epochs K > 0")
     if a.cmd in ("run", "finetune"):
+        if a.target_compression is not None and not a.target_compression >= 1:
+            p.error("--target-compression must be ≥ 1")
         if a.distill_samples < 1 or a.distill_temperature <= 0 or not 0 <= a.distill_label_weight <= 1:
             p.error("need --distill-samples ≥ 1, --distill-temperature > 0 and --distill-label-weight in [0, 1]")
     a.func(a)

@@ -12,6 +12,7 @@ One criterion, three parameterisations. For a weight with posterior N(μ, σ²):
 log α = −2 log SNR and ρ = exp(−SNR²/2), so the three defaults keep exactly the same weights (up to
 log α's clip range, which contains 3). ``fraction=f`` instead prunes the fraction f of weights with the
 lowest SNR (ties broken by position), for accuracy-versus-sparsity sweeps.
+:func:`threshold_for_compression` gives the threshold that reaches a compression budget instead.
 
 Masks cover every real-valued weight/bias site of the guide; ``True`` means kept. The *masked
 posterior-mean network* sets each site to μ ⊙ mask (other latent sites, e.g. a likelihood's noise, to
@@ -35,7 +36,7 @@ from .guides.additive_noise import AdditiveNoise
 from .guides.base import FlatGaussianGuide
 from .layers import BayesianConv, BayesianLinear, BayesianModule, BayesianParams
 
-__all__ = ["log_alpha", "snr", "masks", "masked_means", "masked_mean_forward", "report", "SparsityReport",
+__all__ = ["log_alpha", "snr", "masks", "threshold_for_compression", "masked_means", "masked_mean_forward", "report", "SparsityReport",
            "export", "SparseLinear", "ShrunkLinear", "ShrunkConv", "DEFAULT_THRESHOLDS"]
 
 DEFAULT_THRESHOLDS = {"log-alpha": 3.0, "snr": math.exp(-1.5), "density": math.exp(-math.exp(-3.0) / 2)}
@@ -228,6 +229,44 @@ def _output_positions(bnn, values):
         for h in hooks:
             h.remove()
     return positions
+
+
+@torch.no_grad()
+def threshold_for_compression(bnn, compression: float, criterion: str = "auto") -> float:
+    """The ``criterion`` threshold at which :func:`masks` keeps as many Linear/Conv weights as a
+    compression |W| / |W ≠ 0| of at least ``compression`` allows: the ⌊|W| / compression⌋ weights most
+    clearly signal (lowest log α, highest SNR), ties resolved towards pruning, so the reached compression
+    is ≥ the budget (it can be larger only where weights tie at the boundary, e.g. at log α's clip).
+    Biases follow the same threshold (they do not count in the compression).
+
+    :param compression: the budget, a number ≥ 1.
+    :param criterion: ``"auto"``, ``"log-alpha"`` or ``"snr"`` (as in :func:`masks`).
+    """
+    if isinstance(compression, bool) or not isinstance(compression, (int, float)) or not compression >= 1 \
+            or math.isinf(compression):
+        raise ValueError(f"compression must be a finite number ≥ 1, got {compression!r}")
+    guide = _guide(bnn)
+    if criterion == "auto":
+        criterion = "log-alpha" if isinstance(guide, AdditiveNoise) else "snr"
+    if criterion not in ("log-alpha", "snr"):
+        raise ValueError(f"criterion must be 'auto', 'log-alpha' or 'snr', got {criterion!r}")
+    prunable = set(_prunable_sites(bnn))
+    weights = [m.site_name("weight") for _, m in _layers(bnn)
+               if isinstance(m, (BayesianLinear, BayesianConv)) and m.site_name("weight") in prunable]
+    if not weights:
+        raise ValueError("the BNN has no Bayesian Linear/Conv weight site to prune")
+    # as "larger is pruned first" scores: log α, or −SNR (masks keeps log α < t, SNR ≥ t)
+    score = torch.cat([(log_alpha(bnn, w) if criterion == "log-alpha" else -snr(bnn, w)).reshape(-1)
+                       for w in weights])
+    n = score.numel()
+    keep = int(math.floor(n / compression))
+    if keep >= n:
+        return math.inf if criterion == "log-alpha" else 0.0
+    boundary = torch.sort(score).values[keep]   # the first weight to prune; everything scored as high goes too
+    if criterion == "log-alpha":
+        return float(boundary)                   # kept: log α < boundary
+    # kept: SNR ≥ the next representable value above −boundary (in the scores' dtype), i.e. SNR > −boundary
+    return float(torch.nextafter(-boundary, torch.tensor(math.inf, dtype=boundary.dtype)))
 
 
 @torch.no_grad()

@@ -59,6 +59,20 @@ def test_changed_frozen_phase_options_get_tag_suffixes(svd):
         _args(svd, ["--finetune-objective", "distill"])
 
 
+def test_target_compression_replaces_the_threshold_in_the_tag_and_sets_the_freeze_threshold(svd):
+    a = _args(svd, ["--finetune-epochs", "10", "--target-compression", "45", "--threshold", "1.5"])
+    assert svd._tag(a) == "lenet300-svd-fashion_mnist-cliphi8-ft10-cmp45-e60"
+    bnn, mask, x, y = _small_sparse_vd()
+    svd._set_freeze_threshold(a, bnn)
+    kept = sparsity.report(bnn, threshold=a.freeze_threshold)
+    assert kept["weights_kept"] == (6 * 5 + 5 * 3) // 45   # one weight of 45
+    b = _args(svd, ["--finetune-epochs", "10", "--threshold", "1.5"])
+    svd._set_freeze_threshold(b, bnn)
+    assert b.freeze_threshold == 1.5
+    with pytest.raises(SystemExit):
+        _args(svd, ["--target-compression", "0.5"])
+
+
 def test_cached_predictive_as_logits_gives_the_library_distillation_objective():
     torch.manual_seed(0)
     S, B, C, T = 5, 7, 4, 2.5

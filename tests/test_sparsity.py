@@ -47,6 +47,33 @@ def test_masks_exact_on_hand_built_case():
     assert set(m2) == {"0.weight", "2.weight"} and int(m2["0.weight"].sum()) == 6 and int(m2["2.weight"].sum()) == 4
 
 
+def test_threshold_for_compression_reaches_the_budget_exactly_on_a_hand_built_case():
+    bnn = _mlp_bnn()
+    # the 10 weights' log α, sorted: −5, −2, 0, 2.9, 3, 3.1, 4, 4, 4, 4
+    for budget, kept in [(1, 10), (2, 5), (2.5, 4), (3, 3), (10 / 3, 3), (5, 2), (10, 1), (11, 0)]:
+        t = sparsity.threshold_for_compression(bnn, budget)
+        rep = sparsity.report(bnn, threshold=t)
+        assert rep["weights_kept"] == kept, (budget, t)
+    # ties at the boundary are pruned together: a budget of ×10/7 would keep 7, but 4.0 is shared by four
+    t = sparsity.threshold_for_compression(bnn, 10 / 7)
+    assert t == 4.0 and sparsity.report(bnn, threshold=t)["weights_kept"] == 6
+    # SNR (a mean-field guide): the same budget, the most clearly non-zero weights kept
+    torch.manual_seed(1)
+    mf = pyrobnn.bayesian(nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3)), prior="gaussian",
+                          guide="mean-field", dataset_size=10)
+    mf.initialize(torch.rand(2, 5))
+    with torch.no_grad():
+        mf.autoguide.flat.rho.uniform_(-6.0, 0.0)
+    t = sparsity.threshold_for_compression(mf, 4)
+    rep = sparsity.report(mf, threshold=t)
+    assert rep["weights_kept"] == (20 + 12) // 4
+    ratios = torch.cat([sparsity.snr(mf, s).reshape(-1) for s in ("0.weight", "2.weight")])
+    assert ratios.sort(descending=True).values[7] >= t > ratios.sort(descending=True).values[8]
+    for bad in (0.5, float("inf"), float("nan"), True, "x"):
+        with pytest.raises(ValueError, match="compression"):
+            sparsity.threshold_for_compression(bnn, bad)
+
+
 def test_report_counts_compression_and_flops_exact():
     rep = sparsity.report(_mlp_bnn())
     l0, l2 = rep.layers
