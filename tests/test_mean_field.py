@@ -328,3 +328,25 @@ def test_fast_softplus_matches_torch_softplus_values_and_gradients(dtype):
     assert torch.isnan(softplus(torch.tensor([0.0, float("nan")], dtype=dtype))[1])
     if dtype == torch.float64:
         assert torch.autograd.gradcheck(_Softplus.apply, (rho[:50].detach().clone().requires_grad_(),))
+
+
+def test_grouped_log_sum_matches_float64_and_falls_back_outside_its_range():
+    """Σ log σ from products of four (the fused KL's log term) equals the float64 log-sum to float32
+    accuracy over the scales a guide meets, and takes the plain path where products could under- or
+    overflow, or the input is not a large float32 CPU tensor (so 0, inf and NaN stay visible)."""
+    from pyrobnn.guides.base import _log_sum
+    torch.manual_seed(0)
+    for lo, hi in [(1e-4, 1.0), (1e-8, 20.0), (0.5, 2.0)]:
+        for n in (4096, 4099, 30001, 235200):
+            x = torch.exp(torch.empty(n).uniform_(math.log(lo), math.log(hi)))
+            ref = x.double().log().sum().item()
+            assert _log_sum(x).item() == pytest.approx(ref, rel=1e-6, abs=1e-3)
+    x = torch.rand(10000) + 0.5
+    x[17] = 1e-30                      # a product of four could underflow: plain path, exact
+    assert _log_sum(x).item() == pytest.approx(x.double().log().sum().item(), rel=1e-6)
+    x[17] = 0.0
+    assert _log_sum(x).item() == -math.inf
+    x[17] = float("nan")
+    assert math.isnan(_log_sum(x).item())
+    small = torch.rand(100) + 0.1
+    assert torch.equal(_log_sum(small), small.log().sum())

@@ -212,6 +212,32 @@ def expected_normal_log_prob(q, loc, scale) -> torch.Tensor:
     return (q.variance + diff2).mul(-0.5 / scale ** 2).sub_(math.log(scale) + _HALF_LOG_2PI)
 
 
+#: below this many scales a plain log-sum is as cheap
+_GROUPED_LOG_MIN = 4096
+#: scales in [lo, hi] multiply four at a time without leaving float32's normal range
+_GROUPED_LOG_RANGE = (1.2e-9, 1e9)
+
+
+def _log_sum(scale: torch.Tensor) -> torch.Tensor:
+    """Σ log σ of a 1-d tensor of positive scales, with a quarter of the logarithms: Σ log σ = Σ log(σ_a σ_b
+    σ_c σ_d) over groups of four. torch's CPU ``log`` is an order of magnitude slower than a multiply here;
+    three multiplies on a quarter of the elements and one log of that quarter cost about half. Each group's
+    product carries at most three roundings (≈ 2e-7 relative, the same order as one ``log``'s), and it is
+    used only where every σ lies in :data:`_GROUPED_LOG_RANGE` (no under/overflow; checked, and otherwise
+    — zeros, infinities, NaN, tiny tensors, float64 — the plain log-sum, which keeps NaN/inf visible)."""
+    n = scale.numel()
+    m = n - n % 4
+    if m >= _GROUPED_LOG_MIN and scale.dtype == torch.float32 and scale.device.type == "cpu":
+        head = scale[:m]
+        lo, hi = torch.aminmax(head)
+        if float(lo) >= _GROUPED_LOG_RANGE[0] and float(hi) <= _GROUPED_LOG_RANGE[1]:
+            v = head.view(4, m // 4)
+            prod = v[0] * v[1]
+            total = prod.mul_(v[2]).mul_(v[3]).log_().sum()
+            return total if m == n else total + scale[m:].log().sum()
+    return scale.log().sum()
+
+
 class _GaussianSums(torch.autograd.Function):
     """``[Σμ², Σσ², Σ log σ, 1]`` of one site's mean-field Normal in one autograd node.
 
@@ -224,7 +250,7 @@ class _GaussianSums(torch.autograd.Function):
     def forward(ctx, loc, scale):
         fl, fs = loc.reshape(-1), scale.reshape(-1)
         ctx.save_for_backward(loc, scale)
-        return torch.stack([torch.dot(fl, fl), torch.dot(fs, fs), fs.log().sum(), fl.new_ones(())])
+        return torch.stack([torch.dot(fl, fl), torch.dot(fs, fs), _log_sum(fs), fl.new_ones(())])
 
     @staticmethod
     @once_differentiable
@@ -256,7 +282,7 @@ class _GaussianVarianceSums(torch.autograd.Function):
         fl, fs = loc.reshape(-1), scale.reshape(-1)
         ctx.save_for_backward(loc, scale)
         var = scale * scale
-        sums = torch.stack([torch.dot(fl, fl), torch.dot(fs, fs), fs.log().sum(), fl.new_ones(())])
+        sums = torch.stack([torch.dot(fl, fl), torch.dot(fs, fs), _log_sum(fs), fl.new_ones(())])
         return var, sums
 
     @staticmethod
