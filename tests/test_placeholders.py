@@ -66,6 +66,25 @@ def test_every_elbo_agrees_with_the_closed_form_at_placeholders(prior, guide):
             assert torch.allclose(g, r, rtol=1e-4, atol=1e-5), (type(elbo).__name__, (g - r).abs().max())
 
 
+@pytest.mark.parametrize("prior,guide", [("gaussian", "mean-field"), ("log-uniform", "additive-noise"),
+                                         ({"name": "ard", "mode": "hierarchical"}, "mean-field")])
+def test_conv_layers_agree_across_elbos_too(prior, guide):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 2))
+    x, y = torch.randn(6, 1, 6, 6), torch.randint(0, 2, (6,))
+    bnn = pyrobnn.bayesian(net, prior=prior, guide=guide, likelihood="categorical", dataset_size=30)
+    bnn.initialize(x)
+    assert bnn.autoguide._layout["0.weight"][5]
+    with torch.no_grad():
+        for p in bnn.autoguide.flat.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    ref_loss, ref_grads = _loss_and_grads(TraceMeanField_ELBO(), bnn, x, y)
+    loss, grads = _loss_and_grads(Trace_ELBO(), bnn, x, y)
+    assert loss == pytest.approx(ref_loss, rel=1e-5, abs=1e-4)
+    for g, r in zip(grads, ref_grads):
+        assert torch.allclose(g, r, rtol=1e-4, atol=1e-5)
+
+
 def test_gaussian_placeholder_densities_are_expectations_under_q():
     """The prior's density at a placeholder is E_q[log p(w)] (checked by Monte Carlo), not log p(μ)."""
     bnn, x, y = _bnn({"name": "gaussian", "scale": 0.5, "loc": 0.3}, "mean-field")
