@@ -48,6 +48,10 @@ TraceMeanField_ELBO, Adam):
     the epochs, linear to 1 at 10 %);
   * ``log-uniform-mf`` — every site log-uniform, mean-field guide;  ``gaussian`` — every site N(0, 1);
   * ``gaussian-draw`` — N(0, 1) with weights drawn (no local reparameterisation), as at DWP sites;
+  * ``dwp-sample-lrt``, ``dwp-conv1-lrt`` (session 6) — ``dwp-sample`` / ``dwp-conv1`` with the DWP layers
+    locally reparameterised (``DeepWeightPrior(placeholders=True)``, the library default now): the data term
+    gets LRT's lower-variance gradients, the DWP term is the bound at one fresh draw from q (unbiased). The
+    other DWP methods keep drawn weights (``placeholders=False``), so sessions 1-5's commands reproduce;
   * ``l2`` — deterministic fconv, Adam with weight decay ``--l2``.
 """
 from __future__ import annotations
@@ -72,7 +76,7 @@ from pyrobnn.dwp import init_from_prior
 from pyrobnn.priors import DeepWeightPrior
 
 METHODS = ("dwp", "log-uniform", "gaussian", "l2", "dwp-noinit", "dwp-lu", "dwp-conv1", "dwp-sample", "gaussian-draw", "sparse-vd", "log-uniform-mf",
-           "log-uniform-warm")
+           "log-uniform-warm", "dwp-sample-lrt", "dwp-conv1-lrt")
 
 
 def stratified_subset(y: torch.Tensor, n: int, seed: int) -> torch.Tensor:
@@ -111,14 +115,18 @@ def run_bayesian(method, prior_path, x, y, x_test, y_test, steps, lr, seed, num_
     torch.manual_seed(seed)
     net = fconv()
     guide = "mean-field"
-    if method in ("dwp", "dwp-noinit", "dwp-lu", "dwp-conv1", "dwp-sample"):
-        rest = "log-uniform" if method == "dwp-lu" else "gaussian"
-        dwp = {"name": "deep-weight", "path": prior_path, "bias_prior": rest}
-        layers = "conv1" if method == "dwp-conv1" else "conv*"
+    if method in ("dwp", "dwp-noinit", "dwp-lu", "dwp-conv1", "dwp-sample", "dwp-sample-lrt", "dwp-conv1-lrt"):
+        lrt = method.endswith("-lrt")
+        base = method[:-len("-lrt")] if lrt else method
+        rest = "log-uniform" if base == "dwp-lu" else "gaussian"
+        # without -lrt the DWP sites' weights are drawn by the guide (sessions 1-5); with it the layers are
+        # locally reparameterised and the DWP term is the bound at a fresh draw from q
+        dwp = {"name": "deep-weight", "path": prior_path, "bias_prior": rest, "placeholders": lrt}
+        layers = "conv1" if base == "dwp-conv1" else "conv*"
         prior = {layers: dwp, "*": rest}
-        if method != "dwp-noinit":  # decoder means of z ~ N(0, I), as Atanov et al.
+        if base != "dwp-noinit":  # decoder means of z ~ N(0, I), as Atanov et al.
             init_from_prior(net, DeepWeightPrior(prior_path), layers=layers, generator_seed=seed,
-                            mean_only=method != "dwp-sample")
+                            mean_only=base != "dwp-sample")
     elif method == "log-uniform":
         # α ≤ 1: the KL stops at log α = 0 and θ starts at α = 1 (below, after the guide exists)
         prior, guide = "log-uniform", {"name": "additive-noise", "log_alpha_clip": [-8.0, 0.0]}

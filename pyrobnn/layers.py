@@ -78,6 +78,11 @@ class _AffineBayesian(BayesianModule):
         b = self.sample_param("bias", lrt=True) if "bias" in self.site_shapes else None
         w_mean, w_var = _mean_var(w)
         if w_var is None:
+            # a drawn weight (its prior has no placeholder protocol) next to a placeholder bias: draw the bias
+            # from its q too, so the layer's output has the bias's noise
+            qb = local_reparam_params(b) if b is not None else None
+            if qb is not None:
+                b = torch.addcmul(qb.loc, qb.scale, torch.randn_like(qb.loc))
             return self._affine(x, w, b)
         b_mean, b_var = _mean_var(b) if b is not None else (None, None)
         mean = self._affine(x, w_mean, b_mean)

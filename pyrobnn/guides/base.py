@@ -196,7 +196,8 @@ _NEG_ENTROPY_CONST = _HALF_LOG_2PI + 0.5
 def expects_placeholders(fn) -> bool:
     """Whether a model site's distribution ``fn`` evaluates a local-reparameterisation placeholder as
     E_q[log p(w)] (the protocol of the module doc): its base distribution (under any ``Independent``)
-    declares ``placeholder_expectation = True``. Only such sites get placeholders from a guide."""
+    declares ``placeholder_expectation = True`` (exact, or an unbiased estimate where no closed form exists).
+    Only such sites get placeholders from a guide."""
     while isinstance(fn, torch.distributions.Independent):
         fn = fn.base_dist
     return bool(getattr(fn, "placeholder_expectation", False))
@@ -464,8 +465,10 @@ class FlatGaussianGuide(AutoGuide):
                     full_shape = list(init.shape)
             n = init.numel()
             real = _is_real(support)
+            # a prior that implements E_q[log p] at placeholders (exactly, or unbiasedly as the deep weight
+            # prior does) needs no closed-form KL: ELBOs fall back to log p − log q there, which is then −KL
             placeholder = self.local_reparameterization and bool(site["infer"].get(LOCAL_REPARAM_KEY)) \
-                and real and expects_placeholders(site["fn"]) and self._has_closed_form_kl(site, event_dim)
+                and real and expects_placeholders(site["fn"])
             self._layout[name] = (offset, n, torch.Size(full_shape), event_dim, None if real else transform,
                                   placeholder)
             inits.append(init.reshape(-1))
@@ -476,16 +479,6 @@ class FlatGaussianGuide(AutoGuide):
         for pname, tensor in self._init_flat(init_flat).items():
             setattr(self.flat, pname, torch.nn.Parameter(tensor.detach().clone()))
         self._finalizer = weakref.finalize(self, _release, [f"{self._uname}.{p}" for p in self.flat_names])
-
-    def _has_closed_form_kl(self, site, event_dim):
-        fn = site["fn"]
-        shape = fn.batch_shape + fn.event_shape
-        probe = GuideNormal(torch.zeros(shape), torch.ones(shape)).to_event(event_dim)
-        try:
-            kl_divergence(probe, fn)
-            return True
-        except NotImplementedError:
-            return False
 
     # -- subclass hooks ---------------------------------------------------------------------------
     def _init_flat(self, init_loc: torch.Tensor) -> Dict[str, torch.Tensor]:

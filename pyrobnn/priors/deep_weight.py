@@ -40,6 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributions import constraints
 
+from ..guides.base import local_reparam_params
 from ..registry import PRIORS
 
 __all__ = ["KernelVAE", "DeepWeightPrior", "save_kernel_vaes", "load_kernel_vaes"]
@@ -220,6 +221,11 @@ class DeepWeightPrior(dist.TorchDistribution):
     :param bias_prior: prior spec for sites that are not ``k×k`` kernels (conv biases caught by a
         ``"conv*"`` pattern); default ``{"name": "gaussian", "scale": 1.0}``.
     :param num_particles: z draws per kernel in the bound's expected log-likelihood.
+    :param placeholders: let pyrobnn's Gaussian guides locally reparameterise the layer (default True): the
+        layer draws pre-activations from their exact Gaussian, and at the placeholder ``log_prob`` returns the
+        bound at one fresh reparameterised draw w ~ q — an unbiased estimate of E_q[bound(w)], so the ELBO
+        (its KL term estimated, the data term with local reparameterisation) stays an unbiased estimate of
+        the same lower bound (see :mod:`pyrobnn.guides.base`). ``False``: weights are drawn by the guide.
 
     Shapes: ``batch_shape`` as expanded (default ``()``), ``event_shape = (k, k)`` — one kernel.
     A prior holding VAEs of several kernel sizes without ``key`` has no single event shape; it works
@@ -228,11 +234,14 @@ class DeepWeightPrior(dist.TorchDistribution):
 
     arg_constraints: Dict[str, Any] = {}
     support = constraints.real
-    has_rsample = False
+    # the VAE is frozen: a draw has no parameter to differentiate, and a replayed value (a guide's draw or
+    # placeholder) is kept as is by Pyro's TraceGraph_ELBO
+    has_rsample = True
 
     def __init__(self, path_or_vae: Union[str, os.PathLike, KernelVAE, Mapping[str, KernelVAE], None] = None, *,
                  path: Union[str, os.PathLike, None] = None, key: Optional[str] = None,
-                 bias_prior: Any = None, num_particles: int = 1, batch_shape=torch.Size(), validate_args=None):
+                 bias_prior: Any = None, num_particles: int = 1, placeholders: bool = True,
+                 batch_shape=torch.Size(), validate_args=None):
         if path_or_vae is not None and path is not None:
             raise ValueError("give the deep weight prior's VAE either positionally or as path=, not both")
         source = path if path is not None else path_or_vae
@@ -261,6 +270,7 @@ class DeepWeightPrior(dist.TorchDistribution):
             key = next(iter(self.vaes))
         self.key = key
         self.num_particles = num_particles
+        self.placeholder_expectation = bool(placeholders)
         self._bias_spec = bias_prior if bias_prior is not None else {"name": "gaussian", "scale": 1.0}
         self._bias_prior = None
         event_shape = (self.vae.kernel_size,) * 2 if key is not None else ()
@@ -300,6 +310,7 @@ class DeepWeightPrior(dist.TorchDistribution):
         new = DeepWeightPrior.__new__(DeepWeightPrior)
         new.path, new.provenance, new.vaes, new.key = self.path, self.provenance, self.vaes, key
         new.num_particles, new._bias_spec, new._bias_prior = self.num_particles, self._bias_spec, self._bias_prior
+        new.placeholder_expectation = self.placeholder_expectation
         event = (self.vaes[key].kernel_size,) * 2 if key is not None else ()
         dist.TorchDistribution.__init__(new, torch.Size(batch_shape), torch.Size(event), validate_args=False)
         return new
@@ -320,7 +331,12 @@ class DeepWeightPrior(dist.TorchDistribution):
         return self.vaes[self._key_for(value.shape[-1], "value")]
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        """The VAE evidence lower bound of each kernel: ``value [..., k, k]`` → ``[...]`` (≤ log p̂)."""
+        """The VAE evidence lower bound of each kernel: ``value [..., k, k]`` → ``[...]`` (≤ log p̂). At a
+        local-reparameterisation placeholder of q: the bound at one reparameterised draw w ~ q (unbiased
+        for E_q[bound(w)])."""
+        q = local_reparam_params(value) if self.placeholder_expectation else None
+        if q is not None:
+            value = torch.addcmul(q.loc, q.scale, torch.randn_like(q.loc))
         vae = self._vae_for_value(value)
         p = next(vae.parameters())
         if p.device != value.device or p.dtype != value.dtype:
@@ -331,6 +347,9 @@ class DeepWeightPrior(dist.TorchDistribution):
     def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
         """Kernels from p̂: ``[*sample_shape, *batch_shape, k, k]``."""
         return self.vae.sample(self._extended_shape(sample_shape)[:-2])
+
+    def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        return self.sample(sample_shape)
 
     # -- use as a pyrobnn layer prior ---------------------------------------------------------------------------
     def site_distribution(self, name: str, shape) -> dist.TorchDistribution:
@@ -353,9 +372,8 @@ class DeepWeightPrior(dist.TorchDistribution):
         """Issue ``pyro.sample(name, ...)`` for a pyrobnn layer's weight or bias of ``shape``."""
         fn = self.site_distribution(name, shape)
         infer = dict(infer or {})
-        if len(torch.Size(shape)) <= 1:
-            # The bias of a layer whose weight is drawn must be drawn too: a layer only applies
-            # activation noise when its weight is a local-reparameterisation placeholder.
+        if len(torch.Size(shape)) <= 1 and not self.placeholder_expectation:
+            # weights drawn (placeholders=False): draw the bias too, as before
             infer.pop("local_reparameterization", None)
         return pyro.sample(name, fn, infer=infer)
 
@@ -370,7 +388,8 @@ class DeepWeightPrior(dist.TorchDistribution):
             raise ValueError("a DeepWeightPrior built from an in-memory VAE cannot be saved by name; save the VAE "
                              "with pyrobnn.priors.deep_weight.save_kernel_vaes and build the prior from the file")
         return {"path": str(Path(self.path).resolve()), "key": self.key if len(self.vaes) > 1 else None,
-                "bias_prior": self._bias_spec, "num_particles": self.num_particles}
+                "bias_prior": self._bias_spec, "num_particles": self.num_particles,
+                "placeholders": self.placeholder_expectation}
 
     def __repr__(self):
         src = self.path or "in-memory"
