@@ -117,3 +117,24 @@ def test_a_prior_without_the_protocol_gets_drawn_weights():
     assert not guide._layout["w"][5]
     assert not expects_placeholders(dist.Normal(0.0, 1.0).expand([3]).to_event(1))
     assert expects_placeholders(Gaussian(1.0).expand([3]).to_event(1))
+
+
+def test_a_placeholder_bias_next_to_a_drawn_weight_is_drawn_by_the_layer():
+    """Weight prior without the protocol (drawn), bias prior with it (placeholder): the layer draws the bias
+    from its q, so the output keeps the bias's noise (replaying one guide trace twice gives two outputs
+    that differ by the bias draws, with the right spread)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4))
+    bnn = pyrobnn.bayesian(net, prior={"0.weight": dist.Laplace(0.0, 1.0), "0.bias": "gaussian"},
+                           guide={"name": "mean-field", "init_scale": 0.5}, likelihood="categorical",
+                           dataset_size=10)
+    x = torch.randn(5, 3)
+    bnn.initialize(x)
+    layout = bnn.autoguide._layout
+    assert not layout["0.weight"][5] and layout["0.bias"][5]
+    tr = pyro.poutine.trace(bnn.guide).get_trace(x)
+    outs = torch.stack([pyro.poutine.replay(bnn.model, tr)(x) for _ in range(4000)])
+    w = tr.nodes["0.weight"]["value"]
+    loc, scale = bnn.autoguide.site_params("0.bias")
+    assert torch.allclose(outs.mean(0), x @ w.T + loc, atol=0.05)
+    assert torch.allclose(outs.std(0), scale.expand(5, 4), rtol=0.1)
