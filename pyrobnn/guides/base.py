@@ -7,16 +7,17 @@ per-step bookkeeping (param-store calls, one optimiser per parameter in ``pyro.o
 the number of layers.
 
 Local reparameterisation. A model site may declare ``infer={"local_reparameterization": True}``
-(pyrobnn's Bayesian layers do). For such a site with real support and a closed-form KL to its prior,
-the guide does not draw a weight: the site's value is the posterior mean carrying its ``(loc, scale)``
+(pyrobnn's Bayesian layers do). For such a site with real support whose prior follows the placeholder
+protocol below (:func:`expects_placeholders`), the guide does not draw a weight: the site's value is the posterior mean carrying its ``(loc, scale)``
 (see :func:`local_reparam_params`), and the layer draws its pre-activations from their exact Gaussian
 instead.
 
 Densities at a placeholder. Pyro's ELBOs evaluate log p and log q at every site's value; at a
 placeholder both are *expectations under q*: the guide gives E_q[log q(w)] = −log σ − ½ log 2π − ½ and
-the prior E_q[log p(w)] (each prior that supports placeholders implements it in closed form, see
-:func:`expects_placeholders`). Their difference is −KL(q ‖ p) exactly, so every ELBO that is linear in
-log p − log q is exact and equal to the closed-form one: ``TraceMeanField_ELBO`` (which uses the KL,
+the prior E_q[log p(w)] (in closed form for the Gaussian, ARD and log-uniform priors; the deep weight
+prior, which has none, returns its bound at one fresh draw from q, an unbiased estimate). Their
+difference is −KL(q ‖ p) (or its unbiased estimate), so every ELBO that is linear in log p − log q
+agrees with the closed-form one: ``TraceMeanField_ELBO`` (which uses the KL,
 and ``pyrobnn.inference.fit``), ``Trace_ELBO`` and ``TraceGraph_ELBO`` (tests/test_placeholders.py). A site
 whose prior does not implement the expectation (a foreign distribution) gets no placeholder: its
 weights are drawn.
