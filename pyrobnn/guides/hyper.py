@@ -32,12 +32,11 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import pyro
 import torch
-import torch.nn.functional as F
 from pyro.infer.autoguide.initialization import init_to_median
 
 from ..registry import GUIDES
 from .base import FlatGaussianGuide, _release
-from .mean_field import MeanField, _softplus_inv
+from .mean_field import MeanField, _softplus_inv, softplus
 
 __all__ = ["HyperMeanField", "mean_field_like"]
 
@@ -238,10 +237,11 @@ class HyperMeanField(FlatGaussianGuide):
 
     def _flat_params(self, register: bool = True):
         loc, rho = self.flat_at(self._lam, self.hyper_params(register))
-        return {"loc": loc.split(self._sizes), "rho": rho.split(self._sizes)}
+        # σ = softplus(ρ) over the whole flat vector (one op and graph node, MeanField's fast CPU softplus)
+        return {"loc": loc.split(self._sizes), "scale": softplus(rho).split(self._sizes)}
 
     def _site_params(self, flat, i, shape):
-        return flat["loc"][i].view(shape), F.softplus(flat["rho"][i]).view(shape), None
+        return flat["loc"][i].view(shape), flat["scale"][i].view(shape), None
 
     # -- reading off a fixed guide ------------------------------------------------------------------
     @torch.no_grad()
