@@ -330,6 +330,23 @@ def test_fast_softplus_matches_torch_softplus_values_and_gradients(dtype):
         assert torch.autograd.gradcheck(_Softplus.apply, (rho[:50].detach().clone().requires_grad_(),))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_log1p_from_one_log_matches_float64_log1p(dtype):
+    """The softplus's log(1 + t) without torch's (slow on CPU) log1p: a few ulps from a float64 log1p for
+    t from 0 through the smallest normal numbers to e^20, where a plain log(1 + t) is off by ~100 %."""
+    from pyrobnn.guides.mean_field import _log1p_nonneg
+    t = torch.cat([torch.tensor([0.0, 1e-38, 1e-30, 1e-12, 1e-8, 3e-8, 6e-8, 1e-7, 1e-4]),
+                   torch.logspace(-30, 8.6, 2001), torch.rand(1000)]).to(dtype)
+    ref = torch.log1p(t.double())
+    got = _log1p_nonneg(t).double()
+    eps = torch.finfo(dtype).eps
+    rel = ((got - ref).abs() / ref.clamp_min(torch.finfo(dtype).tiny))
+    assert rel.max() <= 4 * eps, rel.max()
+    assert got[0] == 0.0
+    naive = torch.log(t + 1.0).double()
+    assert ((naive - ref).abs() / ref.clamp_min(1e-300))[1:4].max() > 0.5  # what the correction fixes
+
+
 def test_grouped_log_sum_matches_float64_and_falls_back_outside_its_range():
     """Σ log σ from products of four (the fused KL's log term) equals the float64 log-sum to float32
     accuracy over the scales a guide meets, and takes the plain path where products could under- or
