@@ -52,6 +52,12 @@ TraceMeanField_ELBO, Adam):
     locally reparameterised (``DeepWeightPrior(placeholders=True)``, the library default now): the data term
     gets LRT's lower-variance gradients, the DWP term is the bound at one fresh draw from q (unbiased). The
     other DWP methods keep drawn weights (``placeholders=False``), so sessions 1-5's commands reproduce;
+  * ``dwp-shape``, ``dwp-shape-noinit`` (session 7) — both conv layers get the *shape* form of the prior:
+    ``--prior`` must be a normalised prior (``pyrobnn dwp train --normalize``: VAEs fitted to w/‖w‖), and the
+    density is exp(bound(w/‖w‖)) · N(w | 0, I) — the VAE chooses kernel shapes, the N(0, 1) factor (the same as
+    the ``gaussian`` method's prior) sizes; locally reparameterised. ``dwp-shape`` starts the conv means at
+    prior shapes (full draws) with norms from the source kernels' norm law; ``dwp-shape-noinit`` at the
+    default initial weights, as ``gaussian`` does, so the pair separates the prior from the init;
   * ``l2`` — deterministic fconv, Adam with weight decay ``--l2``.
 """
 from __future__ import annotations
@@ -76,7 +82,7 @@ from pyrobnn.dwp import init_from_prior
 from pyrobnn.priors import DeepWeightPrior
 
 METHODS = ("dwp", "log-uniform", "gaussian", "l2", "dwp-noinit", "dwp-lu", "dwp-conv1", "dwp-sample", "gaussian-draw", "sparse-vd", "log-uniform-mf",
-           "log-uniform-warm", "dwp-sample-lrt", "dwp-conv1-lrt")
+           "log-uniform-warm", "dwp-sample-lrt", "dwp-conv1-lrt", "dwp-shape", "dwp-shape-noinit")
 
 
 def stratified_subset(y: torch.Tensor, n: int, seed: int) -> torch.Tensor:
@@ -115,7 +121,15 @@ def run_bayesian(method, prior_path, x, y, x_test, y_test, steps, lr, seed, num_
     torch.manual_seed(seed)
     net = fconv()
     guide = "mean-field"
-    if method in ("dwp", "dwp-noinit", "dwp-lu", "dwp-conv1", "dwp-sample", "dwp-sample-lrt", "dwp-conv1-lrt"):
+    if method in ("dwp-shape", "dwp-shape-noinit"):
+        shape_prior = DeepWeightPrior(prior_path)
+        if not all(v.normalized for v in shape_prior.vaes.values()):
+            raise SystemExit(f"{method} needs a normalised prior (pyrobnn dwp train --normalize); {prior_path} is not")
+        prior = {"conv*": {"name": "deep-weight", "path": prior_path, "bias_prior": "gaussian", "scale": 1.0},
+                 "*": "gaussian"}
+        if method == "dwp-shape":
+            init_from_prior(net, shape_prior, layers="conv*", generator_seed=seed, mean_only=False)
+    elif method in ("dwp", "dwp-noinit", "dwp-lu", "dwp-conv1", "dwp-sample", "dwp-sample-lrt", "dwp-conv1-lrt"):
         lrt = method.endswith("-lrt")
         base = method[:-len("-lrt")] if lrt else method
         rest = "log-uniform" if base == "dwp-lu" else "gaussian"

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .priors.deep_weight import DeepWeightPrior, KernelVAE, save_kernel_vaes
+from .priors.deep_weight import DeepWeightPrior, KernelVAE, save_kernel_vaes, unit_kernels
 
 __all__ = ["train_source_nets", "collect_kernels", "augment_kernels", "fit_kernel_vae", "train_deep_weight_prior", "init_from_prior",
            "SOURCES"]
@@ -173,8 +173,8 @@ def augment_kernels(kernels: torch.Tensor, augment: str = "dihedral+sign") -> to
 
 def fit_kernel_vae(kernels: torch.Tensor, latent_dim: int = 4, hidden: int = 16, epochs: int = 100,
                    batch_size: int = 256, lr: float = 1e-3, seed: int = 0, holdout: float = 0.1, min_steps: int = 2000,
-                   decoder: str = "conv", augment: str = "none", log: Optional[Callable[[str], None]] = None
-                   ) -> Tuple[KernelVAE, Dict[str, Any]]:
+                   decoder: str = "conv", augment: str = "none", normalize: bool = False,
+                   log: Optional[Callable[[str], None]] = None) -> Tuple[KernelVAE, Dict[str, Any]]:
     """Fit a :class:`KernelVAE` to ``kernels [M, k, k]`` by maximising the mean bound (Adam).
 
     A fraction ``holdout`` of the kernels is kept aside; the returned record holds the final mean
@@ -183,19 +183,34 @@ def fit_kernel_vae(kernels: torch.Tensor, latent_dim: int = 4, hidden: int = 16,
     ``min_steps`` optimiser steps are taken. ``augment`` (see :func:`augment_kernels`) enlarges the
     *training* part only, after the split, so the held-out bound is on kernels (and symmetry images of
     kernels) the VAE has not seen in any orientation: held-out kernels are not augmented.
+
+    ``normalize=True`` fits the VAE to the kernels' shapes w/‖w‖ (a *normalised* VAE, for the shape-times-Gaussian
+    form of :class:`~pyrobnn.priors.DeepWeightPrior`) and records the kernels' norm distribution as a log-normal
+    (``source_norm``, used by :func:`init_from_prior`); the record's bounds are then on unit-norm kernels.
     """
     if kernels.dim() != 3 or kernels.shape[-1] != kernels.shape[-2]:
         raise ValueError(f"kernels must be [M, k, k], got shape {tuple(kernels.shape)}")
     if len(kernels) < 10:
         raise ValueError(f"too few kernels to fit a VAE ({len(kernels)}); train more source nets")
     _check_pos_int(epochs, "epochs")
+    if not isinstance(normalize, bool):
+        raise ValueError(f"normalize must be True or False, got {normalize!r}")
+    source_norm = None
+    if normalize:
+        kernels, norms = unit_kernels(kernels)
+        if not bool((norms > 1e-6).all()):
+            raise ValueError("normalize=True needs kernels of non-zero norm (drop near-zero kernels first: "
+                             "collect_kernels' min_norm_fraction)")
+        log_n = norms.log()
+        source_norm = {"log_mean": log_n.mean().item(), "log_sd": log_n.std().item() if len(log_n) > 1 else 0.0}
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(len(kernels), generator=g)
     n_hold = int(round(holdout * len(kernels)))
     hold, train = kernels[perm[:n_hold]], augment_kernels(kernels[perm[n_hold:]], augment)
     epochs = max(epochs, math.ceil(min_steps / math.ceil(len(train) / batch_size)))
-    vae = KernelVAE(int(kernels.shape[-1]), latent_dim=latent_dim, hidden=hidden, decoder=decoder)
+    vae = KernelVAE(int(kernels.shape[-1]), latent_dim=latent_dim, hidden=hidden, decoder=decoder,
+                    normalized=normalize, source_norm=source_norm)
     opt = torch.optim.Adam(vae.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
     t0 = time.time()
@@ -216,7 +231,8 @@ def fit_kernel_vae(kernels: torch.Tensor, latent_dim: int = 4, hidden: int = 16,
         bound = lambda w: torch.stack([vae.elbo(w) for _ in range(8)]).mean().item() if len(w) else float("nan")  # noqa: E731
         record = {"kernels_train": int(len(train)), "kernels_heldout": int(len(hold)),
                   "bound_train": bound(train), "bound_heldout": bound(hold), "seconds": time.time() - t0,
-                  "latent_dim": latent_dim, "hidden": hidden, "epochs": epochs, "augment": augment}
+                  "latent_dim": latent_dim, "hidden": hidden, "epochs": epochs, "augment": augment,
+                  "normalize": normalize, "source_norm": source_norm}
     return vae, record
 
 
@@ -225,7 +241,7 @@ def train_deep_weight_prior(out, source: str = "fashion-mnist", num_nets: int = 
                             latent_dim: Union[int, Mapping[str, int]] = 4, hidden: int = 16, vae_epochs: int = 100,
                             min_norm_fraction: float = 0.05, seed: int = 0, lr: float = 1e-3,
                             vae_min_steps: int = 2000, weight_decay: float = 0.0, augment: str = "none",
-                            log: Optional[Callable[[str], None]] = print) -> DeepWeightPrior:
+                            normalize: bool = False, log: Optional[Callable[[str], None]] = print) -> DeepWeightPrior:
     """The whole pipeline: source nets → kernels → one VAE per conv layer → ``out`` (safetensors + JSON).
 
     :param source: ``"fashion-mnist"`` (full 60,000 training images unless ``limit_train``), ``"mnist5k"``,
@@ -236,6 +252,8 @@ def train_deep_weight_prior(out, source: str = "fashion-mnist", num_nets: int = 
         few source epochs it removes the untrained part of the initial kernels, so the VAE models the
         learned structure rather than the initialisation noise.
     :param augment: symmetry augmentation of the VAEs' training kernels (:func:`augment_kernels`).
+    :param normalize: fit the VAEs to kernel shapes w/‖w‖ (see :func:`fit_kernel_vae` and
+        :class:`~pyrobnn.priors.DeepWeightPrior`'s ``scale``).
     :returns: the :class:`DeepWeightPrior` read back from ``out``.
     """
     t0 = time.time()
@@ -257,13 +275,14 @@ def train_deep_weight_prior(out, source: str = "fashion-mnist", num_nets: int = 
                 f"{counts[layer]['kernel_size']}×{counts[layer]['kernel_size']} kept; fitting VAE (latent {ld})")
         vaes[layer], vae_records[layer] = fit_kernel_vae(w, latent_dim=ld, hidden=hidden, epochs=vae_epochs,
                                                          seed=seed, min_steps=vae_min_steps, augment=augment,
-                                                         log=log)
+                                                         normalize=normalize, log=log)
         if log:
             r = vae_records[layer]
             log(f"  bound per kernel: train {r['bound_train']:.3f}, held-out {r['bound_heldout']:.3f}")
     provenance = {"source": source_name, "source_train_size": int(len(ds.x_train)), "num_nets": num_nets,
                   "epochs": epochs, "arch": arch, "seed": seed, "vae_min_steps": vae_min_steps,
                   "lr": lr, "weight_decay": weight_decay, "min_norm_fraction": min_norm_fraction, "augment": augment,
+                  "normalize": normalize,
                   "source_nets": net_records, "kernels": counts, "vae": vae_records,
                   "seconds": time.time() - t0, "torch": torch.__version__}
     save_kernel_vaes(out, vaes, provenance)
@@ -334,8 +353,18 @@ def init_from_prior(target, prior: DeepWeightPrior, layers: Union[str, List[str]
 
 
 def _prior_kernels(prior, shape, mean_only):
-    """Kernels ``[out, in, k, k]`` from the VAE for ``k×k``: decoder means of z ~ N(0, I), or full draws."""
-    return prior.for_kernel(shape[-1]).vae.sample(tuple(shape[:2]), mean_only=mean_only)
+    """Kernels ``[out, in, k, k]`` from the VAE for ``k×k``: decoder means of z ~ N(0, I), or full draws.
+    A normalised VAE gives the shapes; their norms are drawn from the source kernels' log-normal norm law
+    recorded with the VAE (the prior's own radial factor, N(0, scale²I), has its mass at norms ≈ scale·k —
+    far larger than trained kernels, no place to start from)."""
+    vae = prior.for_kernel(shape[-1]).vae
+    w = vae.sample(tuple(shape[:2]), mean_only=mean_only)
+    if vae.normalized:
+        if vae.source_norm is None:
+            raise ValueError("this normalised kernel VAE has no recorded source_norm; cannot give initial kernels a norm")
+        m, sd = vae.source_norm["log_mean"], vae.source_norm["log_sd"]
+        w = w * torch.exp(m + sd * torch.randn(tuple(shape[:2]), dtype=w.dtype, device=w.device))[..., None, None]
+    return w
 
 
 def _bnn_site_shape(bnn, site):

@@ -448,3 +448,89 @@ def test_dwp_term_and_data_term_are_scaled_like_the_elbo():
     for site in ("0.weight", "2.weight"):
         assert isinstance(model_trace.nodes[site]["fn"].base_dist, DeepWeightPrior)
         assert scales[site] == 0.25 and guide_trace.nodes[site]["scale"] == 0.25
+
+
+# -- the shape prior: a VAE over w/‖w‖ times N(0, scale²I) ------------------------------------------------
+def shape_vae(seed=0):
+    torch.manual_seed(seed)
+    return KernelVAE(5, latent_dim=2, hidden=4, normalized=True, source_norm={"log_mean": math.log(0.3), "log_sd": 0.2})
+
+
+def test_shape_prior_is_the_bound_at_the_unit_kernel_plus_a_gaussian():
+    vae = shape_vae()
+    w = torch.randn(6, 5, 5) * 0.3
+    for scale in (1.0, 0.5):
+        prior = DeepWeightPrior(vae, scale=scale).expand([6])
+        torch.manual_seed(3)
+        got = prior.log_prob(w)
+        torch.manual_seed(3)
+        unit = w / w.flatten(1).norm(dim=1)[:, None, None]
+        want = vae.elbo(unit) + torch.distributions.Normal(0.0, scale).log_prob(w).sum((-2, -1))
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # an unnormalised VAE ignores scale: the bound at w itself
+    raw = KernelVAE(5, latent_dim=2, hidden=4)
+    torch.manual_seed(3)
+    a = DeepWeightPrior(raw, scale=0.5).log_prob(w)
+    torch.manual_seed(3)
+    torch.testing.assert_close(a, raw.elbo(w))
+
+
+def test_shape_part_cannot_shrink_a_kernel():
+    """The VAE term depends on w/‖w‖ only: its gradient is orthogonal to w (no pull towards 0); the only
+    radial force is the Gaussian's −w/scale²."""
+    vae = shape_vae(1)
+    prior = DeepWeightPrior(vae, scale=2.0).expand([8])
+    w = (torch.randn(8, 5, 5) * 0.3).requires_grad_()
+    torch.manual_seed(0)
+    lp = prior.log_prob(w).sum() + w.square().sum() / (2 * 2.0 ** 2)  # remove the Gaussian part
+    (g,) = torch.autograd.grad(lp, w)
+    radial = (g * w).sum((-2, -1)) / (g.flatten(1).norm(dim=1) * w.detach().flatten(1).norm(dim=1))
+    assert radial.abs().max() < 1e-4, radial
+    assert g.abs().max() > 1e-2  # the shape term does push (tangentially)
+
+
+def test_normalised_fit_records_norms_and_samples_have_the_right_norms(tmp_path):
+    torch.manual_seed(0)
+    pattern = torch.randn(5, 5)
+    pattern /= pattern.norm()
+    norms = torch.exp(math.log(0.3) + 0.25 * torch.randn(400))
+    kernels = (pattern + 0.05 * torch.randn(400, 5, 5)) * norms[:, None, None]
+    vae, rec = fit_kernel_vae(kernels, latent_dim=2, hidden=4, epochs=1, min_steps=150, normalize=True)
+    assert vae.normalized and rec["normalize"] is True
+    unit_norms = (kernels / kernels.flatten(1).norm(dim=1)[:, None, None]).flatten(1).norm(dim=1)
+    assert torch.allclose(unit_norms, torch.ones(400))
+    assert abs(vae.source_norm["log_mean"] - kernels.flatten(1).norm(dim=1).log().mean().item()) < 1e-5
+    assert abs(vae.source_norm["log_sd"] - 0.25) < 0.05
+    # VAE draws are unit kernels; the prior's draws have the Gaussian's radial law: E‖w‖² = scale²·25
+    assert torch.allclose(vae.sample((50,)).flatten(1).norm(dim=1), torch.ones(50), atol=1e-5)
+    prior = DeepWeightPrior(vae, scale=0.5)
+    torch.manual_seed(1)
+    draws = prior.expand([4000]).sample()
+    assert draws.shape == (4000, 5, 5)
+    assert abs(draws.square().sum((-2, -1)).mean().item() / (0.25 * 25) - 1) < 0.05
+    # save → load keeps the flag, the norm law and the density
+    path = tmp_path / "shape.safetensors"
+    save_kernel_vaes(path, {"conv2": vae}, {"normalize": True})
+    loaded = DeepWeightPrior(path, scale=0.5)
+    assert loaded.vae.normalized and loaded.vae.source_norm == vae.source_norm
+    assert loaded.config()["scale"] == 0.5
+    w = torch.randn(3, 5, 5) * 0.3
+    torch.manual_seed(5)
+    a = prior.expand([3]).log_prob(w)
+    torch.manual_seed(5)
+    assert torch.equal(a, loaded.expand([3]).log_prob(w))
+    # initial kernels: shapes from the VAE, norms from the recorded source law (not the Gaussian's ≈ scale·5)
+    net = nn.Sequential(nn.Conv2d(20, 30, 5))
+    init_from_prior(net, loaded, generator_seed=0)
+    log_norms = net[0].weight.detach().flatten(2).norm(dim=-1).log()
+    assert abs(log_norms.mean().item() - vae.source_norm["log_mean"]) < 0.05
+    assert abs(log_norms.std().item() - vae.source_norm["log_sd"]) < 0.05
+
+
+def test_shape_prior_bad_input_is_clear():
+    with pytest.raises(ValueError, match="scale"):
+        DeepWeightPrior(shape_vae(), scale=0.0)
+    with pytest.raises(ValueError, match="source_norm"):
+        KernelVAE(5, normalized=True, source_norm={"log_mean": 0.0})
+    with pytest.raises(ValueError, match="non-zero norm"):
+        fit_kernel_vae(torch.zeros(40, 3, 3), latent_dim=2, hidden=4, epochs=1, min_steps=1, normalize=True)

@@ -24,6 +24,9 @@ def register(sub):
     t.add_argument("--augment", default="none", choices=("none", "sign", "dihedral", "dihedral+sign"),
                    help="symmetry augmentation of the VAEs' training kernels (rotations/transposes, sign flips)")
     t.add_argument("--weight-decay", type=float, default=0.0, help="L2 coefficient of the source nets' Adam")
+    t.add_argument("--normalize", action="store_true",
+                   help="fit the VAEs to kernel shapes w/|w| (the prior is then shape VAE × N(0, scale²); see "
+                        "DeepWeightPrior's scale)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     t.add_argument("--out", required=True, help="output .safetensors file")
@@ -60,7 +63,7 @@ def run_train(args):
         args.out, source=args.source, num_nets=args.k, epochs=args.epochs, limit_train=args.limit_train,
         arch=args.arch, latent_dim=args.latent, hidden=args.hidden, vae_epochs=args.vae_epochs,
         min_norm_fraction=args.min_norm_fraction, seed=args.seed, vae_min_steps=args.vae_min_steps,
-        weight_decay=args.weight_decay, augment=args.augment, log=None if args.quiet else print)
+        weight_decay=args.weight_decay, augment=args.augment, normalize=args.normalize, log=None if args.quiet else print)
     summary = {"out": args.out, "vaes": {n: v.config() for n, v in prior.vaes.items()},
                "kernels": prior.provenance["kernels"],
                "bound_heldout": {n: r["bound_heldout"] for n, r in prior.provenance["vae"].items()},

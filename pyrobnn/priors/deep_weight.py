@@ -43,13 +43,19 @@ from torch.distributions import constraints
 from ..guides.base import local_reparam_params
 from ..registry import PRIORS
 
-__all__ = ["KernelVAE", "DeepWeightPrior", "save_kernel_vaes", "load_kernel_vaes"]
+__all__ = ["KernelVAE", "DeepWeightPrior", "save_kernel_vaes", "load_kernel_vaes", "unit_kernels"]
 
 _LOG_2PI = math.log(2 * math.pi)
 _KIND = "deep-weight-prior"
 # Decoder log-scales are squashed into this range: a collapsing decoder variance would make the
 # kernel density unbounded (and the bound's gradients explode) on kernels that sit on the manifold.
 _LOG_SCALE_RANGE = (-9.0, 2.0)
+
+
+def unit_kernels(w: torch.Tensor, eps: float = 1e-12) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``w [..., k, k]`` → (w/‖w‖, ‖w‖ ``[...]``), the norm over each kernel's k·k entries (guarded at 0)."""
+    norm = w.square().sum((-2, -1)).add(eps).sqrt()
+    return w / norm[..., None, None], norm
 
 
 def _soft_clamp(x, lo, hi):
@@ -67,9 +73,16 @@ class KernelVAE(nn.Module):
         p̂ = N(b, A Aᵀ + diag σ²) exactly; used to check the bound against the true density).
 
     The encoder is 3×3 conv → ELU → 3×3 conv → ELU → linear to (μ_r, log σ_r) for both decoders.
+
+    :param normalized: the VAE models kernel *shapes*, w/‖w‖ (it was fitted to unit-norm kernels; see
+        :func:`pyrobnn.dwp.fit_kernel_vae`'s ``normalize``). :class:`DeepWeightPrior` then evaluates the bound at
+        w/‖w‖ and gives the norm its own factor; :meth:`sample` returns unit-norm kernels.
+    :param source_norm: for a normalised VAE, the source kernels' norm distribution as a log-normal
+        ``{"log_mean": m, "log_sd": s}`` (recorded when fitted; used to give initial kernels realistic norms).
     """
 
-    def __init__(self, kernel_size: int, latent_dim: int = 4, hidden: int = 16, decoder: str = "conv"):
+    def __init__(self, kernel_size: int, latent_dim: int = 4, hidden: int = 16, decoder: str = "conv",
+                 normalized: bool = False, source_norm: Optional[Mapping[str, float]] = None):
         super().__init__()
         for v, what in ((kernel_size, "kernel_size"), (latent_dim, "latent_dim"), (hidden, "hidden")):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -77,6 +90,19 @@ class KernelVAE(nn.Module):
         if decoder not in ("conv", "linear"):
             raise ValueError(f"KernelVAE decoder must be 'conv' or 'linear', got {decoder!r}")
         self.kernel_size, self.latent_dim, self.hidden, self.decoder_kind = kernel_size, latent_dim, hidden, decoder
+        if not isinstance(normalized, bool):
+            raise ValueError(f"KernelVAE normalized must be True or False, got {normalized!r}")
+        self.normalized = normalized
+        self.source_norm = None
+        if source_norm is not None:
+            try:
+                self.source_norm = {"log_mean": float(source_norm["log_mean"]), "log_sd": float(source_norm["log_sd"])}
+            except (KeyError, TypeError, ValueError):
+                raise ValueError("KernelVAE source_norm must be {'log_mean': float, 'log_sd': float}, "
+                                 f"got {source_norm!r}") from None
+            if not (math.isfinite(self.source_norm["log_mean"]) and math.isfinite(self.source_norm["log_sd"])
+                    and self.source_norm["log_sd"] >= 0):
+                raise ValueError(f"KernelVAE source_norm must be finite with log_sd >= 0, got {source_norm!r}")
         k, h = kernel_size, hidden
         self.enc = nn.Sequential(nn.Conv2d(1, h, 3, padding=1), nn.ELU(), nn.Conv2d(h, h, 3, padding=1), nn.ELU(),
                                  nn.Flatten(), nn.Linear(h * k * k, 2 * latent_dim))
@@ -88,8 +114,12 @@ class KernelVAE(nn.Module):
             self.dec_log_scale = nn.Parameter(torch.full((k, k), -2.0))
 
     def config(self) -> Dict[str, Any]:
-        return {"kernel_size": self.kernel_size, "latent_dim": self.latent_dim, "hidden": self.hidden,
-                "decoder": self.decoder_kind}
+        cfg = {"kernel_size": self.kernel_size, "latent_dim": self.latent_dim, "hidden": self.hidden,
+               "decoder": self.decoder_kind}
+        if self.normalized:  # absent in files of unnormalised VAEs, as written before the option existed
+            cfg["normalized"] = True
+            cfg["source_norm"] = self.source_norm
+        return cfg
 
     def _check(self, w):
         k = self.kernel_size
@@ -136,11 +166,13 @@ class KernelVAE(nn.Module):
 
     @torch.no_grad()
     def sample(self, shape=torch.Size(), mean_only: bool = False) -> torch.Tensor:
-        """Kernels drawn from p̂: ``[*shape, k, k]`` (z ~ N(0, I), w ~ p(w|z); ``mean_only``: w = μ_θ(z))."""
+        """Kernels drawn from p̂: ``[*shape, k, k]`` (z ~ N(0, I), w ~ p(w|z); ``mean_only``: w = μ_θ(z)).
+        A normalised VAE's draws are scaled to unit norm (the VAE models shapes)."""
         p = next(self.parameters())
         z = torch.randn(tuple(shape) + (self.latent_dim,), dtype=p.dtype, device=p.device)
         mean, log_scale = self.decode(z)
-        return mean if mean_only else mean + log_scale.exp() * torch.randn_like(mean)
+        w = mean if mean_only else mean + log_scale.exp() * torch.randn_like(mean)
+        return unit_kernels(w)[0] if self.normalized else w
 
     def loss(self, w: torch.Tensor) -> torch.Tensor:
         """Training loss: the negative bound averaged over the kernels ``w [M, k, k]``."""
@@ -226,6 +258,20 @@ class DeepWeightPrior(dist.TorchDistribution):
         bound at one fresh reparameterised draw w ~ q — an unbiased estimate of E_q[bound(w)], so the ELBO
         (its KL term estimated, the data term with local reparameterisation) stays an unbiased estimate of
         the same lower bound (see :mod:`pyrobnn.guides.base`). ``False``: weights are drawn by the guide.
+    :param scale: for a *normalised* VAE (one fitted to unit-norm kernels, ``pyrobnn dwp train --normalize``):
+        the kernel density is the shape prior times an isotropic Gaussian,
+
+            p(w) = exp(bound(w/‖w‖)) · N(w | 0, scale²·I) / Z,
+
+        so the VAE says which *shapes* are likely and the Gaussian (default N(0, 1), the same as the
+        ``gaussian`` prior) says which sizes are. It is a proper density: exp(bound) is bounded (the decoder
+        scale is clamped), so Z = E_{N(0, scale²I)}[exp(bound(w/‖w‖))] ≤ max exp(bound) is finite. Z is a
+        constant of the frozen VAE that cannot be computed in closed form; ``log_prob`` leaves out log Z, so
+        the ELBO is a lower bound up to that constant (gradients are exact). Why: an unnormalised VAE over
+        raw kernels is, for typical source kernels, a density peaked at the zero kernel, and its pull
+        (∝ 1/σ_dec²) shrinks a small-data posterior's kernels towards 0 (docs/RESULTS.md, issue 7); a shape
+        prior cannot shrink a kernel — its gradient is orthogonal to w. Atanov et al.'s code has this
+        evaluation (``normalize``) as an option. Ignored for an unnormalised VAE.
 
     Shapes: ``batch_shape`` as expanded (default ``()``), ``event_shape = (k, k)`` — one kernel.
     A prior holding VAEs of several kernel sizes without ``key`` has no single event shape; it works
@@ -240,7 +286,7 @@ class DeepWeightPrior(dist.TorchDistribution):
 
     def __init__(self, path_or_vae: Union[str, os.PathLike, KernelVAE, Mapping[str, KernelVAE], None] = None, *,
                  path: Union[str, os.PathLike, None] = None, key: Optional[str] = None,
-                 bias_prior: Any = None, num_particles: int = 1, placeholders: bool = True,
+                 bias_prior: Any = None, num_particles: int = 1, placeholders: bool = True, scale: float = 1.0,
                  batch_shape=torch.Size(), validate_args=None):
         if path_or_vae is not None and path is not None:
             raise ValueError("give the deep weight prior's VAE either positionally or as path=, not both")
@@ -250,6 +296,9 @@ class DeepWeightPrior(dist.TorchDistribution):
                              "{'name': 'deep-weight', 'path': 'dwp.safetensors'} (make one with `pyrobnn dwp train`)")
         if isinstance(num_particles, bool) or not isinstance(num_particles, int) or num_particles < 1:
             raise ValueError(f"num_particles must be a positive integer, got {num_particles!r}")
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+            raise ValueError(f"the deep weight prior's scale must be a positive finite number, got {scale!r}")
+        self.scale = float(scale)
         self.path: Optional[str] = None
         self.provenance: Dict[str, Any] = {}
         if isinstance(source, (str, os.PathLike)):
@@ -310,7 +359,7 @@ class DeepWeightPrior(dist.TorchDistribution):
         new = DeepWeightPrior.__new__(DeepWeightPrior)
         new.path, new.provenance, new.vaes, new.key = self.path, self.provenance, self.vaes, key
         new.num_particles, new._bias_spec, new._bias_prior = self.num_particles, self._bias_spec, self._bias_prior
-        new.placeholder_expectation = self.placeholder_expectation
+        new.placeholder_expectation, new.scale = self.placeholder_expectation, self.scale
         event = (self.vaes[key].kernel_size,) * 2 if key is not None else ()
         dist.TorchDistribution.__init__(new, torch.Size(batch_shape), torch.Size(event), validate_args=False)
         return new
@@ -341,12 +390,25 @@ class DeepWeightPrior(dist.TorchDistribution):
         p = next(vae.parameters())
         if p.device != value.device or p.dtype != value.dtype:
             vae.to(device=value.device, dtype=value.dtype)
+        if vae.normalized:  # shape prior × N(0, scale²I), log Z left out (see the class docstring)
+            d = vae.kernel_size ** 2
+            shape, _ = unit_kernels(value)
+            gauss = value.square().sum((-2, -1)) * (-0.5 / self.scale ** 2) - d * (math.log(self.scale) + 0.5 * _LOG_2PI)
+            return vae.elbo(shape, self.num_particles) + gauss
         return vae.elbo(value, self.num_particles)
 
     @torch.no_grad()
     def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
-        """Kernels from p̂: ``[*sample_shape, *batch_shape, k, k]``."""
-        return self.vae.sample(self._extended_shape(sample_shape)[:-2])
+        """Kernels from p̂: ``[*sample_shape, *batch_shape, k, k]``. For a normalised VAE: a shape from the VAE's
+        generative model times a norm scale·χ_{k²} — the Gaussian factor's exact radial law; the shape's law is
+        the VAE's, which approximates exp(bound) on the unit sphere."""
+        shape = self._extended_shape(sample_shape)[:-2]
+        vae = self.vae
+        if not vae.normalized:
+            return vae.sample(shape)
+        p = next(vae.parameters())
+        eps = torch.randn(tuple(shape) + (vae.kernel_size ** 2,), dtype=p.dtype, device=p.device)
+        return vae.sample(shape) * (self.scale * eps.norm(dim=-1))[..., None, None]
 
     def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
         return self.sample(sample_shape)
@@ -389,7 +451,7 @@ class DeepWeightPrior(dist.TorchDistribution):
                              "with pyrobnn.priors.deep_weight.save_kernel_vaes and build the prior from the file")
         return {"path": str(Path(self.path).resolve()), "key": self.key if len(self.vaes) > 1 else None,
                 "bias_prior": self._bias_spec, "num_particles": self.num_particles,
-                "placeholders": self.placeholder_expectation}
+                "placeholders": self.placeholder_expectation, "scale": self.scale}
 
     def __repr__(self):
         src = self.path or "in-memory"
