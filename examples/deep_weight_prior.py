@@ -58,6 +58,8 @@ TraceMeanField_ELBO, Adam):
     the ``gaussian`` method's prior) sizes; locally reparameterised. ``dwp-shape`` starts the conv means at
     prior shapes (full draws) with norms from the source kernels' norm law; ``dwp-shape-noinit`` at the
     default initial weights, as ``gaussian`` does, so the pair separates the prior from the init;
+    ``gaussian-shapeinit`` — the control the other way round: N(0, 1) everywhere, conv means started as in
+    ``dwp-shape`` (``--prior`` must be the normalised prior);
   * ``l2`` — deterministic fconv, Adam with weight decay ``--l2``.
 """
 from __future__ import annotations
@@ -82,7 +84,8 @@ from pyrobnn.dwp import init_from_prior
 from pyrobnn.priors import DeepWeightPrior
 
 METHODS = ("dwp", "log-uniform", "gaussian", "l2", "dwp-noinit", "dwp-lu", "dwp-conv1", "dwp-sample", "gaussian-draw", "sparse-vd", "log-uniform-mf",
-           "log-uniform-warm", "dwp-sample-lrt", "dwp-conv1-lrt", "dwp-shape", "dwp-shape-noinit")
+           "log-uniform-warm", "dwp-sample-lrt", "dwp-conv1-lrt", "dwp-shape", "dwp-shape-noinit",
+           "gaussian-shapeinit")
 
 
 def stratified_subset(y: torch.Tensor, n: int, seed: int) -> torch.Tensor:
@@ -121,13 +124,15 @@ def run_bayesian(method, prior_path, x, y, x_test, y_test, steps, lr, seed, num_
     torch.manual_seed(seed)
     net = fconv()
     guide = "mean-field"
-    if method in ("dwp-shape", "dwp-shape-noinit"):
+    if method in ("dwp-shape", "dwp-shape-noinit", "gaussian-shapeinit"):
         shape_prior = DeepWeightPrior(prior_path)
         if not all(v.normalized for v in shape_prior.vaes.values()):
             raise SystemExit(f"{method} needs a normalised prior (pyrobnn dwp train --normalize); {prior_path} is not")
         prior = {"conv*": {"name": "deep-weight", "path": prior_path, "bias_prior": "gaussian", "scale": 1.0},
                  "*": "gaussian"}
-        if method == "dwp-shape":
+        if method == "gaussian-shapeinit":
+            prior = "gaussian"
+        if method != "dwp-shape-noinit":
             init_from_prior(net, shape_prior, layers="conv*", generator_seed=seed, mean_only=False)
     elif method in ("dwp", "dwp-noinit", "dwp-lu", "dwp-conv1", "dwp-sample", "dwp-sample-lrt", "dwp-conv1-lrt"):
         lrt = method.endswith("-lrt")
@@ -238,7 +243,7 @@ def cmd_compare(args):
     for m in methods:
         if m not in METHODS:
             raise SystemExit(f"unknown method {m!r}; known: {', '.join(METHODS)}")
-    if any(m.startswith("dwp") for m in methods) and not os.path.exists(args.prior):
+    if any(m.startswith("dwp") or m.endswith("shapeinit") for m in methods) and not os.path.exists(args.prior):
         raise SystemExit(f"prior file {args.prior} not found; make it with `pyrobnn dwp train ...` first")
     for seed in seeds:
         for n in sizes:
@@ -260,7 +265,7 @@ def cmd_compare(args):
                 else:
                     r = run_bayesian(m, args.prior, x, y, ds.x_test, ds.y_test, args.steps, args.lr, seed,
                                      args.num_samples)
-                rec = {"method": m + args.suffix, "prior_file": args.prior if m.startswith("dwp") else None,
+                rec = {"method": m + args.suffix, "prior_file": args.prior if m.startswith("dwp") or m.endswith("shapeinit") else None,
                        "n": n, "seed": seed, "eval": "validation" if args.validation else "test", **r, "lr": args.lr, "l2": args.l2 if m == "l2" else None,
                        "wall_seconds": time.time() - t0}
                 with open(res_path, "a") as f:
