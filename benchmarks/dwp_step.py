@@ -19,7 +19,8 @@ Rounds are interleaved (every round times ``--steps`` steps of each configuratio
 reported per configuration is the median over rounds of the mean step time, from one process. With
 ``--clock cpu`` (default) the time is this thread's CPU time (``time.thread_time``; with one torch
 thread all work runs on it), which a shared, oversubscribed machine inflates far less than wall time.
-The VAE is freshly initialised unless ``--prior FILE`` is given (its size, not its values, sets the cost).
+The VAE is freshly initialised unless ``--prior FILE`` is given (its size, not its values, sets the cost); a
+normalised prior file (``pyrobnn dwp train --normalize``) times the shape form, bound at w/‖w‖ plus N(0, I).
 
     python benchmarks/dwp_step.py --rounds 15 --steps 5 --batch 100 --threads 1 --clock cpu
 """
