@@ -377,6 +377,15 @@ def test_train_deep_weight_prior_end_to_end_and_cli(tmp_path, monkeypatch):
     assert rc == 0
     loaded = DeepWeightPrior(out2)
     assert loaded.kernel_sizes() == [5, 7] and loaded.provenance["source_train_size"] == 64
+    assert not any(v.normalized for v in loaded.vaes.values()) and loaded.provenance["normalize"] is False
+    out3 = tmp_path / "s.safetensors"
+    rc = main(["dwp", "train", "--source", "fashion-mnist", "--k", "1", "--epochs", "1", "--limit-train", "64",
+               "--arch", json.dumps(SMALL_FCONV), "--latent", "2", "--hidden", "4", "--vae-epochs", "1",
+               "--vae-min-steps", "3", "--normalize", "--quiet", "--out", str(out3)])
+    assert rc == 0
+    shape = DeepWeightPrior(out3)
+    assert all(v.normalized and v.source_norm is not None for v in shape.vaes.values())
+    assert shape.provenance["normalize"] is True
     monkeypatch.undo()
     assert main(["dwp", "train", "--source", "nope", "--out", str(tmp_path / "r.safetensors")]) == 2
     assert not (tmp_path / "r.safetensors").exists()
@@ -534,3 +543,42 @@ def test_shape_prior_bad_input_is_clear():
         KernelVAE(5, normalized=True, source_norm={"log_mean": 0.0})
     with pytest.raises(ValueError, match="non-zero norm"):
         fit_kernel_vae(torch.zeros(40, 3, 3), latent_dim=2, hidden=4, epochs=1, min_steps=1, normalize=True)
+
+
+def test_bnn_with_the_shape_prior_trains_saves_and_loads(tmp_path):
+    """The shape form through bayesian(): gradients reach the guide, a few SVI steps lower the loss, and a
+    saved BNN reloads with the prior's scale and the same density (the normalised VAE's flag and norm law
+    travel in the prior file)."""
+    torch.manual_seed(0)
+    c5 = KernelVAE(5, latent_dim=2, hidden=4, normalized=True, source_norm={"log_mean": -1.0, "log_sd": 0.3})
+    c3 = KernelVAE(3, latent_dim=2, hidden=4, normalized=True, source_norm={"log_mean": -1.0, "log_sd": 0.3})
+    path = tmp_path / "shape.safetensors"
+    save_kernel_vaes(path, {"c5": c5, "c3": c3})
+    spec = {"name": "deep-weight", "path": str(path), "scale": 0.5}
+    torch.manual_seed(0)
+    bnn = pyrobnn.bayesian(small_convnet(), prior={"0.weight": spec, "2.weight": spec, "*": "gaussian"},
+                           dataset_size=40)
+    x, y = torch.rand(40, 1, 9, 9), torch.randint(0, 5, (40,))
+    bnn.initialize(x)
+    elbo = TraceMeanField_ELBO(num_particles=4)
+    opt = torch.optim.Adam(bnn.parameters(), lr=1e-2)
+    torch.manual_seed(1)
+    first = elbo.differentiable_loss(bnn.model, bnn.guide, x, y)
+    first.backward()
+    off, n = bnn.autoguide._layout["0.weight"][:2]
+    assert bnn.autoguide.flat.loc.grad[off:off + n].abs().sum() > 0
+    for _ in range(60):
+        opt.zero_grad()
+        elbo.differentiable_loss(bnn.model, bnn.guide, x, y).backward()
+        opt.step()
+    torch.manual_seed(1)
+    assert elbo.differentiable_loss(bnn.model, bnn.guide, x, y).item() < first.item()
+    pyrobnn.save(bnn, tmp_path / "bnn.safetensors")
+    again = pyrobnn.load(tmp_path / "bnn.safetensors", net=small_convnet())
+    p0, p1 = bnn.site_priors["2.weight"], again.site_priors["2.weight"]
+    assert p1.scale == 0.5 and all(v.normalized for v in p1.vaes.values())
+    w = torch.randn(3, 4, 3, 3) * 0.2
+    torch.manual_seed(2)
+    a = p0.site_distribution("2.weight", w.shape).log_prob(w)
+    torch.manual_seed(2)
+    assert torch.equal(a, p1.site_distribution("2.weight", w.shape).log_prob(w))
