@@ -13,10 +13,16 @@ on a *source* task (:mod:`pyrobnn.dwp` makes such VAEs). p̂ has no closed form,
 estimated with reparameterised draws z = μ_r(w) + σ_r(w)·ε, so gradients reach ``w`` (and through
 it the guide's parameters). Used as a model site's log-density in SVI, the ELBO stays a lower bound on
 the evidence: −KL(q ‖ p̂) ≥ E_q[ELBO_VAE(w) − log q(w)] (the auxiliary bound of Atanov et al.).
-There is no closed-form KL to a Normal guide, so pyrobnn's guides draw real weights at these sites
-and ``TraceMeanField_ELBO`` uses the Monte-Carlo term ``log p̂(w) − log q(w)`` there.
+There is no closed-form KL to a Normal guide, so ``TraceMeanField_ELBO`` uses the Monte-Carlo term
+``log p̂(w) − log q(w)`` there: by default (``placeholders=True``) the layer is locally reparameterised and
+``log_prob`` at the placeholder is the bound at one fresh draw w ~ q; with ``placeholders=False`` the guide
+draws the weights.
 
 The VAE is frozen: its parameters never require grad and are not registered with Pyro or the BNN.
+
+Shape form: a VAE fitted to unit-norm kernels (``pyrobnn dwp train --normalize``) gives the density
+exp(bound(w/‖w‖)) · N(w | 0, scale²I) (up to a constant): the VAE shapes kernels without pulling them to 0
+(see :class:`DeepWeightPrior`'s ``scale``; on small MNIST only this form beat N(0, 1), docs/RESULTS.md).
 
 Use it
   * with ``pyro.sample``: ``pyro.sample("w", DeepWeightPrior(vae).expand([32, 1]).to_event(2))``
