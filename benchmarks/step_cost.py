@@ -172,25 +172,20 @@ def build_steps():
     pyro.set_rng_seed(0)
     x, y = torch.rand(B, 1, 28, 28), torch.randint(0, 10, (B,))
 
-    hw = HandWrittenBBB()
-    hw_opt = torch.optim.Adam(hw.parameters(), lr=1e-3)
+    def hand_written_step(softplus):
+        hw = HandWrittenBBB(softplus=softplus)
+        hw_opt = torch.optim.Adam(hw.parameters(), lr=1e-3)
 
-    def hand_written():
-        out, kl = hw(x)
-        loss = F.cross_entropy(out, y, reduction="sum") * (N / B) + kl
-        hw_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        hw_opt.step()
+        def step():
+            out, kl = hw(x)
+            loss = F.cross_entropy(out, y, reduction="sum") * (N / B) + kl
+            hw_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            hw_opt.step()
+        return step
 
-    hw2 = HandWrittenBBB(softplus=softplus_one_log)
-    hw2_opt = torch.optim.Adam(hw2.parameters(), lr=1e-3)
-
-    def hand_written_one_log():
-        out, kl = hw2(x)
-        loss = F.cross_entropy(out, y, reduction="sum") * (N / B) + kl
-        hw2_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        hw2_opt.step()
+    hand_written = hand_written_step(F.softplus)
+    hand_written_one_log = hand_written_step(softplus_one_log)
 
     det = build("lenet300")
     det_opt = torch.optim.Adam(det.parameters(), lr=1e-3)
