@@ -352,10 +352,14 @@ def cmd_prior_check(args):
             with torch.no_grad():
                 def bound(w):
                     return torch.stack([vae.elbo(w) for _ in range(8)]).mean().item()
-                row = {"prior": path, "layer": name, "k": k,
+                # a normalised (shape) VAE models unit kernels: its draws and means come back at norm 1, and the
+                # zero / shrunk kernels are not in its domain (the prior evaluates it at w/‖w‖)
+                shape_only = vae.normalized
+                row = {"prior": path, "layer": name, "k": k, "normalized": shape_only,
                        "bound_heldout_source": prior.provenance.get("vae", {}).get(name, {}).get("bound_heldout"),
                        "bound_samples": bound(full), "bound_decoder_means": bound(means),
-                       "bound_zero_kernel": bound(torch.zeros(1, k, k)), "bound_0.1x_samples": bound(0.1 * full),
+                       "bound_zero_kernel": None if shape_only else bound(torch.zeros(1, k, k)),
+                       "bound_0.1x_samples": None if shape_only else bound(0.1 * full),
                        "mean_abs_decoder_means": means.abs().mean().item(),
                        "sd_sample_minus_mean": (full - means).std().item()}
             rows.append(row)
@@ -365,8 +369,9 @@ def cmd_prior_check(args):
                 for i, w in enumerate((means, full)):
                     axes[i, j].imshow(w[j].numpy(), cmap="gray")
                     axes[i, j].axis("off")
-            axes[0, 0].set_title("decoder means μ(z)", fontsize=7, loc="left")
-            axes[1, 0].set_title("full draws w ~ p(w|z)", fontsize=7, loc="left")
+            unit = " (unit norm)" if vae.normalized else ""
+            axes[0, 0].set_title("decoder means μ(z)" + unit, fontsize=7, loc="left")
+            axes[1, 0].set_title("full draws w ~ p(w|z)" + unit, fontsize=7, loc="left")
             fig.tight_layout()
             fig.savefig(out / f"prior_samples_{Path(path).stem}_{name}.png", dpi=110)
             plt.close(fig)
