@@ -582,3 +582,32 @@ def test_bnn_with_the_shape_prior_trains_saves_and_loads(tmp_path):
     a = p0.site_distribution("2.weight", w.shape).log_prob(w)
     torch.manual_seed(2)
     assert torch.equal(a, p1.site_distribution("2.weight", w.shape).log_prob(w))
+
+
+@pytest.mark.parametrize("normalized", [False, True])
+def test_dwp_with_the_additive_noise_guide(normalized):
+    """Both forms of the prior under the additive-noise (sparse VD) guide: the conv layer is locally
+    reparameterised, gradients reach θ and log σ², and SVI lowers the loss."""
+    torch.manual_seed(0)
+    vae = KernelVAE(5, latent_dim=2, hidden=4, normalized=normalized,
+                    source_norm={"log_mean": -1.0, "log_sd": 0.3} if normalized else None)
+    net = nn.Sequential(nn.Conv2d(1, 4, 5), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 5 * 5, 5))
+    bnn = pyrobnn.bayesian(net, prior={"0.weight": DeepWeightPrior(vae), "*": "log-uniform"},
+                           guide="additive-noise", dataset_size=40)
+    x, y = torch.rand(40, 1, 9, 9), torch.randint(0, 5, (40,))
+    bnn.initialize(x)
+    assert bnn.autoguide._layout["0.weight"][5] is True
+    elbo = TraceMeanField_ELBO(num_particles=4)
+    torch.manual_seed(1)
+    first = elbo.differentiable_loss(bnn.model, bnn.guide, x, y)
+    first.backward()
+    off, n = bnn.autoguide._layout["0.weight"][:2]
+    for name in ("theta", "log_sigma2"):
+        assert getattr(bnn.autoguide.flat, name).grad[off:off + n].abs().sum() > 0
+    opt = torch.optim.Adam(bnn.parameters(), lr=1e-2)
+    for _ in range(60):
+        opt.zero_grad()
+        elbo.differentiable_loss(bnn.model, bnn.guide, x, y).backward()
+        opt.step()
+    torch.manual_seed(1)
+    assert elbo.differentiable_loss(bnn.model, bnn.guide, x, y).item() < first.item()
