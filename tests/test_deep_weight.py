@@ -560,19 +560,8 @@ def test_bnn_with_the_shape_prior_trains_saves_and_loads(tmp_path):
                            dataset_size=40)
     x, y = torch.rand(40, 1, 9, 9), torch.randint(0, 5, (40,))
     bnn.initialize(x)
-    elbo = TraceMeanField_ELBO(num_particles=4)
-    opt = torch.optim.Adam(bnn.parameters(), lr=1e-2)
-    torch.manual_seed(1)
-    first = elbo.differentiable_loss(bnn.model, bnn.guide, x, y)
-    first.backward()
-    off, n = bnn.autoguide._layout["0.weight"][:2]
-    assert bnn.autoguide.flat.loc.grad[off:off + n].abs().sum() > 0
-    for _ in range(60):
-        opt.zero_grad()
-        elbo.differentiable_loss(bnn.model, bnn.guide, x, y).backward()
-        opt.step()
-    torch.manual_seed(1)
-    assert elbo.differentiable_loss(bnn.model, bnn.guide, x, y).item() < first.item()
+    first, last = _loss_before_and_after_svi(bnn, x, y, grads=("loc",))
+    assert last < first
     pyrobnn.save(bnn, tmp_path / "bnn.safetensors")
     again = pyrobnn.load(tmp_path / "bnn.safetensors", net=small_convnet())
     p0, p1 = bnn.site_priors["2.weight"], again.site_priors["2.weight"]
@@ -597,17 +586,24 @@ def test_dwp_with_the_additive_noise_guide(normalized):
     x, y = torch.rand(40, 1, 9, 9), torch.randint(0, 5, (40,))
     bnn.initialize(x)
     assert bnn.autoguide._layout["0.weight"][5] is True
+    first, last = _loss_before_and_after_svi(bnn, x, y, grads=("theta", "log_sigma2"))
+    assert last < first
+
+
+def _loss_before_and_after_svi(bnn, x, y, grads, steps=60):
+    """The 4-particle ELBO loss before and after ``steps`` Adam steps (same noise seed for both), checking
+    on the way that the first loss's gradient reaches the guide's ``grads`` parameters at conv site 0."""
     elbo = TraceMeanField_ELBO(num_particles=4)
     torch.manual_seed(1)
     first = elbo.differentiable_loss(bnn.model, bnn.guide, x, y)
     first.backward()
     off, n = bnn.autoguide._layout["0.weight"][:2]
-    for name in ("theta", "log_sigma2"):
-        assert getattr(bnn.autoguide.flat, name).grad[off:off + n].abs().sum() > 0
+    for name in grads:
+        assert getattr(bnn.autoguide.flat, name).grad[off:off + n].abs().sum() > 0, name
     opt = torch.optim.Adam(bnn.parameters(), lr=1e-2)
-    for _ in range(60):
+    for _ in range(steps):
         opt.zero_grad()
         elbo.differentiable_loss(bnn.model, bnn.guide, x, y).backward()
         opt.step()
     torch.manual_seed(1)
-    assert elbo.differentiable_loss(bnn.model, bnn.guide, x, y).item() < first.item()
+    return first.item(), elbo.differentiable_loss(bnn.model, bnn.guide, x, y).item()
