@@ -22,6 +22,7 @@ runs made with other arguments.
 
     python examples/ard_overfitting.py study                # the study (105 runs, 1455 s wall on the shared 2 cores)
     python examples/ard_overfitting.py relevance            # feature relevance with 10 noise columns
+    python examples/ard_overfitting.py tally --json J --figure F.png   # summarise a relevance run's noise draws
 
 ``relevance`` appends 10 standard-normal columns to breast cancer (or ``--dataset diabetes``, Gaussian
 likelihood) and, for each ``--noise-seeds`` draw, ranks the inputs with every
@@ -422,9 +423,69 @@ def relevance_experiment(a):
     print(f"files: {out}/relevance_{tag}.json, .png")
 
 
+def tally(a):
+    """Across the noise draws of one ``relevance`` JSON (``--json``): how often every noise column lands in the
+    bottom third, the distribution of the best noise rank per statistic, and how often each real feature
+    ranks below the best noise column (``--statistic``). Prints both and draws them (``--figure``)."""
+    if not a.json:
+        raise SystemExit("tally needs --json <relevance_*.json written by the relevance command>")
+    res = json.loads(Path(a.json).read_text())
+    runs, names, n_noise = res["runs"], res["feature_names"], res["n_noise"]
+    d = res["n_inputs"]
+    stats = [s for s in (a.statistic, "geometric-prior-variance", "marginal-abs-correlation (reference, not ARD)")
+             if s in res["summary"]]
+    if not stats or stats[0] != a.statistic:
+        raise SystemExit(f"--statistic {a.statistic!r} is not in {a.json}; it has {sorted(res['summary'])}")
+    threshold = d - d // 3 + 1  # the smallest rank in the bottom third (28 of 40)
+    below = [0] * (d - n_noise)
+    for run in runs:
+        scores = run["statistics"][a.statistic]["scores"]
+        best_noise = max(scores[d - n_noise:])
+        for i in range(d - n_noise):
+            below[i] += scores[i] < best_noise
+    print(f"{a.json}: {len(runs)} noise draws, {d} inputs ({n_noise} noise); bottom third = rank >= {threshold}")
+    for s in stats:
+        best = res["summary"][s]["best_noise_rank"]
+        print(f"  {s}: all noise in the bottom third in {sum(r >= threshold for r in best)}/{len(best)} draws; "
+              f"best noise rank median {statistics.median(best):g}, min {min(best)}, max {max(best)}")
+    order = sorted(range(d - n_noise), key=lambda i: -below[i])
+    print(f"  real features ranked below the best noise column ({a.statistic}), draws out of {len(runs)}: "
+          + ", ".join(f"{names[i]} {below[i]}" for i in order if below[i]))
+    if a.figure:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from pyrobnn.plots import savefig
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [1.25, 1]})
+        bins = [r - 0.5 for r in range(1, d - n_noise + 3)]
+        axes[0].axvspan(threshold - 0.5, d - n_noise + 1.5, color="0.9", label=f"bottom third (rank ≥ {threshold})")
+        for k, s in enumerate(stats):
+            best = res["summary"][s]["best_noise_rank"]
+            label = f"{s}: {sum(r >= threshold for r in best)}/{len(best)} draws in the bottom third"
+            if "reference" in s:  # one tall spike: named in the legend, not drawn, so the ARD histograms stay legible
+                axes[0].plot([], [], " ", label=f"{label}\n(ranks {min(best)}–{max(best)}, not drawn)")
+                continue
+            axes[0].hist(best, bins=bins, histtype="bar" if k == 0 else "step", lw=1.6, color=f"C{k}",
+                         alpha=0.8 if k == 0 else 1.0, label=label)
+        axes[0].set(xlabel=f"rank of the most relevant noise column (of {d})", ylabel="noise draws",
+                    title="best noise rank per noise draw")
+        axes[0].set_ylim(0, axes[0].get_ylim()[1] * 1.9)  # room for the legend above the bars
+        axes[0].legend(fontsize=7, loc="upper left")
+        top = [i for i in order if below[i]][:15]
+        axes[1].barh([names[i] for i in top][::-1], [below[i] for i in top][::-1], color="C3")
+        axes[1].set(xlabel=f"noise draws (of {len(runs)}) where it ranks below the best noise column",
+                    title=f"real features that fall among the noise ({a.statistic})")
+        axes[1].tick_params(axis="y", labelsize=7)
+        fig.suptitle(f"{res['dataset']} + {n_noise} noise columns, hidden {res['hidden']}, "
+                     f"Gamma({res['a']:g}, {res['b']:g}), {res['inference']}, {len(runs)} noise draws", fontsize=9)
+        fig.tight_layout()
+        savefig(fig, a.figure)
+        print(f"  figure: {a.figure}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["study", "relevance"])
+    p.add_argument("what", choices=["study", "relevance", "tally"])
     p.add_argument("--widths", default="1,2,4,8,16,32,60")
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--epochs-plain", type=int, default=2000)
@@ -454,9 +515,11 @@ def main(argv=None):
     p.add_argument("--samples", type=int, default=1000)
     p.add_argument("--max-tree-depth", type=int, default=8)
     p.add_argument("--chains", type=int, default=1, help="NUTS chains per noise draw (run one after another)")
+    p.add_argument("--json", default="", help="tally: a relevance_*.json written by the relevance command")
+    p.add_argument("--figure", default="", help="tally: where to draw the PNG (none if empty)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    study(a) if a.what == "study" else relevance_experiment(a)
+    {"study": study, "relevance": relevance_experiment, "tally": tally}[a.what](a)
 
 
 if __name__ == "__main__":

@@ -228,3 +228,40 @@ def test_exact_posterior_second_moment_ranks_near_duplicates_above_noise():
     assert w.var(0)[:2].min() > 5 * w.var(0)[3:].max()
     # and their weights are anti-correlated: the data fix only their sum (measured: −0.95)
     assert torch.corrcoef(w[:, :2].T)[0, 1] < -0.8
+
+
+def _ard_example():
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "ard_overfitting.py"
+    spec = importlib.util.spec_from_file_location("ard_overfitting_example", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_example_tally_agrees_with_the_relevance_run(tmp_path, capsys):
+    """``relevance`` on a short SVI fit, then ``tally`` on its JSON: the draws counted in the bottom third and
+    the real features counted below the best noise column agree with the run's own per-draw summaries."""
+    import json
+    ex = _ard_example()
+    ex.main(["relevance", "--dataset", "diabetes", "--features", "bmi,s5,bp,s3,age,sex", "--n-noise", "3",
+             "--noise-seeds", "1,2,3", "--epochs-bayes", "60", "--ard-a", "1", "--ard-b", "1", "--out", str(tmp_path)])
+    (path,) = tmp_path.glob("relevance_*.json")
+    res = json.loads(path.read_text())
+    capsys.readouterr()
+    figure = tmp_path / "tally.png"
+    ex.main(["tally", "--json", str(path), "--figure", str(figure)])
+    out = capsys.readouterr().out
+    summary = res["summary"]["second-moment"]
+    # 9 inputs: the bottom third is rank ≥ 7
+    assert "bottom third = rank >= 7" in out
+    assert f"second-moment: all noise in the bottom third in {summary['seeds_all_noise_in_bottom_third']}/3 draws" in out
+    listed = out.split("draws out of 3: ")[1].splitlines()[0]
+    counted = sum(int(item.rsplit(" ", 1)[1]) for item in listed.split(", ")) if listed.strip() else 0
+    assert counted == sum(summary["real_below_best_noise"])
+    assert figure.stat().st_size > 10_000
+    with pytest.raises(SystemExit, match="not in"):
+        ex.main(["tally", "--json", str(path), "--statistic", "nonsense"])
+    with pytest.raises(SystemExit, match="needs --json"):
+        ex.main(["tally"])
