@@ -429,7 +429,12 @@ def tally(a):
     ranks below the best noise column (``--statistic``). Prints both and draws them (``--figure``)."""
     if not a.json:
         raise SystemExit("tally needs --json <relevance_*.json written by the relevance command>")
+    if not Path(a.json).is_file():
+        raise SystemExit(f"tally: no file {a.json}")
     res = json.loads(Path(a.json).read_text())
+    missing = [k for k in ("runs", "feature_names", "n_noise", "n_inputs", "summary") if k not in res]
+    if missing:
+        raise SystemExit(f"tally: {a.json} is not a relevance JSON of this example (no {', '.join(missing)})")
     runs, names, n_noise = res["runs"], res["feature_names"], res["n_noise"]
     d = res["n_inputs"]
     stats = [s for s in (a.statistic, "geometric-prior-variance", "marginal-abs-correlation (reference, not ARD)")

@@ -265,3 +265,8 @@ def test_example_tally_agrees_with_the_relevance_run(tmp_path, capsys):
         ex.main(["tally", "--json", str(path), "--statistic", "nonsense"])
     with pytest.raises(SystemExit, match="needs --json"):
         ex.main(["tally"])
+    with pytest.raises(SystemExit, match="no file"):
+        ex.main(["tally", "--json", str(tmp_path / "absent.json")])
+    (tmp_path / "other.json").write_text(json.dumps({"runs": []}))
+    with pytest.raises(SystemExit, match="not a relevance JSON"):
+        ex.main(["tally", "--json", str(tmp_path / "other.json")])
