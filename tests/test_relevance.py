@@ -8,6 +8,8 @@ import pyrobnn
 from pyrobnn.inference import fit
 from pyrobnn.relevance import Relevance, plot_relevance, relevance
 
+from _examples import load_example
+
 
 def _mlp(prior, d_in=3, hidden=4, guide="mean-field"):
     net = nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, 1))
@@ -230,21 +232,11 @@ def test_exact_posterior_second_moment_ranks_near_duplicates_above_noise():
     assert torch.corrcoef(w[:, :2].T)[0, 1] < -0.8
 
 
-def _ard_example():
-    import importlib.util
-    import pathlib
-    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "ard_overfitting.py"
-    spec = importlib.util.spec_from_file_location("ard_overfitting_example", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_example_tally_agrees_with_the_relevance_run(tmp_path, capsys):
     """``relevance`` on a short SVI fit, then ``tally`` on its JSON: the draws counted in the bottom third and
     the real features counted below the best noise column agree with the run's own per-draw summaries."""
     import json
-    ex = _ard_example()
+    ex = load_example("ard_overfitting")
     ex.main(["relevance", "--dataset", "diabetes", "--features", "bmi,s5,bp,s3,age,sex", "--n-noise", "3",
              "--noise-seeds", "1,2,3", "--epochs-bayes", "60", "--ard-a", "1", "--ard-b", "1", "--out", str(tmp_path)])
     (path,) = tmp_path.glob("relevance_*.json")

@@ -1,8 +1,6 @@
 """examples/sparse_vd.py: the frozen-mask phase's options (mask threshold, distillation from the
 sparse-VD posterior predictive) — tags, the distillation target, the mask kept frozen. Small and fast."""
 import argparse
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,15 +12,12 @@ from pyrobnn import sparsity
 from pyrobnn.data import ArrayLoader
 from pyrobnn.inference import distillation_loss
 
-_PATH = Path(__file__).resolve().parents[1] / "examples" / "sparse_vd.py"
+from _examples import load_example
 
 
 @pytest.fixture(scope="module")
 def svd():
-    spec = importlib.util.spec_from_file_location("sparse_vd_example", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_example("sparse_vd")
 
 
 def _args(svd, argv):

@@ -13,6 +13,8 @@ from pyrobnn.inference.tta import (OPS, AugmentedLoader, Draws, Policy, SubPolic
                                    embeddings, greedy_policy_search, linear_probe, member_outputs, sample_pool,
                                    tta_predict)
 
+from _examples import load_example
+
 
 def _images(n=6, size=8, seed=0):
     return torch.rand(n, 1, size, size, generator=torch.Generator().manual_seed(seed))
@@ -389,13 +391,7 @@ def test_augmented_loader_is_reproducible_and_resumable():
 # the Fashion-MNIST example's resumable training and result cache
 # ---------------------------------------------------------------------------------------------------
 def _example_module():
-    import importlib.util
-    import pathlib
-    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "tta_fashion.py"
-    spec = importlib.util.spec_from_file_location("tta_fashion_example", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_example("tta_fashion")
 
 
 def _tiny_net(seed):
