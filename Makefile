@@ -6,7 +6,18 @@ STAMP := $(VENV)/.pyrobnn-installed
 
 .PHONY: install demo test test-slow bench data clean
 
+# A new environment takes about 6 GB (torch 2.14.1 is a CUDA build, ~4 GB of it NVIDIA libraries that
+# the CPU never loads but torch needs to import). Say so up front rather than let pip fail half-way.
+NEED_KB := 6300000
+
 $(STAMP): setup.cfg pyproject.toml constraints.txt
+	@if [ ! -d $(VENV) ]; then \
+	  avail=$$(df -Pk . | awk 'NR==2 {print $$4}'); \
+	  if [ -n "$$avail" ] && [ "$$avail" -lt $(NEED_KB) ]; then \
+	    echo "pyrobnn install: a new $(VENV) needs about 6.3 GB of disk; only $$((avail / 1024)) MB are free here ($$(pwd)). Free some space and rerun." >&2; \
+	    exit 1; \
+	  fi; \
+	fi
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test,bench]'
