@@ -9,6 +9,11 @@ subsampling does), U = (N/M)·Σ_batch cross-entropy + ½‖θ‖² (N(0, 1) pri
 * ``hand``: plain PyTorch — functional forward, ``torch.autograd.grad``, in-place update;
 * ``pyrobnn-kernel``: ``SGLD(bnn.model).sample(params)`` — the Pyro model re-run on full data with
   ``bnn.subsample_size = 128`` (the plate draws the minibatch), what ``pyro.infer.MCMC`` calls per step;
+* ``pyro-module-kernel``: ``SGLD(model).sample(params)`` on the same network written the Pyro way — a
+  ``PyroModule`` LeNet-300-100 whose weights are ``PyroSample(dist.Normal(0., 1.).expand(shape).to_event(k))``,
+  a ``pyro.plate("data", N, subsample_size=128)`` drawing the minibatch (the network run under
+  ``block_plate``, its weights being global), ``dist.Categorical(logits=...)`` at the observation site.
+  Nothing pyrobnn-specific in the model: the kernel's speed on any user's Pyro model;
 * ``pyrobnn-stream``: ``kernel.step(params, xb, yb)`` on a batch indexed by the caller — the hot path
   of ``pyrobnn.inference.sample(bnn, loader)``;
 * ``posteriors``: ``posteriors.sgmcmc.sgld`` (lr = η/2, T = 1) with a ``torch.func.functional_call``
@@ -24,8 +29,9 @@ Timed per contender and round: wall-clock time and the CPU time of the calling t
 that all compute happens in that thread). Reported: medians over rounds, their ratios to ``hand``, and
 the median of per-round ratios.
 
-Before timing, one step of ``hand`` and of ``pyrobnn-kernel`` from the same state and RNG state are
-checked to agree (same minibatch, same noise), so both really compute the same update.
+Before timing, one step of ``hand``, of ``pyrobnn-kernel`` and of ``pyro-module-kernel`` from the same
+state and RNG state are checked to agree (same minibatch, same noise), so all really compute the same
+update.
 
     python benchmarks/sgld_step.py --rounds 15 --steps 10 --threads 1
     python benchmarks/sgld_step.py --breakdown     # where the kernel's extra time goes (forward only)
@@ -40,8 +46,12 @@ import time
 import warnings
 
 import pyro
+import pyro.distributions as dist
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
+from pyro.nn import PyroModule, PyroSample
+from pyro.poutine.plate_messenger import block_plate
 
 import pyrobnn
 from pyrobnn.data import load_mnist5k
@@ -87,6 +97,39 @@ def make_bnn(x, y):
 def make_kernel(bnn, x, y, params0):
     bnn.subsample_size = N_BATCH
     k = SGLD(bnn.model, step_size=ETA)
+    k.setup(0, x, y)
+    names = [n for n, _ in k._sites]
+    holder = {"p": dict(zip(names, [p.detach().clone() for p in params0]))}
+
+    def step():
+        holder["p"] = k.sample(holder["p"])
+
+    return step, holder, names
+
+
+class PyroLeNet300(PyroModule):
+    """LeNet-300-100 written the Pyro way: N(0, 1) ``PyroSample`` weights, a subsampled plate."""
+
+    def __init__(self, dataset_size, subsample_size):
+        super().__init__()
+        self.dataset_size, self.subsample_size = dataset_size, subsample_size
+        self.fc1 = PyroModule[nn.Linear](784, 300)
+        self.fc2 = PyroModule[nn.Linear](300, 100)
+        self.fc3 = PyroModule[nn.Linear](100, 10)
+        for layer in (self.fc1, self.fc2, self.fc3):
+            layer.weight = PyroSample(dist.Normal(0.0, 1.0).expand(layer.weight.shape).to_event(2))
+            layer.bias = PyroSample(dist.Normal(0.0, 1.0).expand(layer.bias.shape).to_event(1))
+
+    def forward(self, x, y):
+        with pyro.plate("data", self.dataset_size, subsample_size=self.subsample_size) as idx:
+            with block_plate("data"):    # the weights are global, not per example
+                logits = self.fc3(F.relu(self.fc2(F.relu(self.fc1(x[idx])))))
+            pyro.sample("obs", dist.Categorical(logits=logits), obs=y[idx])
+        return logits
+
+
+def make_pyro_module_kernel(x, y, params0):
+    k = SGLD(PyroLeNet300(x.shape[0], N_BATCH), step_size=ETA)
     k.setup(0, x, y)
     names = [n for n, _ in k._sites]
     holder = {"p": dict(zip(names, [p.detach().clone() for p in params0]))}
@@ -152,34 +195,38 @@ def make_mcmc(bnn, x, y, params0, steps, lean):
 
 
 def check_same_update(x, y, params0):
-    """One hand-written step and one kernel step from the same state and RNG state agree."""
+    """One hand-written step and one step of each kernel route from the same state and RNG state agree;
+    returns the largest |difference| per route."""
     hand, hand_state = make_hand(x, y, params0)
-    bnn = make_bnn(x, y)
-    kstep, holder, names = make_kernel(bnn, x, y, params0)
     torch.manual_seed(123)
     hand()
-    torch.manual_seed(123)
-    kstep()
-    err = max((holder["p"][n] - h).abs().max().item() for n, h in zip(names, hand_state))
     scale = max(h.abs().max().item() for h in hand_state)
-    if err > 1e-5 * scale:
-        raise AssertionError(f"hand-written and pyrobnn SGLD steps differ by {err:.3g}")
-    return err
+    errors = {}
+    for route in ("pyrobnn-kernel", "pyro-module-kernel"):
+        if route == "pyrobnn-kernel":
+            kstep, holder, names = make_kernel(make_bnn(x, y), x, y, params0)
+        else:
+            kstep, holder, names = make_pyro_module_kernel(x, y, params0)
+        torch.manual_seed(123)
+        kstep()
+        err = max((holder["p"][n] - h).abs().max().item() for n, h in zip(names, hand_state))
+        if err > 1e-5 * scale:
+            raise AssertionError(f"hand-written and {route} SGLD steps differ by {err:.3g}")
+        errors[route] = err
+    return errors
 
 
 def forward_breakdown(x, y, params0, repeats=300):
     """Thread CPU time of the forward pass alone (potential, no backward): hand-written, a plain Pyro model
     with the same sites, and ``bnn.model`` — both Pyro models under the kernel's log-joint handler."""
-    import pyro.distributions as dist
     from pyrobnn.inference.sgld import _LogJoint
-    from pyrobnn.priors.gaussian import ScalarNormal
     n = x.shape[0]
     bnn = make_bnn(x, y)
     bnn.subsample_size = N_BATCH
     names = ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias", "fc3.weight", "fc3.bias"]
     leaves = [p.detach().clone().requires_grad_() for p in params0]
     values = dict(zip(names, leaves))
-    priors = {k: ScalarNormal(0.0, 1.0, v.shape).to_event(v.dim()) for k, v in values.items()}
+    priors = {k: dist.Normal(0.0, 1.0).expand(v.shape).to_event(v.dim()) for k, v in values.items()}
 
     def pyro_model(x, y):
         plate = pyro.plate("data", n, subsample_size=N_BATCH)
@@ -242,6 +289,7 @@ def main(argv=None):
     steps = {"hand": make_hand(x, y, params0)[0]}
     bnn = make_bnn(x, y)
     steps["pyrobnn-kernel"] = make_kernel(bnn, x, y, params0)[0]
+    steps["pyro-module-kernel"] = make_pyro_module_kernel(x, y, params0)[0]
     bnn_stream = make_bnn(x, y)
     steps["pyrobnn-stream"] = make_stream(bnn_stream, x, y, params0)[0]
     steps["posteriors"] = make_posteriors(x, y, params0)

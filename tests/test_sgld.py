@@ -4,10 +4,13 @@ import warnings
 
 import pyro
 import pyro.distributions as dist
+import pyro.poutine as poutine
 import pytest
 import torch
 import torch.nn.functional as F
 from pyro.infer import MCMC
+from pyro.nn import PyroModule, PyroSample
+from pyro.poutine.plate_messenger import block_plate
 
 import pyrobnn
 from pyrobnn.diagnostics import function_space_diagnostics
@@ -434,3 +437,123 @@ def test_sample_validates_its_inputs():
     with pytest.raises(ValueError, match="this BNN"):
         other, _, _ = _toy_regression_bnn()
         sample(bnn, (x, y), SGLD(other.model))
+
+
+# ----------------------------------------------------------------------------------------------------
+# the fast log-joint on hand-written Pyro models equals the reference (trace + condition)
+# ----------------------------------------------------------------------------------------------------
+class _PyroNet(PyroModule):
+    """A network written the Pyro way: PyroSample weights, the minibatch drawn by a subsampled plate."""
+
+    def __init__(self, n, m, prior_loc=0.0, prior_scale=1.0):
+        super().__init__()
+        self.n, self.m = n, m
+        self.fc1 = PyroModule[torch.nn.Linear](3, 5)
+        self.fc2 = PyroModule[torch.nn.Linear](5, 2)
+        for layer in (self.fc1, self.fc2):
+            layer.weight = PyroSample(dist.Normal(prior_loc, prior_scale).expand(layer.weight.shape).to_event(2))
+            layer.bias = PyroSample(dist.Normal(prior_loc, prior_scale).expand(layer.bias.shape).to_event(1))
+
+    def forward(self, x, y):
+        with pyro.plate("data", self.n, subsample_size=self.m) as idx:
+            with block_plate("data"):
+                logits = self.fc2(torch.tanh(self.fc1(x[idx])))
+            pyro.sample("obs", dist.Categorical(logits=logits), obs=y[idx])
+        return logits
+
+
+def _mixed_model(x, y):
+    """Sites of every kind: fused Normal priors (zero and non-zero loc), a Normal with a full loc tensor,
+    a hierarchical scale (a latent inside the prior's scale), a positive site (log-Jacobian), and a
+    Gaussian likelihood in a plate of 40 subsampled to 8 (scale N/M = 5)."""
+    w = pyro.sample("w", dist.Normal(0.0, 1.5).expand([3, 2]).to_event(2))
+    b = pyro.sample("b", dist.Normal(0.3, 2.0).expand([2]).to_event(1))
+    c = pyro.sample("c", dist.Normal(torch.tensor([0.1, -0.2]), 0.7).to_event(1))
+    tau = pyro.sample("tau", dist.LogNormal(0.0, 1.0))
+    v = pyro.sample("v", dist.Normal(0.0, tau).expand([2]).to_event(1))
+    sigma = pyro.sample("sigma", dist.HalfNormal(1.0))
+    with pyro.plate("data", x.shape[0], subsample_size=8) as idx:
+        mean = x[idx] @ w + b + c * v
+        pyro.sample("obs", dist.Normal(mean, sigma).to_event(1), obs=y[idx])
+
+
+def _reference_potential(kernel, model, params, *args):
+    """U from Pyro's own machinery: the model conditioned on the constrained values, traced, its
+    scaled log-density summed (``Trace.log_prob_sum``), plus the log-Jacobians of the transforms."""
+    leaves = {n: params[n].clone().requires_grad_() for n, _ in kernel._sites}
+    values, logdet = {}, 0.0
+    for name, transform in kernel._sites:
+        u = leaves[name]
+        values[name] = u if transform is None else transform(u)
+        if transform is not None:
+            logdet = logdet + transform.log_abs_det_jacobian(u, values[name]).sum()
+    trace = poutine.trace(poutine.condition(model, data=values)).get_trace(*args)
+    potential = -(trace.log_prob_sum() + logdet)
+    grads = torch.autograd.grad(potential, [leaves[n] for n, _ in kernel._sites])
+    return potential.detach(), grads
+
+
+@pytest.mark.parametrize("which", ["mixed", "pyro-module"])
+def test_fast_potential_equals_trace_and_condition_on_hand_written_models(which):
+    torch.manual_seed(0)
+    if which == "mixed":
+        model, x, y = _mixed_model, torch.randn(40, 3), torch.randn(40, 2)
+    else:
+        model, x, y = _PyroNet(40, 8, prior_loc=0.2, prior_scale=0.8), torch.randn(40, 3), torch.randint(0, 2, (40,))
+    k = SGLD(model)
+    k.setup(0, x, y)
+    for trial in range(3):
+        params = {n: torch.randn_like(v) for n, v in k.initial_params.items()}
+        torch.manual_seed(100 + trial)           # the same minibatch for both evaluations
+        potential, grads = k.potential_and_grad(params, x, y)
+        torch.manual_seed(100 + trial)
+        ref_potential, ref_grads = _reference_potential(k, model, params, x, y)
+        assert potential.item() == pytest.approx(ref_potential.item(), rel=1e-6)
+        for (name, _), g, g_ref in zip(k._sites, grads, ref_grads):
+            assert torch.allclose(g, g_ref, rtol=1e-5, atol=1e-6), name
+
+
+def test_fused_normal_plan_applies_to_constant_scalar_normals_only():
+    from pyrobnn.inference.sgld import _scalar_normal_plan
+    plan = _scalar_normal_plan(dist.Normal(0.5, 2.0).expand([3, 4]).to_event(2))
+    assert plan[0] == (3, 4) and plan[1] == 0.5 and plan[2] == pytest.approx(-0.125)
+    assert plan[3] == pytest.approx(-12 * (math.log(2.0) + 0.5 * math.log(2 * math.pi)))
+    assert _scalar_normal_plan(pyrobnn.priors.Gaussian(2.0).expand([3, 4]).to_event(2))[2] == pytest.approx(-0.125)
+    tau = torch.tensor(1.0, requires_grad=True)
+    assert _scalar_normal_plan(dist.Normal(0.0, tau).expand([3])) is None            # a latent in the scale
+    assert _scalar_normal_plan(dist.Normal(torch.tensor([0.0, 1.0]), 1.0)) is None   # a loc per element
+    assert _scalar_normal_plan(dist.Laplace(0.0, 1.0).expand([3])) is None
+
+    class ShiftedNormal(dist.Normal):   # a subclass with its own density is left to its log_prob
+        def log_prob(self, value):
+            return super().log_prob(value) + 1.0
+    assert _scalar_normal_plan(ShiftedNormal(0.0, 1.0).expand([3])) is None
+    # an in-place change of a cached prior's parameters is seen
+    loc = torch.tensor(0.0)
+    prior = dist.Normal(loc, 1.0).expand([2]).to_event(1)
+    assert _scalar_normal_plan(prior)[1] == 0.0
+    loc.fill_(3.0)
+    assert _scalar_normal_plan(prior)[1] == 3.0
+
+
+def test_sgld_on_a_pyro_module_network_equals_sgld_on_bayesian_model():
+    """The same network written the Pyro way (PyroSample weights, subsampled plate) and made by
+    ``bayesian()``: from the same state and RNG state, one SGLD update gives the same state."""
+    torch.manual_seed(0)
+    x, y = torch.randn(40, 3), torch.randint(0, 2, (40,))
+    pyro_net = _PyroNet(40, 8)
+    net = torch.nn.Sequential()
+    net.fc1, net.act, net.fc2 = torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2)
+    bnn = pyrobnn.bayesian(net, prior="gaussian", likelihood="categorical", dataset_size=40, subsample_size=8)
+    k_pyro, k_bnn = SGLD(pyro_net, step_size=1e-3), SGLD(bnn.model, step_size=1e-3)
+    k_pyro.setup(0, x, y)
+    k_bnn.setup(0, x, y)
+    assert [n for n, _ in k_pyro._sites] == [n for n, _ in k_bnn._sites]
+    state = {n: torch.randn_like(v) for n, v in k_bnn.initial_params.items()}
+    torch.manual_seed(7)
+    a = k_pyro.sample(dict(state))
+    torch.manual_seed(7)
+    b = k_bnn.sample(dict(state))
+    for n in state:
+        assert torch.allclose(a[n], b[n], rtol=1e-5, atol=1e-6), n
+    assert k_pyro.diagnostics()["potential_energy"] == pytest.approx(k_bnn.diagnostics()["potential_energy"], rel=1e-5)
