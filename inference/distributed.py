@@ -7,7 +7,7 @@ Launch with ``torchrun`` (any number of processes, GPUs or nodes; see docs/DISTR
 
     dp = DataParallel.from_env(seed=0)             # init_process_group: gloo on CPU, nccl on GPU
     fit_distributed(bnn, (x, y), epochs=10, distributed=dp, batch_size=128)    # 128 per process
-    post = sample_chains(bnn, (x, y), num_samples=100, warmup=1000)           # one chain per rank
+    post = sample_chains(bnn, (x, y), num_samples=100, warmup_steps=1000)           # one chain per rank
     if dp.is_main: idata = pyrobnn.to_inference_data(post, test=x_test)      # chains gathered on rank 0
 
 Data-parallel SVI. Each of the K processes holds the whole dataset and draws its local minibatches of
@@ -330,7 +330,7 @@ def sample_chains(bnn: BNN, data, *, chains_per_rank: int = 1, seed: int = 0,
     chains_per_rank`` and seed :func:`chain_seed(seed, rank) <chain_seed>`. Draws are cut to the
     shortest chain's length and gathered in rank order.
 
-    :param sample_kwargs: passed to ``sample`` (``kernel``, ``num_samples``, ``warmup``, ``thin``,
+    :param sample_kwargs: passed to ``sample`` (``kernel``, ``num_samples``, ``warmup_steps``, ``thin``,
         ``step_size``, ``batch_size``, ``eval_x``, ``store_dtype``, ...).
     :returns: on rank 0 a :class:`SamplePosterior` with ``world_size · chains_per_rank`` chains; ``None``
         on the other ranks.

@@ -7,7 +7,7 @@ subsampled by a plate. Both give the same chain; this one also works when the da
 memory and gives control over what is kept.
 
 Memory. A draw of LeNet-300-100 is 266k numbers (≈1 MB in float32). What is kept is bounded by
-``num_samples`` (draws kept, one every ``thin`` updates after ``warmup``), and ``max_draws``: when more
+``num_samples`` (draws kept, one every ``thin`` updates after ``warmup_steps``), and ``max_draws``: when more
 draws than that accumulate, every second one is dropped and the effective thinning doubles, so the
 kept draws stay evenly spaced over the whole run under a hard cap (Korattikara et al.'s observation
 applies: consecutive SGLD draws are so correlated that dropping them loses little). Further:
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import warnings
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import pyro
@@ -268,18 +269,20 @@ def _latent_sites(bnn: BNN) -> List[str]:
 # the sampler loop
 # ----------------------------------------------------------------------------------------------------
 def sample(bnn: BNN, data: Union[Tuple[torch.Tensor, torch.Tensor], Iterable], kernel: Union[str, SGLD] = "sgld", *,
-           num_samples: int = 100, warmup: int = 1000, thin: int = 10, num_chains: int = 1,
+           num_samples: int = 100, warmup_steps: int = 1000, thin: int = 10, num_chains: int = 1,
            step_size=None, batch_size: int = 128, max_draws: Optional[int] = None,
            keep_sites: Optional[Sequence[str]] = None, store_dtype: Optional[torch.dtype] = None,
            eval_x: Optional[torch.Tensor] = None, seed: Optional[int] = None, progress: bool = False,
-           **kernel_kwargs) -> SamplePosterior:
+           warmup: Optional[int] = None, **kernel_kwargs) -> SamplePosterior:
     """Run SGLD/pSGLD on a BNN over a stream of minibatches and keep an ensemble of draws.
 
     :param bnn: a :class:`pyrobnn.BNN`; ``bnn.dataset_size`` (N) is taken from the data when unset.
     :param data: ``(x, y)`` tensors (shuffled into batches of ``batch_size`` each epoch) or any
         re-iterable of ``(x, y)`` batches (a ``torch.utils.data.DataLoader``, ``pyrobnn.data.ArrayLoader``).
     :param kernel: ``"sgld"``, ``"psgld"`` or a kernel instance built on ``bnn.model``.
-    :param num_samples: draws kept per chain (one every ``thin`` updates after ``warmup`` updates).
+    :param num_samples: draws kept per chain (one every ``thin`` updates after ``warmup_steps`` updates).
+    :param warmup_steps: updates before the first kept draw (the name ``pyro.infer.MCMC`` uses; the
+        older ``warmup=`` still works and warns).
     :param max_draws: cap on draws kept per chain; beyond it the kept set is halved (every second draw)
         and the thinning doubled, so memory stays bounded and the draws stay evenly spaced.
     :param keep_sites: fnmatch patterns of sites to keep (default all; the result cannot predict
@@ -294,7 +297,11 @@ def sample(bnn: BNN, data: Union[Tuple[torch.Tensor, torch.Tensor], Iterable], k
     """
     if not isinstance(bnn, BNN):
         raise TypeError(f"sample() needs a pyrobnn BNN, got {type(bnn).__name__}")
-    for name, v, lo in (("num_samples", num_samples, 1), ("warmup", warmup, 0), ("thin", thin, 1),
+    if warmup is not None:
+        warnings.warn("sample(..., warmup=) is deprecated; use warmup_steps= (as pyro.infer.MCMC)",
+                      DeprecationWarning, stacklevel=2)
+        warmup_steps = warmup
+    for name, v, lo in (("num_samples", num_samples, 1), ("warmup_steps", warmup_steps, 0), ("thin", thin, 1),
                         ("num_chains", num_chains, 1)):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise ValueError(f"{name} must be an integer ≥ {lo}, got {v!r}")
@@ -329,7 +336,7 @@ def sample(bnn: BNN, data: Union[Tuple[torch.Tensor, torch.Tensor], Iterable], k
         with pyro.validation_enabled(False), poutine.block():
             stream = _forever(batches)
             for c in range(num_chains):
-                chains.append(_run_chain(bnn, k, stream, num_samples, warmup, thin, max_draws, patterns,
+                chains.append(_run_chain(bnn, k, stream, num_samples, warmup_steps, thin, max_draws, patterns,
                                          store_dtype, eval_x, progress, c))
     finally:
         bnn.subsample_size = saved_subsample
@@ -341,7 +348,7 @@ def sample(bnn: BNN, data: Union[Tuple[torch.Tensor, torch.Tensor], Iterable], k
                                dtype=torch.bool if key == "diverging" else torch.float64)
              for key in chains[0]["stats"]}
     eval_outputs = torch.stack([torch.stack(ch["eval"][:S]) for ch in chains]) if eval_x is not None else None
-    config = {**k.config(), "num_samples": num_samples, "warmup": warmup, "max_draws": max_draws,
+    config = {**k.config(), "num_samples": num_samples, "warmup_steps": warmup_steps, "max_draws": max_draws,
               "num_chains": num_chains, "dataset_size": bnn.dataset_size}
     return SamplePosterior(bnn, draws, stats, eval_x, eval_outputs, config)
 
@@ -359,7 +366,7 @@ def _make_kernel(bnn, kernel, step_size, kernel_kwargs) -> SGLD:
     return _KERNELS[name](bnn.model, _DEFAULT_STEP[name] if step_size is None else step_size, **kernel_kwargs)
 
 
-def _run_chain(bnn, k: SGLD, stream, num_samples, warmup, thin, max_draws, patterns, store_dtype, eval_x,
+def _run_chain(bnn, k: SGLD, stream, num_samples, warmup_steps, thin, max_draws, patterns, store_dtype, eval_x,
                progress, chain_id):
     xb, yb = next(stream)
     k.setup(0, xb, yb)
@@ -371,7 +378,7 @@ def _run_chain(bnn, k: SGLD, stream, num_samples, warmup, thin, max_draws, patte
     out = {"draws": {n: [] for n in kept}, "stats": {"potential_energy": [], "step_size": [], "diverging": []},
            "eval": []}
     every = thin
-    total = warmup + num_samples * thin
+    total = warmup_steps + num_samples * thin
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -386,7 +393,7 @@ def _run_chain(bnn, k: SGLD, stream, num_samples, warmup, thin, max_draws, patte
                 out["stats"]["diverging"][-1] = True   # the draw kept after the last update was that state
             if bar is not None:
                 bar.update(1)
-            if t < warmup:
+            if t < warmup_steps:
                 continue
             since += 1
             if since < every:

@@ -125,7 +125,7 @@ def test_netcdf_round_trip_keeps_dotted_site_names(mcmc_run, tmp_path):
 def test_sample_posterior_uses_its_recorded_held_out_outputs():
     x, y = _data()
     bnn = pyrobnn.bayesian(_net(), likelihood={"name": "gaussian", "scale": 0.1})
-    post = sample(bnn, (x, y), num_samples=20, warmup=50, thin=2, num_chains=2, step_size=1e-4, batch_size=20,
+    post = sample(bnn, (x, y), num_samples=20, warmup_steps=50, thin=2, num_chains=2, step_size=1e-4, batch_size=20,
                   eval_x=x[:8], seed=0)
     idata = pyrobnn.to_inference_data(post, data=(x, y))
     np.testing.assert_allclose(idata.predictions["f_test"].values, post.eval_outputs.squeeze(-1).numpy())

@@ -187,7 +187,7 @@ def test_guide_sample_posterior_and_mcmc_teachers_give_the_posterior_predictive(
     d = t.draws(x[:10], 16)
     assert d.mean.shape == (16, 10) and d.noise_var.shape == (16, 1) and (d.noise_var > 0).all()
 
-    post = sample(bnn, (x, y), num_samples=12, warmup=50, thin=2, step_size=1e-3, batch_size=32, seed=0)
+    post = sample(bnn, (x, y), num_samples=12, warmup_steps=50, thin=2, step_size=1e-3, batch_size=32, seed=0)
     ts = as_teacher(post, generator=torch.Generator().manual_seed(0))
     assert ts.stored_draws == 12
     d = ts.draws(x[:10], None)
@@ -425,7 +425,7 @@ def test_cli_takes_a_saved_sample_posterior_file(tmp_path):
     from pyrobnn.cli import main
     ds = pyrobnn.data.load_digits()
     bnn = pyrobnn.bayesian(build("mlp", in_features=64, out_features=10, hidden=(16,)), dataset_size=len(ds.x_train))
-    post = sample(bnn, (ds.x_train, ds.y_train), "psgld", num_samples=4, warmup=30, thin=2, step_size=1e-3, seed=0)
+    post = sample(bnn, (ds.x_train, ds.y_train), "psgld", num_samples=4, warmup_steps=30, thin=2, step_size=1e-3, seed=0)
     post.save(tmp_path / "post.safetensors")
     cfg = tmp_path / "d.toml"
     cfg.write_text('teacher = "post.safetensors"\n[data]\nname = "digits"\n[student]\nname = "mlp"\nhidden = [8]\n'

@@ -76,7 +76,7 @@ WORKER = textwrap.dedent(r'''
     # 3. one SGLD chain per rank, gathered on rank 0
     s = bnn(lrt=True)
     s.dataset_size = N
-    skw = dict(num_samples=12, warmup=20, thin=2, batch_size=16, step_size=1e-3, eval_x=x[:8])
+    skw = dict(num_samples=12, warmup_steps=20, thin=2, batch_size=16, step_size=1e-3, eval_x=x[:8])
     post = sample_chains(s, (x, y), seed=SEED, **skw)
     result["posterior_on_this_rank"] = post is not None
     if dp.is_main:

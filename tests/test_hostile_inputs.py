@@ -642,7 +642,7 @@ def test_saved_files_hold_no_pickle_and_load_without_unpickling(no_unpickling, t
         seed=0)
     pyrobnn.save(bnn, tmp_path / "model.safetensors")
     bnn.dataset_size = 16
-    post = sample(bnn, (X_T, Y_T), num_samples=3, warmup=2, thin=1, batch_size=8, step_size=1e-3, seed=0)
+    post = sample(bnn, (X_T, Y_T), num_samples=3, warmup_steps=2, thin=1, batch_size=8, step_size=1e-3, seed=0)
     post.save(tmp_path / "post.safetensors")
     files = sorted(tmp_path.rglob("*.safetensors"))
     assert len(files) >= 4

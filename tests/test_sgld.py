@@ -392,7 +392,7 @@ def _toy_regression_bnn():
 
 def test_sample_keeps_evenly_spaced_draws_under_a_cap_and_saves_loads(tmp_path):
     bnn, x, y = _toy_regression_bnn()
-    post = sample(bnn, (x, y), "sgld", num_samples=30, warmup=100, thin=2, num_chains=2, step_size=1e-4,
+    post = sample(bnn, (x, y), "sgld", num_samples=30, warmup_steps=100, thin=2, num_chains=2, step_size=1e-4,
                   batch_size=50, max_draws=10, eval_x=x[:7], seed=0)
     assert bnn.dataset_size == 200 and bnn.subsample_size is None
     # 30 draws under a cap of 10: halved at 11 (→6, thin 4) and at 11 again (→6, thin 8), then 2 more
@@ -417,7 +417,7 @@ def test_sample_keeps_evenly_spaced_draws_under_a_cap_and_saves_loads(tmp_path):
 def test_sample_with_psgld_cyclical_keep_sites_and_bfloat16():
     bnn, x, y = _toy_regression_bnn()
     sched = CyclicalStepSize(1e-3, num_steps=160, num_cycles=2, exploration=0.5)   # cycles of 80 updates
-    post = sample(bnn, (x, y), PSGLD(bnn.model, step_size=sched), num_samples=40, warmup=0, thin=4,
+    post = sample(bnn, (x, y), PSGLD(bnn.model, step_size=sched), num_samples=40, warmup_steps=0, thin=4,
                   keep_sites=["0.*"], store_dtype=torch.bfloat16, seed=1)
     assert set(post.draws) == {"0.weight", "0.bias"}
     assert post.draws["0.weight"].dtype == torch.bfloat16
@@ -437,6 +437,18 @@ def test_sample_validates_its_inputs():
     with pytest.raises(ValueError, match="this BNN"):
         other, _, _ = _toy_regression_bnn()
         sample(bnn, (x, y), SGLD(other.model))
+
+
+def test_sample_takes_pyros_warmup_steps_and_the_old_name_warns():
+    bnn, x, y = _toy_regression_bnn()
+    new = sample(bnn, (x, y), num_samples=3, warmup_steps=4, thin=1, step_size=1e-4, batch_size=50, seed=3)
+    with pytest.warns(DeprecationWarning, match="warmup_steps"):
+        old = sample(bnn, (x, y), num_samples=3, warmup=4, thin=1, step_size=1e-4, batch_size=50, seed=3)
+    assert new.config["warmup_steps"] == old.config["warmup_steps"] == 4
+    for name in new.draws:
+        assert torch.equal(new.draws[name], old.draws[name]), name
+    with pytest.raises(ValueError, match="warmup_steps"):
+        sample(bnn, (x, y), warmup_steps=-1)
 
 
 # ----------------------------------------------------------------------------------------------------
