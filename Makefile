@@ -1,10 +1,23 @@
 # Two entry points (see README): `make demo` and `make test`. Both build the same virtual environment.
+# PY picks the interpreter (`make test PY=python3.13`); each interpreter gets its own environment:
+# `.venv` for the default python3, `.venv-3.13` (etc., by version) for any other PY.
 PY ?= python3
+# A name that is not on PATH (pyenv keeps non-global versions off it) is looked up under pyenv's versions.
+PYEXE := $(shell command -v $(PY) >/dev/null 2>&1 && $(PY) -c 'import sys; print(sys.executable)' 2>/dev/null || \
+	ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/versions/*/bin/$(PY) 2>/dev/null | sort -V | tail -n 1)
+ifeq ($(PYEXE),)
+$(error no interpreter named $(PY) on PATH or under pyenv; pass PY=/path/to/python3.X)
+endif
+PYVER := $(shell $(PYEXE) -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+ifeq ($(PY),python3)
 VENV ?= .venv
+else
+VENV ?= .venv-$(PYVER)
+endif
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.pyrobnn-installed
 
-.PHONY: install demo test test-slow bench data clean
+.PHONY: install demo test test-slow bench data clean env-info
 
 # A new environment takes about 6 GB (torch 2.14.1 is a CUDA build, ~4 GB of it NVIDIA libraries that
 # the CPU never loads but torch needs to import). Say so up front rather than let pip fail half-way.
@@ -18,12 +31,16 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 	    exit 1; \
 	  fi; \
 	fi
-	$(PY) -m venv $(VENV)
+	$(PYEXE) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test,bench]'
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# The interpreter PY resolves to, its environment and whether that is installed (used by .ci/run).
+env-info:
+	@echo "$(PYEXE) $(PYVER) $(VENV) $$([ -f $(STAMP) ] && echo installed || echo missing)"
 
 demo: $(STAMP)
 	$(BIN)/pyrobnn demo
