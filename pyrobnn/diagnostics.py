@@ -1,9 +1,13 @@
-"""ArviZ bridge: posterior draws of a BNN (or any Pyro model) → ``arviz.InferenceData``.
+"""ArviZ bridge: posterior draws of a BNN (or any Pyro model) → ArviZ's container.
+
+The container is the installed ArviZ line's own: ``arviz.InferenceData`` on ArviZ 0.x, an
+``xarray.DataTree`` on ArviZ 1.x (see :mod:`pyrobnn.arviz_compat`, the one module that knows the
+difference), so that line's ``az.summary``, ``az.rhat``, ``az.ess``, ``az.loo`` and plots take it.
 
 :func:`to_inference_data` accepts a finished ``pyro.infer.MCMC`` run, a
 :class:`pyrobnn.inference.SamplePosterior`, or a :class:`pyrobnn.BNN` with a trained guide (draws from
-the guide), and builds the groups with ``arviz.from_dict`` — which also exists in ArviZ 1.x, unlike
-``from_pyro``:
+the guide), and builds the groups with ``arviz.from_dict`` (on both lines, through
+:func:`pyrobnn.arviz_compat.from_groups`):
 
 * ``posterior`` — the latent sites by name. A site with more than ``max_coords`` numbers (any weight
   matrix) is stored as a seeded random subset of its coordinates, dimension ``"<site>_coord"`` whose
@@ -36,6 +40,9 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import numpy as np
 import pyro.poutine as poutine
 import torch
+
+from . import arviz_compat as compat
+from .arviz_compat import from_groups, group, group_names, is_inference_data
 
 __all__ = ["to_inference_data", "function_space_diagnostics", "outputs_under_draws", "per_draw_precision",
            "per_draw_log_prob", "mcmc_sample_stats"]
@@ -218,7 +225,8 @@ def to_inference_data(obj, *, bnn=None, data: Optional[Tuple[Any, Any]] = None,
                       max_draws: Optional[int] = None, seed: int = 0, log_likelihood: bool = True,
                       posterior_predictive: bool = True, summaries: bool = True, chunk: int = 32,
                       attrs: Optional[Dict[str, Any]] = None):
-    """Build an ``arviz.InferenceData`` from posterior draws (see the module docstring for the groups).
+    """Build the ArviZ container (``InferenceData`` on 0.x, ``DataTree`` on 1.x) from posterior draws (see
+    the module docstring for the groups).
 
     :param obj: a finished ``pyro.infer.MCMC``, a ``SamplePosterior`` or a ``BNN`` (draws from its guide).
     :param bnn: the BNN the draws belong to (found automatically for ``bnn.model`` runs and posteriors).
@@ -234,8 +242,6 @@ def to_inference_data(obj, *, bnn=None, data: Optional[Tuple[Any, Any]] = None,
     :param attrs: extra attributes of the posterior group (``pyrobnn report`` shows a dict stored
         under ``"pyrobnn_metrics"`` as a table).
     """
-    import arviz as az
-
     if isinstance(max_coords, bool) or not isinstance(max_coords, int) or max_coords < 1:
         raise ValueError(f"max_coords must be a positive integer, got {max_coords!r}")
     if max_draws is not None and (isinstance(max_draws, bool) or not isinstance(max_draws, int) or max_draws < 1):
@@ -318,9 +324,8 @@ def to_inference_data(obj, *, bnn=None, data: Optional[Tuple[Any, Any]] = None,
     elif model_info is not None and (log_likelihood or posterior_predictive):
         groups.update(_model_observations(model_info, flat_draws, C, S, log_likelihood, posterior_predictive))
 
-    kwargs = {g: d for g, d in groups.items() if d}
-    # on the posterior group, so that they survive a netCDF round trip
-    return az.from_dict(**kwargs, coords=coords, dims=dims, pred_dims=pred_dims, posterior_attrs=attrs)
+    # attrs on the posterior group, so that they survive a netCDF round trip
+    return from_groups(groups, coords=coords, dims=dims, pred_dims=pred_dims, attrs={"posterior": attrs})
 
 
 def _bnn_observations(bnn, flat_draws, data, C, S, chunk):
@@ -374,29 +379,112 @@ def _bnn_predictions(bnn, flat_draws, test, evaluated, C, S, chunk):
     return preds, const
 
 
+def _windows(plate):
+    """Index windows that walk a subsampled plate's full data set: ``(indices, keep)`` pairs, each
+    ``indices`` as long as the plate's own subsample (Pyro checks that length), ``keep`` the positions
+    in it not covered by an earlier window (the last window is shifted back to fit and overlaps)."""
+    if plate is None:
+        return [(None, None)]
+    N, M = plate.full_size, plate.size
+    out = []
+    for k in range(0, N, M):
+        start = min(k, N - M)
+        idx = torch.arange(start, start + M)
+        out.append((idx, torch.nonzero(idx >= k).squeeze(-1)))
+    return out
+
+
 def _model_observations(model_info, flat_draws, C, S, want_ll, want_ppc):
-    """log-likelihood / replicated data of a generic Pyro model, one conditioned run per draw."""
+    """log-likelihood / replicated data of a generic Pyro model, one conditioned run per draw.
+
+    Observed sites in a subsampled plate (``pyro.plate("data", N, subsample_size=M)``) are replayed on
+    the full data set: each draw's run is repeated with the plate's subsample site conditioned on
+    consecutive windows of M indices, so every observation gets its own log p(y_n | θ_s) — what
+    ``az.loo`` needs. That takes one subsampled plate, a model that indexes its data with the indices
+    the plate returns, and no latent site inside that plate (its draws cover only one minibatch);
+    otherwise the observed sites in subsampled plates are left out with a warning saying why.
+    """
+    from pyro.poutine.subsample_messenger import _Subsample
+
     model, args, kwargs = model_info
-    n = C * S
-    ll, ppc, obs = {}, {}, {}
-    skipped = set()
+
+    def run(draw, idx=None, plate_name=None):
+        data = draw if idx is None else {**draw, plate_name: idx}
+        return poutine.trace(poutine.condition(model, data=data)).get_trace(*args, **kwargs)
+
+    def subsampled(site):
+        return [f for f in site["cond_indep_stack"] if f.full_size is not None and f.full_size != f.size]
+
+    draw_at = [{k: v[i] for k, v in flat_draws.items()} for i in range(C * S)]
     with torch.no_grad(), poutine.block():
-        for i in range(n):
-            draw = {k: v[i] for k, v in flat_draws.items()}
-            tr = poutine.trace(poutine.condition(model, data=draw)).get_trace(*args, **kwargs)
-            for name, site in tr.nodes.items():
-                if site["type"] != "sample" or not site["is_observed"] or name in draw:
-                    continue
-                if any(f.full_size is not None and f.full_size != f.size for f in site["cond_indep_stack"]):
-                    skipped.add(name)  # a minibatch, not the data set: per-observation terms would be wrong
-                    continue
-                fn = site["fn"]
-                ll.setdefault(name, []).append(fn.log_prob(site["value"]))
-                ppc.setdefault(name, []).append(fn.sample())
-                obs[name] = site["value"]
+        first = run(draw_at[0])
+        observed = [name for name, site in first.nodes.items()
+                    if site["type"] == "sample" and site["is_observed"] and name not in flat_draws
+                    and not isinstance(site["fn"], _Subsample)]
+        plates = {f.name: f for name in observed for f in subsampled(first.nodes[name])}
+        plate, skipped, why = None, set(), ""
+        if plates:
+            name, frame = next(iter(plates.items()))
+            local = [k for k in flat_draws if k in first.nodes and any(f.name == name for f in first.nodes[k]["cond_indep_stack"])]
+            node = first.nodes.get(name)
+            if len(plates) > 1:
+                why = f"they lie in several subsampled plates ({sorted(plates)})"
+            elif node is None or not isinstance(node["fn"], _Subsample):
+                why = f"plate {name!r} has no subsample site to replay"
+            elif local:
+                why = f"latent sites {local} lie in subsampled plate {name!r} (their draws cover one minibatch)"
+            else:
+                plate = frame
+            if plate is None:
+                skipped = {k for k in observed if subsampled(first.nodes[k])}
+        windows = _windows(plate)
+        ll, ppc, obs = {}, {}, {}
+        changed = set()
+        for i, draw in enumerate(draw_at):
+            pieces: Dict[str, list] = {}
+            for w, (idx, keep) in enumerate(windows):
+                tr = first if (i == 0 and idx is None) else run(draw, idx, None if plate is None else plate.name)
+                for name in observed:
+                    if name in skipped:
+                        continue
+                    site = tr.nodes[name]
+                    fn, value = site["fn"], site["value"]
+                    lp, rep = fn.log_prob(value), fn.sample()
+                    dim = next((f.dim for f in site["cond_indep_stack"] if plate is not None and f.name == plate.name), None)
+                    if dim is None:
+                        if w == 0:
+                            pieces[name] = [(lp, rep, value, None)]
+                        continue
+                    if lp.dim() < -dim:
+                        raise ValueError(f"observed site {name!r}: its log_prob has no dimension {dim} for plate "
+                                         f"{plate.name!r}")
+                    event = value.dim() - lp.dim()
+                    pieces.setdefault(name, []).append((lp.index_select(dim, keep), rep.index_select(dim - event, keep),
+                                                        value.index_select(dim - event, keep), (dim, event)))
+            for name, parts in pieces.items():
+                dims = parts[0][3]
+                if dims is None:
+                    lp, rep, value = parts[0][:3]
+                else:
+                    dim, event = dims
+                    lp = torch.cat([p[0] for p in parts], dim)
+                    rep = torch.cat([p[1] for p in parts], dim - event)
+                    value = torch.cat([p[2] for p in parts], dim - event)
+                if name in obs and not torch.equal(obs[name], value):
+                    changed.add(name)
+                ll.setdefault(name, []).append(lp)
+                ppc.setdefault(name, []).append(rep)
+                obs[name] = value
+    if changed:  # the data do not depend on the draw: the model indexes its data with indices of its own
+        warnings.warn(f"observed sites {sorted(changed)} are left out of log_likelihood and posterior_predictive: "
+                      "their observed values change from one replay to the next (does the model index its data "
+                      "with minibatch indices of its own rather than those the plate returns?)")
+        for d in (ll, ppc, obs):
+            for name in changed:
+                d.pop(name, None)
     if skipped:
-        warnings.warn(f"observed sites {sorted(skipped)} lie in a subsampled plate; their log_likelihood and "
-                      "posterior_predictive are left out (run the model on full data, or use a BNN)")
+        warnings.warn(f"observed sites {sorted(skipped)} are left out of log_likelihood and posterior_predictive: "
+                      f"{why}; run the model on full data, or use a BNN")
     out = {}
     if want_ll and ll:
         out["log_likelihood"] = {k: torch.stack(v).reshape((C, S) + v[0].shape).double().numpy() for k, v in ll.items()}
@@ -420,12 +508,10 @@ def function_space_diagnostics(source, *, x=None, var_name: Optional[str] = None
     :returns: ``rhat_max``, ``rhat_median``, ``ess_bulk_min``, ``ess_bulk_median``, ``ess_tail_min``,
         ``num_quantities`` (rank-normalised split R-hat and ESS of ArviZ, over every predicted number).
     """
-    import arviz as az
-
-    if isinstance(source, az.InferenceData):
-        if "predictions" not in source.groups():
+    if is_inference_data(source):
+        if "predictions" not in group_names(source):
             raise ValueError("this InferenceData has no predictions group; pass test=... to to_inference_data")
-        ds = source.predictions
+        ds = group(source, "predictions")
         name = var_name or next(iter(ds.data_vars))
         arr = np.asarray(ds[name].values)
     elif hasattr(source, "draws") and hasattr(source, "eval_outputs"):
@@ -452,10 +538,12 @@ def function_space_diagnostics(source, *, x=None, var_name: Optional[str] = None
     if not varying.any():
         raise ValueError("every predicted quantity is constant across draws")
     arr = arr[:, :, varying]
-    data = {"f": arr}
-    rhat = np.asarray(az.rhat(az.convert_to_dataset(data))["f"].values)
-    ess_bulk = np.asarray(az.ess(az.convert_to_dataset(data), method="bulk")["f"].values)
-    ess_tail = np.asarray(az.ess(az.convert_to_dataset(data), method="tail")["f"].values)
-    return {"rhat_max": float(np.nanmax(rhat)), "rhat_median": float(np.nanmedian(rhat)),
-            "ess_bulk_min": float(np.nanmin(ess_bulk)), "ess_bulk_median": float(np.nanmedian(ess_bulk)),
-            "ess_tail_min": float(np.nanmin(ess_tail)), "num_quantities": int(arr.shape[-1])}
+    rhat = compat.rhat(arr)
+    ess_bulk = compat.ess(arr, method="bulk")
+    ess_tail = compat.ess(arr, method="tail")
+    def stat(f, a):  # NaN (not a warning) where no value is defined, e.g. R-hat of a single chain
+        return float(f(a)) if np.isfinite(a).any() else math.nan
+
+    return {"rhat_max": stat(np.nanmax, rhat), "rhat_median": stat(np.nanmedian, rhat),
+            "ess_bulk_min": stat(np.nanmin, ess_bulk), "ess_bulk_median": stat(np.nanmedian, ess_bulk),
+            "ess_tail_min": stat(np.nanmin, ess_tail), "num_quantities": int(arr.shape[-1])}

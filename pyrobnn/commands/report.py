@@ -1,10 +1,16 @@
-"""``pyrobnn report DIR``: render a run's saved ArviZ InferenceData (netCDF) to PNG plots and an HTML page.
+"""``pyrobnn report DIR``: render a run's saved ArviZ file (netCDF) to PNG plots and an HTML page.
+
+The file may have been written under either ArviZ line (0.x ``InferenceData`` or 1.x ``DataTree``: the
+netCDF4/HDF5 layout is the same); it is read as the installed line's container
+(:func:`pyrobnn.arviz_compat.read`).
 
 Looks for ``DIR/inference_data.nc`` (else the first ``*.nc`` in DIR, or DIR itself when it is a file) and
 writes into ``DIR/report/`` (``--out`` to change):
 
-* ``trace.png`` — ``az.plot_trace`` of the per-draw scalars (layer norms, scalar sites, log posterior);
-* ``ppc.png`` — ``az.plot_ppc`` (replicated vs observed data), when the file has those groups;
+* ``trace.png`` — trace and density plot (``az.plot_trace``; ``plot_trace_dist`` on 1.x) of the per-draw
+  scalars (layer norms, scalar sites);
+* ``ppc.png`` — posterior predictive check (``az.plot_ppc``; ``plot_ppc_dist`` on 1.x), when the file has
+  those groups;
 * ``reliability.png`` — classification: accuracy vs confidence of the held-out predictive; regression:
   observed vs nominal coverage of central predictive intervals (from the held-out ``f_test`` and the
   draws of the noise precision, or else from the posterior predictive on the training data);
@@ -17,6 +23,8 @@ from __future__ import annotations
 import html
 import json
 from pathlib import Path
+
+import numpy as np
 
 
 def register(sub):
@@ -42,9 +50,9 @@ def find_inference_data(path) -> Path:
     return found[0]
 
 
-def _scalar_vars(idata, limit):
+def _scalar_vars(posterior, limit):
     names = []
-    for name, var in idata.posterior.data_vars.items():
+    for name, var in posterior.data_vars.items():
         if var.ndim == 2:  # (chain, draw)
             names.append(name)
     # true scalar sites (a noise precision, ...) first, then layer norms, then the other summaries
@@ -55,27 +63,33 @@ def _scalar_vars(idata, limit):
     return names[:limit]
 
 
-def _regression_coverage(idata):
+def _var(groups, name, var):
+    """``groups[name][var]`` as a numpy array, or None when the group or variable is absent."""
+    ds = groups.get(name)
+    return None if ds is None or var not in ds.data_vars else np.asarray(ds[var].values)
+
+
+def _regression_coverage(groups):
     """(nominal, observed) coverage of central predictive intervals, or None."""
-    import numpy as np
     levels = np.linspace(0.1, 0.9, 9)
-    if "predictions" in idata.groups() and "f_test" in idata.predictions and \
-            "predictions_constant_data" in idata.groups() and "y_test" in idata.predictions_constant_data:
-        f = np.asarray(idata.predictions["f_test"].values)
-        y = np.asarray(idata.predictions_constant_data["y_test"].values)
+    f, y = _var(groups, "predictions", "f_test"), _var(groups, "predictions_constant_data", "y_test")
+    if f is not None and y is not None:
         f = f.reshape((-1,) + f.shape[2:])
         rng = np.random.default_rng(0)
-        if "likelihood.precision" in idata.posterior:
-            sigma = np.asarray(idata.posterior["likelihood.precision"].values).reshape(-1) ** -0.5
+        precision = _var(groups, "posterior", "likelihood.precision")
+        if precision is not None:
+            sigma = precision.reshape(-1) ** -0.5
             sigma = sigma.reshape((-1,) + (1,) * (f.ndim - 1))
         else:
             sigma = 0.0
         reps = f + sigma * rng.standard_normal(f.shape)
-    elif "posterior_predictive" in idata.groups() and "observed_data" in idata.groups():
-        name = next(iter(idata.observed_data.data_vars))
-        reps = np.asarray(idata.posterior_predictive[name].values)
+    elif "posterior_predictive" in groups and "observed_data" in groups:
+        name = next(iter(groups["observed_data"].data_vars))
+        reps = _var(groups, "posterior_predictive", name)
+        if reps is None:
+            return None
         reps = reps.reshape((-1,) + reps.shape[2:])
-        y = np.asarray(idata.observed_data[name].values)
+        y = _var(groups, "observed_data", name)
     else:
         return None
     pit = (reps < y[None]).mean(0).reshape(-1)
@@ -84,51 +98,44 @@ def _regression_coverage(idata):
 
 
 def render(idata_path, out_dir, max_vars: int = 6) -> Path:
-    """Write the plots and ``index.html`` for the InferenceData at ``idata_path``; returns the page."""
-    import arviz as az
+    """Write the plots and ``index.html`` for the ArviZ file at ``idata_path``; returns the page."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
     import torch
 
+    from pyrobnn import arviz_compat as compat
     from pyrobnn.diagnostics import function_space_diagnostics
     from pyrobnn.plots import plot_reliability, savefig
 
-    idata = az.from_netcdf(str(idata_path))
+    idata = compat.read(idata_path)
+    groups = {name: compat.group(idata, name) for name in compat.group_names(idata)}
+    posterior = groups["posterior"]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sections, images = [], []
 
-    if "posterior" not in idata.groups():
-        raise ValueError(f"{idata_path} has no posterior group")
-    scalars = _scalar_vars(idata, max_vars)
+    scalars = _scalar_vars(posterior, max_vars)
     if not scalars:  # no per-draw scalars: take one coordinate of the first variable
-        first = next(iter(idata.posterior.data_vars))
-        scalars = [first]
-    axes = az.plot_trace(idata, var_names=scalars, compact=True, figsize=(10, 1.8 * len(scalars)))
-    savefig(np.ravel(axes)[0].figure, out / "trace.png")
+        scalars = [next(iter(posterior.data_vars))]
+    compat.plot_trace(idata, scalars, out / "trace.png", figsize=(10, 1.8 * len(scalars)))
     images.append(("Trace of per-draw scalars", "trace.png"))
 
-    if "posterior_predictive" in idata.groups() and "observed_data" in idata.groups():
-        ax = az.plot_ppc(idata, num_pp_samples=min(50, idata.posterior.sizes["draw"] * idata.posterior.sizes["chain"]),
-                         random_seed=0)
-        savefig(np.ravel(ax)[0].figure, out / "ppc.png")
+    if "posterior_predictive" in groups and "observed_data" in groups:
+        compat.plot_ppc(idata, out / "ppc.png", num_pp_samples=min(50, posterior.sizes["draw"] * posterior.sizes["chain"]))
         images.append(("Posterior predictive check (training data)", "ppc.png"))
 
-    task = idata.posterior.attrs.get("pyrobnn_task")
-    has_probs = "predictions" in idata.groups() and "p_test" in idata.predictions and \
-        "predictions_constant_data" in idata.groups() and "y_test" in idata.predictions_constant_data
-    if has_probs:
-        p = np.asarray(idata.predictions["p_test"].values)
+    task = posterior.attrs.get("pyrobnn_task")
+    p, y = _var(groups, "predictions", "p_test"), _var(groups, "predictions_constant_data", "y_test")
+    if p is not None and y is not None:
         p = p.reshape((-1,) + p.shape[2:]).mean(0)
         if p.ndim == 1:
             p = np.stack([1 - p, p], -1)
-        y = torch.as_tensor(np.asarray(idata.predictions_constant_data["y_test"].values)).long()
-        plot_reliability({"posterior predictive": torch.as_tensor(p, dtype=torch.float32)}, y, out / "reliability.png")
+        plot_reliability({"posterior predictive": torch.as_tensor(p, dtype=torch.float32)},
+                         torch.as_tensor(y).long(), out / "reliability.png")
         images.append(("Reliability (held-out data)", "reliability.png"))
     elif task != "classification":
-        cov = _regression_coverage(idata)
+        cov = _regression_coverage(groups)
         if cov is not None:
             levels, observed = cov
             fig, ax = plt.subplots(figsize=(4.2, 4))
@@ -140,7 +147,7 @@ def render(idata_path, out_dir, max_vars: int = 6) -> Path:
             savefig(fig, out / "reliability.png")
             images.append(("Reliability (predictive-interval coverage)", "reliability.png"))
 
-    attrs = dict(idata.posterior.attrs)
+    attrs = dict(posterior.attrs)
     metrics = attrs.get("pyrobnn_metrics")
     if metrics:
         try:
@@ -151,7 +158,7 @@ def render(idata_path, out_dir, max_vars: int = 6) -> Path:
             sections.append(f"<h2>Metrics</h2><table>{rows}</table>")
         except (ValueError, TypeError):
             pass
-    if "predictions" in idata.groups():
+    if "predictions" in groups:
         try:
             fs = function_space_diagnostics(idata)
             rows = "".join(f"<tr><td>{k}</td><td>{v:.4g}</td></tr>" for k, v in fs.items())
@@ -161,10 +168,11 @@ def render(idata_path, out_dir, max_vars: int = 6) -> Path:
                             f"<table>{rows}</table>")
         except ValueError as e:
             sections.append(f"<p>function-space diagnostics unavailable: {html.escape(str(e))}</p>")
-    summary = az.summary(idata, var_names=scalars, kind="all" if idata.posterior.sizes["draw"] > 3 else "stats")
+    summary = compat.summary(idata, var_names=scalars, kind="all" if posterior.sizes["draw"] > 3 else "stats")
     sections.append("<h2>Posterior summary (per-draw scalars)</h2>" + summary.to_html(float_format="%.4g"))
-    if "sample_stats" in idata.groups() and "diverging" in idata.sample_stats:
-        n_div = int(np.asarray(idata.sample_stats["diverging"].values).sum())
+    diverging = _var(groups, "sample_stats", "diverging")
+    if diverging is not None:
+        n_div = int(diverging.sum())
         sections.append(f"<p>Divergent draws: {n_div}</p>")
 
     body = "".join(f"<h2>{html.escape(t)}</h2><img src='{f}' style='max-width:100%'>" for t, f in images)
@@ -172,8 +180,8 @@ def render(idata_path, out_dir, max_vars: int = 6) -> Path:
             "<style>body{font-family:sans-serif;max-width:1000px;margin:auto}table{border-collapse:collapse}"
             "td,th{border:1px solid #ccc;padding:2px 6px}</style></head><body>"
             f"<h1>pyrobnn report: {html.escape(Path(idata_path).name)}</h1>"
-            f"<p>{idata.posterior.sizes['chain']} chain(s) × {idata.posterior.sizes['draw']} draws; groups: "
-            f"{html.escape(', '.join(idata.groups()))}</p>{''.join(sections)}{body}</body></html>")
+            f"<p>{posterior.sizes['chain']} chain(s) × {posterior.sizes['draw']} draws; groups: "
+            f"{html.escape(', '.join(groups))}</p>{''.join(sections)}{body}</body></html>")
     index = out / "index.html"
     index.write_text(page, encoding="utf-8")
     return index
