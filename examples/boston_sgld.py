@@ -35,6 +35,8 @@ import numpy as np
 import pyro
 import torch
 
+from pyrobnn import arviz_compat
+
 
 class DecayThenConstant:
     """η_t = decay(min(t, until)): a decaying schedule frozen at its value at update ``until``."""
@@ -47,7 +49,6 @@ class DecayThenConstant:
 
 
 def run_split(split_seed: int, args):
-    import arviz as az
     from pyro.infer import MCMC
 
     import pyrobnn
@@ -97,11 +98,12 @@ def run_split(split_seed: int, args):
                                       attrs={"pyrobnn_metrics": metrics})
     fs = function_space_diagnostics(idata)
     weights = [s for s in bnn.site_priors if s.endswith(".weight")]       # "1.weight", "3.weight"
-    weight_rhat = float(np.nanmax(az.rhat(idata, var_names=weights).to_array().values))
-    table = az.summary(idata, var_names=["likelihood.precision"] + [f"{w}_norm" for w in weights],
-                       kind="diagnostics")
-    lp = az.summary(idata, group="sample_stats", var_names=["lp"], kind="diagnostics") \
-        if "lp" in idata.sample_stats else None
+    posterior = arviz_compat.group(idata, "posterior")
+    weight_rhat = float(max(np.nanmax(arviz_compat.rhat(posterior[w].values)) for w in weights))
+    table = arviz_compat.summary(idata, var_names=["likelihood.precision"] + [f"{w}_norm" for w in weights],
+                                 kind="diagnostics")
+    lp = arviz_compat.summary(idata, group="sample_stats", var_names=["lp"], kind="diagnostics") \
+        if "lp" in arviz_compat.group(idata, "sample_stats") else None
     metrics.update({f"function_space_{k}": v for k, v in fs.items()})
     metrics["weight_coordinate_rhat_max"] = weight_rhat
     return metrics, idata, table, lp
@@ -150,7 +152,7 @@ def main(argv=None):
         results.append(metrics)
         print(json.dumps(metrics, indent=2))
         if i == 0:  # the first split's InferenceData, tables and plots
-            idata.to_netcdf(str(out / "inference_data.nc"))
+            arviz_compat.write(idata, out / "inference_data.nc")
             first_table, first_lp = table, lp
     summary = {k: float(np.mean([r[k] for r in results])) for k in ("test_rmse", "test_log_likelihood")}
     if args.splits > 1:

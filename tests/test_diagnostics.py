@@ -376,7 +376,7 @@ def test_report_command_renders_plots_and_html(mcmc_run, tmp_path):
     from pyrobnn.cli import main
     mcmc, bnn, x, y = mcmc_run
     idata = pyrobnn.to_inference_data(mcmc, test=(x[:20], y[:20]), attrs={"pyrobnn_metrics": {"test_rmse": 0.5}})
-    idata.to_netcdf(str(tmp_path / "inference_data.nc"))
+    compat.write(idata, tmp_path / "inference_data.nc")
     assert main(["report", str(tmp_path)]) == 0
     report = tmp_path / "report"
     for name in ("trace.png", "ppc.png", "reliability.png"):

@@ -28,7 +28,7 @@ import numpy as np
 
 
 def register(sub):
-    p = sub.add_parser("report", help="render a run's InferenceData (netCDF) to PNG plots and an HTML page")
+    p = sub.add_parser("report", help="render a run's ArviZ file (netCDF) to PNG plots and an HTML page")
     p.add_argument("dir", help="run directory holding inference_data.nc (or a .nc file)")
     p.add_argument("--out", default=None, help="output directory (default DIR/report)")
     p.add_argument("--max-vars", type=int, default=6, help="variables in the trace plot")
@@ -46,7 +46,8 @@ def find_inference_data(path) -> Path:
         return preferred
     found = sorted(path.glob("*.nc"))
     if not found:
-        raise FileNotFoundError(f"{path} holds no InferenceData (*.nc); save one with idata.to_netcdf(...)")
+        raise FileNotFoundError(f"{path} holds no ArviZ file (*.nc); save one with "
+                                "pyrobnn.arviz_compat.write(idata, path)")
     return found[0]
 
 
