@@ -14,13 +14,12 @@ import pyro.poutine as poutine
 import torch
 import torch.nn as nn
 from pyro.infer.autoguide import AutoGuide
-from pyro.infer.autoguide.initialization import init_to_median
 from pyro.nn import PyroModule
 from pyro.poutine.messenger import Messenger
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import priors as _priors  # noqa: F401  (registers the built-in priors)
-from .guides.base import FlatGaussianGuide
+from .guides.base import FlatGaussianGuide, init_to_median_or_fan_in
 from .guides.pyro_autoguides import PYRO_PREFIX, build_pyro_guide, is_pyro_autoguide, pyro_guide_spec
 from .layers import BayesianConv, BayesianLinear, BayesianModule, BayesianParams
 from .likelihoods import Likelihood
@@ -203,7 +202,7 @@ class BNN(nn.Module):
         value = self._init_values.get(site["name"])
         if value is not None and value.shape == site["fn"].shape():
             return value.clone()
-        return init_to_median(site)
+        return init_to_median_or_fan_in(site)
 
     def _build_guide(self, guide):
         if isinstance(guide, AutoGuide):
@@ -380,7 +379,7 @@ class BNN(nn.Module):
         layout = getattr(self.autoguide, "_layout", None)
         if not layout:
             return False
-        return all(layout[s][5] for s in self.site_priors if s in layout) and \
+        return all(layout[s].local for s in self.site_priors if s in layout) and \
             all(s in self.site_priors for s in layout)
 
     def _net_only(self, x):

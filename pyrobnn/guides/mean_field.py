@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -81,7 +82,9 @@ class MeanField(FlatGaussianGuide):
     the closed-form KL wherever one is registered.
 
     :param model: any Pyro model.
-    :param init_scale: initial σ of every site (unconstrained space).
+    :param init_scale: initial σ of every site (unconstrained space). Default (None): 0.01 at the sites of
+        pyrobnn's layers (a network started from its weights with larger noise trains slowly or not at all)
+        and 0.1 — Pyro's ``AutoNormal`` default — at every other site of a hand-written model.
     :param parameterization: ``"softplus"`` — free μ and ρ, σ = softplus(ρ); ``"gamma"`` — free γ and
         ρ with μ = γ·σ (the seed's parameterisation: μ/σ = γ is a parameter, so ARD's
         KL = ½ Σ log(1 + γ²) has no 0/0 and σ > 0 always). γ lives on a scale 1/σ larger than μ:
@@ -91,15 +94,19 @@ class MeanField(FlatGaussianGuide):
         weights (see :mod:`pyrobnn.guides.base`).
     """
 
-    def __init__(self, model, *, init_loc_fn=init_to_median, init_scale: float = 1e-2,
+    #: initial σ of network sites and of generic sites when ``init_scale`` is not given
+    NETWORK_INIT_SCALE = 1e-2
+    GENERIC_INIT_SCALE = 0.1
+
+    def __init__(self, model, *, init_loc_fn=init_to_median, init_scale: Optional[float] = None,
                  parameterization: str = "softplus", local_reparameterization: bool = True,
                  create_plates=None):
-        if not isinstance(init_scale, (int, float)) or isinstance(init_scale, bool) \
-                or not math.isfinite(init_scale) or init_scale <= 0:
-            raise ValueError(f"MeanField init_scale must be a positive finite number, got {init_scale!r}")
+        if init_scale is not None and (not isinstance(init_scale, (int, float)) or isinstance(init_scale, bool)
+                                       or not math.isfinite(init_scale) or init_scale <= 0):
+            raise ValueError(f"MeanField init_scale must be a positive finite number (or None), got {init_scale!r}")
         if parameterization not in ("softplus", "gamma"):
             raise ValueError(f"MeanField parameterization must be 'softplus' or 'gamma', got {parameterization!r}")
-        self.init_scale = float(init_scale)
+        self.init_scale = None if init_scale is None else float(init_scale)
         self.parameterization = parameterization
         self.flat_names = ("gamma", "rho") if parameterization == "gamma" else ("loc", "rho")
         super().__init__(model, init_loc_fn=init_loc_fn, local_reparameterization=local_reparameterization,
@@ -109,10 +116,14 @@ class MeanField(FlatGaussianGuide):
         return {"init_scale": self.init_scale, "parameterization": self.parameterization,
                 "local_reparameterization": self.local_reparameterization}
 
-    def _init_flat(self, init_loc):
-        rho = torch.full_like(init_loc, _softplus_inv(self.init_scale))
+    def _init_flat(self, init_loc, network):
+        if self.init_scale is not None:
+            scale = torch.full_like(init_loc, self.init_scale)
+        else:
+            scale = torch.where(network, self.NETWORK_INIT_SCALE, self.GENERIC_INIT_SCALE).to(init_loc.dtype)
+        rho = scale + torch.log(-torch.expm1(-scale))  # softplus⁻¹
         if self.parameterization == "gamma":
-            return {"gamma": init_loc / self.init_scale, "rho": rho}
+            return {"gamma": init_loc / scale, "rho": rho}
         return {"loc": init_loc, "rho": rho}
 
     def _split_flat(self, tensors):
