@@ -33,7 +33,7 @@ Before timing, one step of ``hand``, of ``pyrobnn-kernel`` and of ``pyro-module-
 state and RNG state are checked to agree (same minibatch, same noise), so all really compute the same
 update.
 
-    python benchmarks/sgld_step.py --rounds 15 --steps 10 --threads 1
+    python benchmarks/sgld_step.py --rounds 15 --steps 10 --threads 1 --runs 3
     python benchmarks/sgld_step.py --breakdown     # where the kernel's extra time goes (forward only)
 """
 from __future__ import annotations
@@ -269,6 +269,8 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--driver-steps", type=int, default=50,
                    help="steps per MCMC run for the driver contenders (its per-run set-up is amortised over them)")
+    p.add_argument("--runs", type=int, default=1,
+                   help="repeat the whole measurement; also reports per contender the median over runs")
     p.add_argument("--json", default=None, help="also write the results to this file")
     p.add_argument("--breakdown", action="store_true",
                    help="only time the forward pass (hand / plain Pyro model / bnn.model), thread CPU ms")
@@ -302,24 +304,28 @@ def main(argv=None):
             f()
     for run in drivers.values():
         run()
-    wall = {name: [] for name in list(steps) + list(drivers)}
-    cpu = {name: [] for name in wall}
-    order = list(wall)
-    for r in range(args.rounds):
-        rotated = order[r % len(order):] + order[:r % len(order)]
-        for name in rotated:
-            if name in steps:
-                f, count = steps[name], args.steps
-            else:
-                f, count = drivers[name], args.driver_steps
-            c0, t0 = time.thread_time(), time.perf_counter()
-            if name in steps:
-                for _ in range(count):
+    clocks = {"wall_time": time.perf_counter, "thread_cpu_time": time.thread_time,
+              "process_cpu_time": time.process_time}
+    order = list(steps) + list(drivers)
+
+    def measure():
+        times = {c: {name: [] for name in order} for c in clocks}
+        for r in range(args.rounds):
+            rotated = order[r % len(order):] + order[:r % len(order)]
+            for name in rotated:
+                if name in steps:
+                    f, count = steps[name], args.steps
+                else:
+                    f, count = drivers[name], args.driver_steps
+                start = {c: now() for c, now in clocks.items()}
+                if name in steps:
+                    for _ in range(count):
+                        f()
+                else:
                     f()
-            else:
-                f()
-            wall[name].append((time.perf_counter() - t0) / count)
-            cpu[name].append((time.thread_time() - c0) / count)
+                for c, now in clocks.items():
+                    times[c][name].append((now() - start[c]) / count)
+        return times
 
     def summary(times):
         med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
@@ -333,17 +339,28 @@ def main(argv=None):
             "mcmc_driver_lean_overhead_ms_per_step": round(med["mcmc-driver-lean"] - med["pyrobnn-kernel"], 3),
         }
 
+    runs = [{c: summary(t) for c, t in measure().items()} for _ in range(args.runs)]
     result = {
         "config": {"rounds": args.rounds, "steps": args.steps, "driver_steps": args.driver_steps,
-                   "threads": args.threads, "batch": N_BATCH, "dataset_size": x.shape[0],
-                   "weights": sum(q.numel() for q in params0)},
+                   "threads": args.threads, "runs": args.runs, "batch": N_BATCH, "dataset_size": x.shape[0],
+                   "weights": sum(q.numel() for q in params0), "torch": torch.__version__, "pyro": pyro.__version__},
         "same_update_max_abs_diff": err,
-        # CPU time of this (single compute) thread: what the step costs, without the time the process
-        # waits for a core on a shared machine; wall time: what a user waits for
-        "thread_cpu_time": summary(cpu),
-        "wall_time": summary(wall),
+        # thread CPU time: what the step costs in this (single compute) thread, without the time the
+        # process waits for a core on a shared machine (meaningful with --threads 1 only); process CPU
+        # time: all threads' (with --threads 2 it includes the second thread's work and its spin-waits);
+        # wall time: what a user waits for
+        **({c: runs[0][c] for c in clocks} if args.runs == 1 else {"runs": runs}),
+        "median_over_runs_of_ratio_to_hand": {
+            c: {k: {"median": round(statistics.median(r[c]["ratio_to_hand"][k] for r in runs), 3),
+                    "min": min(r[c]["ratio_to_hand"][k] for r in runs),
+                    "max": max(r[c]["ratio_to_hand"][k] for r in runs)} for k in order}
+            for c in clocks},
     }
     print(json.dumps(result, indent=2))
+    print(f"\nLeNet-300-100, batch {N_BATCH}, torch {torch.__version__}, threads {args.threads}: ratio to hand-written, "
+          f"median over {args.runs} run(s) of the ratio of medians over {args.rounds} rounds [min–max over runs]")
+    for c, rows in result["median_over_runs_of_ratio_to_hand"].items():
+        print(f"  {c}: " + ", ".join(f"{k} ×{v['median']:.3f} [{v['min']:.3f}–{v['max']:.3f}]" for k, v in rows.items()))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(result, fh, indent=2)

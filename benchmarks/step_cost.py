@@ -15,7 +15,8 @@ give the same update (same loss, noise, gradients and Adam step), so they comput
 Reported: per contender the median over rounds, the ratio of medians to hand-written, and the median of
 per-round ratios (load drifting between rounds cancels in the latter).
 
-    python benchmarks/step_cost.py [--rounds 15] [--clock thread] [--malloc fixed] [--json out.json]
+    python benchmarks/step_cost.py [--rounds 15] [--clock thread|process] [--threads 1|2] [--runs 3]
+                                   [--malloc fixed] [--json out.json]
 
 Each row also shows the median minor page faults per step. ``--malloc fixed`` re-runs the script with
 glibc's trim/mmap thresholds fixed (see ``_timing.py``), so that freed tensors are not handed back to the
@@ -24,6 +25,7 @@ OS and faulted in again: that noise, not the code, moved the ratios by several p
 import argparse
 import json
 import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -227,45 +229,69 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--runs", type=int, default=1,
+                    help="repeat the whole measurement; also reports per contender the median over runs")
     ap.add_argument("--json", default=None)
-    ap.add_argument("--clock", choices=["wall", "thread"], default="wall",
-                    help="wall: elapsed time with torch's default threads; thread: CPU time of one torch thread "
-                         "(robust when other jobs load the machine)")
+    ap.add_argument("--clock", choices=["wall", "thread", "process"], default="wall",
+                    help="wall: elapsed time; thread: CPU time of the calling thread (robust when other jobs load "
+                         "the machine; needs --threads 1); process: CPU time of all the process's threads")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default: 1 with --clock thread, else torch's default)")
     ap.add_argument("--malloc", choices=["default", "fixed"], default="default",
                     help="fixed: re-run with glibc's dynamic trim/mmap thresholds off (no page-fault noise)")
     args = ap.parse_args(argv)
     if args.malloc == "fixed":
         reexec_with_fixed_malloc()
-    if args.clock == "thread":
-        torch.set_num_threads(1)
+    threads = args.threads if args.threads is not None else (1 if args.clock == "thread" else None)
+    if args.clock == "thread" and threads != 1:
+        ap.error("--clock thread measures one thread: use --threads 1 (or --clock process)")
+    if threads is not None:
+        torch.set_num_threads(threads)
     results = {"same_update_max_rel_diff": check_same_update()}
     print("same update as hand-written (max |Δ| / max |θ|):", results["same_update_max_rel_diff"])
-    for validation in (True, False):
-        pyro.enable_validation(validation)
-        fns = build_steps()
-        faults = {}
-        med, times = interleaved(fns, rounds=args.rounds, steps=args.steps, clock=args.clock, samples=True,
-                                 faults=faults)
-        ref = med["hand-written BBB+LRT"]
-        round_ratios = median_round_ratios(times, "hand-written BBB+LRT")
-        ref2 = med[HAND_ONE_LOG]
-        results["validation_on" if validation else "validation_off"] = {
-            k: {"ms": round(v * 1e3, 3), "ratio": round(v / ref, 3), "median_round_ratio": round(round_ratios[k], 3),
-                "ratio_to_one_log_hand_written": round(v / ref2, 3),
-                "page_faults_per_step": round(faults[k], 1)}
-            for k, v in med.items()}
+    ref_name = "hand-written BBB+LRT"
+    per_run = {"validation_on": [], "validation_off": []}
+    for run in range(args.runs):
+        for validation in (True, False):
+            pyro.enable_validation(validation)
+            fns = build_steps()
+            faults = {}
+            med, times = interleaved(fns, rounds=args.rounds, steps=args.steps, clock=args.clock, samples=True,
+                                     faults=faults)
+            ref = med[ref_name]
+            round_ratios = median_round_ratios(times, ref_name)
+            ref2 = med[HAND_ONE_LOG]
+            per_run["validation_on" if validation else "validation_off"].append({
+                k: {"ms": round(v * 1e3, 3), "ratio": round(v / ref, 3),
+                    "median_round_ratio": round(round_ratios[k], 3),
+                    "ratio_to_one_log_hand_written": round(v / ref2, 3),
+                    "page_faults_per_step": round(faults[k], 1)}
+                for k, v in med.items()})
     pyro.enable_validation(True)
+    for mode, runs in per_run.items():
+        results[mode] = runs[0] if args.runs == 1 else {"runs": runs}
+        results[mode + "_median_over_runs"] = {
+            k: {key: statistics.median(r[k][key] for r in runs) for key in ("ratio", "median_round_ratio")}
+            | {"ratio_min": min(r[k]["ratio"] for r in runs), "ratio_max": max(r[k]["ratio"] for r in runs)}
+            for k in runs[0]}
     print(f"LeNet-300-100, batch {B}, torch {torch.__version__}, pyro {pyro.__version__}, "
-          f"threads {torch.get_num_threads()}, clock {args.clock}, malloc {malloc_mode()}")
+          f"threads {torch.get_num_threads()}, clock {args.clock}, malloc {malloc_mode()}, runs {args.runs}")
     results["malloc"] = malloc_mode()
-    for mode, rows in results.items():
-        if not isinstance(rows, dict) or not mode.startswith("validation"):
-            continue
-        print(f"\n[Pyro {mode.replace('_', ' ')}]  median ms/step, ratio of medians to hand-written, "
-              f"median of per-round ratios, ratio to the 1-log-softplus hand-written, minor page faults per step")
-        for k, r in rows.items():
-            print(f"  {k:29s} {r['ms']:8.3f} ms   ×{r['ratio']:.3f}   ×{r['median_round_ratio']:.3f}"
-                  f"   ×{r['ratio_to_one_log_hand_written']:.3f}   {r['page_faults_per_step']:7.1f}")
+    results["threads"] = torch.get_num_threads()
+    for mode, runs in per_run.items():
+        for i, rows in enumerate(runs):
+            print(f"\n[Pyro {mode.replace('_', ' ')}, run {i + 1}]  median ms/step, ratio of medians to hand-written, "
+                  f"median of per-round ratios, ratio to the 1-log-softplus hand-written, minor page faults per step")
+            for k, r in rows.items():
+                print(f"  {k:29s} {r['ms']:8.3f} ms   ×{r['ratio']:.3f}   ×{r['median_round_ratio']:.3f}"
+                      f"   ×{r['ratio_to_one_log_hand_written']:.3f}   {r['page_faults_per_step']:7.1f}")
+    if args.runs > 1:
+        for mode in per_run:
+            print(f"\n[Pyro {mode.replace('_', ' ')}, median over {args.runs} runs]  ratio of medians [min–max], "
+                  f"median of per-round ratios")
+            for k, r in results[mode + "_median_over_runs"].items():
+                print(f"  {k:29s} ×{r['ratio']:.3f} [{r['ratio_min']:.3f}–{r['ratio_max']:.3f}]   "
+                      f"×{r['median_round_ratio']:.3f}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return results

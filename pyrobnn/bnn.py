@@ -14,11 +14,13 @@ import pyro.poutine as poutine
 import torch
 import torch.nn as nn
 from pyro.infer.autoguide import AutoGuide
-from pyro.infer.autoguide.initialization import init_to_median
+from pyro.nn import PyroModule
 from pyro.poutine.messenger import Messenger
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import priors as _priors  # noqa: F401  (registers the built-in priors)
+from .guides.base import FlatGaussianGuide, init_to_median_or_fan_in
+from .guides.pyro_autoguides import PYRO_PREFIX, build_pyro_guide, is_pyro_autoguide, pyro_guide_spec
 from .layers import BayesianConv, BayesianLinear, BayesianModule, BayesianParams
 from .likelihoods import Likelihood
 from .registry import GUIDES, LIKELIHOODS, PRIORS, spec_of
@@ -67,6 +69,16 @@ def _release(names):
     for n in names:
         if n in store:
             del store[n]
+
+
+def _release_prefix(prefix):
+    store = pyro.get_param_store()
+    for n in [n for n in store.keys() if n.startswith(prefix)]:
+        del store[n]
+
+
+def _hide_observation(msg):
+    return bool(msg["infer"].get("pyrobnn_observation"))
 
 
 class BNN(nn.Module):
@@ -190,20 +202,30 @@ class BNN(nn.Module):
         value = self._init_values.get(site["name"])
         if value is not None and value.shape == site["fn"].shape():
             return value.clone()
-        return init_to_median(site)
+        return init_to_median_or_fan_in(site)
 
     def _build_guide(self, guide):
         if isinstance(guide, AutoGuide):
             raise TypeError("pass the guide as a name, a {'name': ...} mapping or a class/factory taking the model "
                             "(the BNN's model does not exist before bayesian() returns)")
-        if isinstance(guide, (str, Mapping)):
+        if isinstance(guide, Mapping) and str(guide.get("name", "")).startswith(PYRO_PREFIX):
+            built = build_pyro_guide(guide, self._model_for_guide, self._init_loc_fn)
+        elif isinstance(guide, (str, Mapping)):
             return GUIDES.build(guide, model=self._model_for_guide, init_loc_fn=self._init_loc_fn)
-        if callable(guide):
+        elif callable(guide):
             try:
-                return guide(self._model_for_guide, init_loc_fn=self._init_loc_fn)
+                built = guide(self._model_for_guide, init_loc_fn=self._init_loc_fn)
             except TypeError:
-                return guide(self._model_for_guide)
-        raise TypeError(f"guide must be a name, a mapping or a factory, got {guide!r}")
+                built = guide(self._model_for_guide)
+        else:
+            raise TypeError(f"guide must be a name, a mapping or a factory, got {guide!r}")
+        if isinstance(built, PyroModule) and not isinstance(built, FlatGaussianGuide):
+            # Pyro's AutoGuides name their parameters "<class name>.<site>" in the global param store, and a
+            # PyroModule prefers the store's tensor over its own: two BNNs (or a BNN and its saved-and-loaded
+            # copy) would share one guide's parameters. An instance-unique prefix keeps them apart.
+            built._pyro_name = f"{self._uname}.guide"
+            weakref.finalize(self, _release_prefix, built._pyro_name + ".")
+        return built
 
     # -- boundary checks ----------------------------------------------------------------------------
     def _check_x(self, x):
@@ -335,7 +357,11 @@ class BNN(nn.Module):
         return checked[idx]
 
     def _model_for_guide(self, x, y=None, subsample_size=None):
-        return self.model(x, y, subsample_size)
+        # what a guide sees of the model: the latent sites. The observation site is hidden, so a guide that
+        # traces the model without targets (bnn.initialize(x), prediction) does not mistake it for a latent
+        # (Pyro's AutoGuides would: a discrete site for a classifier, one of the wrong size for regression).
+        with poutine.block(hide_fn=_hide_observation):
+            return self.model(x, y, subsample_size)
 
     def guide(self, x, y=None, subsample_size: Optional[int] = None):
         """q(w): the autoguide, with the same KL weight as the model."""
@@ -353,7 +379,7 @@ class BNN(nn.Module):
         layout = getattr(self.autoguide, "_layout", None)
         if not layout:
             return False
-        return all(layout[s][5] for s in self.site_priors if s in layout) and \
+        return all(layout[s].local for s in self.site_priors if s in layout) and \
             all(s in self.site_priors for s in layout)
 
     def _net_only(self, x):
@@ -424,6 +450,8 @@ class BNN(nn.Module):
         if isinstance(self._guide_arg, (str, Mapping)):
             guide = self._guide_arg if isinstance(self._guide_arg, Mapping) else {"name": self._guide_arg}
             guide = {**guide, **getattr(self.autoguide, "config", lambda: {})()}
+        elif is_pyro_autoguide(self.autoguide):
+            guide = pyro_guide_spec(self.autoguide, self._guide_arg)
         else:
             guide = spec_of(self.autoguide)
         return {

@@ -5,9 +5,10 @@
 ``nn.Sequential``); the KL lives where Pyro puts it, in the ELBO.
 
 Local reparameterisation: when the guide hands a layer a placeholder carrying the weight posterior's
-``(loc, scale)`` (see :mod:`pyrobnn.guides.base`), Linear/Conv layers draw the pre-activation
-b ~ N(x·μ, x²·σ²) directly (Kingma et al. 2015) — same marginal, lower gradient variance, no weight
-draw. This is done here, inside pyrobnn's layers; no torch function is patched.
+``(loc, scale)``, Linear/Conv layers draw the pre-activation b ~ N(x·μ, x²·σ²) directly (Kingma et al.
+2015) — same marginal, lower gradient variance, no weight draw. These layers are consumers in the sense of
+:mod:`pyrobnn.lrt` (which says how another layer joins). This is done here, inside pyrobnn's layers; no
+torch function is patched.
 """
 from __future__ import annotations
 
@@ -18,13 +19,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .guides.base import LOCAL_REPARAM_KEY, local_reparam_params
+from .lrt import consumer_infer, draw, mean_var
 
 __all__ = ["BayesianModule", "BayesianLinear", "BayesianConv", "BayesianParams"]
 
 _LRT_EPS = 1e-16
-_LRT_INFER = {LOCAL_REPARAM_KEY: True}
-_NO_INFER: Dict[str, bool] = {}
 
 
 class BayesianModule(nn.Module):
@@ -49,9 +48,9 @@ class BayesianModule(nn.Module):
     def sample_param(self, pname: str, lrt: bool = False) -> torch.Tensor:
         prior = self.priors[pname]
         shape = self.site_shapes[pname]
-        infer = _LRT_INFER if (lrt and self.local_reparameterization) else _NO_INFER  # pyro.sample copies it
+        infer = consumer_infer(lrt and self.local_reparameterization)
         if hasattr(prior, "sample_site"):
-            return prior.sample_site(self.site_name(pname), shape, infer=dict(infer))
+            return prior.sample_site(self.site_name(pname), shape, infer=infer)
         fn = self._prior_cache.get(pname)
         if fn is None:
             fn = prior.expand(shape)
@@ -61,14 +60,6 @@ class BayesianModule(nn.Module):
         return pyro.sample(self.site_name(pname), fn, infer=infer)
 
 
-def _mean_var(value):
-    """(mean, variance) of a site value: placeholders carry their Normal, draws have variance 0."""
-    q = local_reparam_params(value)
-    if q is None:
-        return value, None
-    return q.loc, q.variance
-
-
 class _AffineBayesian(BayesianModule):
     def _affine(self, x, w, b):
         raise NotImplementedError
@@ -76,15 +67,12 @@ class _AffineBayesian(BayesianModule):
     def forward(self, x):
         w = self.sample_param("weight", lrt=True)
         b = self.sample_param("bias", lrt=True) if "bias" in self.site_shapes else None
-        w_mean, w_var = _mean_var(w)
+        w_mean, w_var = mean_var(w)
         if w_var is None:
             # a drawn weight (its prior has no placeholder protocol) next to a placeholder bias: draw the bias
             # from its q too, so the layer's output has the bias's noise
-            qb = local_reparam_params(b) if b is not None else None
-            if qb is not None:
-                b = torch.addcmul(qb.loc, qb.scale, torch.randn_like(qb.loc))
-            return self._affine(x, w, b)
-        b_mean, b_var = _mean_var(b) if b is not None else (None, None)
+            return self._affine(x, w_mean, None if b is None else draw(b, fresh=True))
+        b_mean, b_var = mean_var(b) if b is not None else (None, None)
         mean = self._affine(x, w_mean, b_mean)
         # in place on the fresh pre-activation variance (the affine op's backward does not keep its output);
         # addcmul: μ + σ·ε without a temporary for σ·ε
@@ -140,7 +128,7 @@ class BayesianParams(BayesianModule):
         self.module = module
 
     def forward(self, *args, **kwargs):
-        values = {n: self.sample_param(n) for n in self.site_shapes}
+        values = {n: draw(self.sample_param(n), fresh=True) for n in self.site_shapes}
         return torch.func.functional_call(self.module, values, args, kwargs)
 
 

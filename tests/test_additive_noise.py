@@ -160,7 +160,7 @@ def test_local_reparameterisation_moments(layer):
     bnn = pyrobnn.bayesian(net, prior="log-uniform", guide="additive-noise", dataset_size=10)
     bnn.initialize(x)
     g = bnn.autoguide
-    assert all(v[5] for v in g._layout.values())  # every site is a local-reparameterisation placeholder
+    assert all(v.local for v in g._layout.values())  # every site is a local-reparameterisation placeholder
     with torch.no_grad():
         g.flat.log_sigma2.uniform_(-4, -1)
     (w, sw), (b, sb) = g.site_params("0.weight"), g.site_params("0.bias")

@@ -81,8 +81,10 @@ def test_empirical_log_prob_and_sample_explain_themselves():
     p = EmpiricalARD().expand([2, 3])
     with pytest.raises(ValueError, match="hierarchical"):
         p.log_prob(torch.zeros(2, 3))
-    with pytest.raises(NotImplementedError, match="variational"):
-        p.sample()
+    # sample: the documented stand-in N(0, 1), so a model runs once without a guide (Predictive)
+    torch.manual_seed(1)
+    s = EmpiricalARD().expand([400, 500]).sample()
+    assert s.shape == (400, 500) and abs(s.mean().item()) < 0.01 and abs(s.std().item() - 1) < 0.01
     # a local-reparameterisation placeholder carries q, so the prior at its optimum is defined, and its
     # density there is the expectation under q: E_q[log N(w; 0, μ² + σ²)] (Monte Carlo below)
     torch.manual_seed(0)
@@ -100,8 +102,12 @@ def test_empirical_log_prob_and_sample_explain_themselves():
 def test_empirical_ard_fails_clearly_without_a_guide():
     bnn = pyrobnn.bayesian(nn.Sequential(nn.Linear(2, 1)), prior="ard", likelihood="bernoulli")
     x, y = torch.randn(8, 2), torch.randint(0, 2, (8,))
+    # running the model from its prior draws from the stand-in (what Predictive does to find the sites) ...
+    tr = poutine.trace(bnn.model).get_trace(x, y)
+    assert tr.nodes["0.weight"]["value"].shape == (1, 2)
+    # ... but it has no density there
     with pytest.raises(ValueError, match="ARD\\(mode='hierarchical'\\)"):
-        bnn.model(x, y)  # running the model from its prior (what samplers initialise from)
+        tr.log_prob_sum()
     # a sampler's potential: the model conditioned on plain weight values
     values = {"0.weight": torch.zeros(1, 2), "0.bias": torch.zeros(1)}
     tr = poutine.trace(poutine.condition(bnn.model, data=values)).get_trace(x, y)

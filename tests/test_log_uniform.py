@@ -115,13 +115,26 @@ def test_kl_at_zero_mean_is_finite_with_finite_gradient():
     torch.testing.assert_close(kl, kl_log_uniform(torch.tensor(8.0)) * 5)  # clipped at log α = 8
 
 
-def test_sample_refuses_with_clear_message():
-    with pytest.raises(NotImplementedError, match="improper prior.*cannot be sampled"):
-        LogUniform().sample()
-    with pytest.raises(NotImplementedError, match="improper"):
-        LogUniform().expand([2, 3]).to_event(2).sample()
-    with pytest.raises(NotImplementedError, match="improper"):
-        LogUniform().rsample()
+def test_sample_draws_from_the_documented_proper_stand_in():
+    """The improper prior has no samples; ``sample`` draws from the prior restricted to 1e-4 ≤ |w| ≤ 1
+    (log|w| uniform there, random sign), so a model can be run once without a guide (Predictive)."""
+    torch.manual_seed(0)
+    w = LogUniform().expand([200, 100]).to_event(2).sample()
+    assert w.shape == (200, 100)
+    a = w.abs()
+    assert a.min() >= 1e-4 and a.max() <= 1.0
+    # log|w| ~ U(log 1e-4, 0): mean log(1e-4)/2, variance (log 1e-4)²/12; signs balanced
+    lo = math.log(1e-4)
+    assert abs(a.log().mean().item() - lo / 2) < 0.05
+    assert abs(a.log().var().item() - lo ** 2 / 12) < 0.2
+    assert abs((w > 0).double().mean().item() - 0.5) < 0.02
+    assert LogUniform().rsample((3,)).shape == (3,)
+    stand_in = LogUniform().stand_in()
+    # its density integrates to one: ∫ p = 2 ∫_{1e-4}^{1} 1/(2|w| (−lo)) d|w| = 1 (trapezoid in log|w|)
+    u = torch.linspace(lo, 0.0, 2001, dtype=torch.float64)
+    dens = stand_in.log_prob(u.exp()).exp() * u.exp()
+    assert abs(2 * torch.trapezoid(dens, u).item() - 1.0) < 1e-6
+    assert stand_in.log_prob(torch.tensor(2.0)) == -math.inf
 
 
 def test_log_prob_is_minus_log_abs():

@@ -31,12 +31,11 @@ from typing import Optional, Sequence, Tuple
 import pyro.distributions as dist
 import torch
 from pyro.distributions.util import sum_rightmost
-from pyro.infer.autoguide.initialization import init_to_median
 
 from ..registry import GUIDES
-from .base import FlatGaussianGuide, GuideNormal, local_reparam_params
+from .base import FlatGaussianGuide, GuideNormal, init_to_median_or_fan_in, local_reparam_params
 
-__all__ = ["AdditiveNoise", "AdditiveNoiseNormal", "init_to_median_or_fan_in"]
+__all__ = ["AdditiveNoise", "AdditiveNoiseNormal", "init_to_median_or_fan_in"]  # the init re-exported
 
 #: added to θ² inside log θ² so a weight at exactly zero has a finite log α (then clipped) and gradient
 _THETA2_EPS = 1e-16
@@ -125,24 +124,6 @@ class _IndependentAdditiveNoise(dist.Independent):
         return sum_rightmost(base.log_variance, self.reinterpreted_batch_ndims) * -0.5 - n * (_HALF_LOG_2PI + 0.5)
 
 
-def init_to_median_or_fan_in(site=None):
-    """``init_to_median`` where the prior can be sampled; otherwise (an improper prior such as
-    :class:`pyrobnn.priors.LogUniform`) θ ~ U(−1/√fan_in, 1/√fan_in) with fan_in = prod(shape[1:])
-    (1 for shapes of fewer than 2 dims): PyTorch's default Linear/Conv initialisation, so a layer's
-    weights are not all equal (zero), which would make every unit the same."""
-    if site is None:
-        return init_to_median_or_fan_in
-    try:
-        return init_to_median(site, fallback=None)
-    except (ValueError, NotImplementedError):
-        pass
-    fn = site["fn"]
-    shape = fn.shape()
-    fan_in = math.prod(shape[1:]) if len(shape) >= 2 else 1
-    bound = 1.0 / math.sqrt(fan_in)
-    return (torch.rand(shape) * 2 - 1) * bound
-
-
 def _check_clip(clip) -> Optional[Tuple[Optional[float], float]]:
     """None, or ``(low, high)`` with ``low`` a finite number or None (no lower clip) and ``high`` a
     finite number above it."""
@@ -166,8 +147,9 @@ class AdditiveNoise(FlatGaussianGuide):
     ``pyro.infer.TraceMeanField_ELBO``.
 
     :param model: any Pyro model.
-    :param init_log_sigma2: initial log σ² of every weight (the reference recipe uses −10, so training
-        starts from (nearly) the deterministic network).
+    :param init_log_sigma2: initial log σ² of every site. Default (None): −10 at the sites of pyrobnn's
+        layers (the reference recipe: training starts from (nearly) the deterministic network) and
+        log 0.1² — Pyro's ``AutoNormal`` initial scale — at every other site of a hand-written model.
     :param log_alpha_clip: ``(low, high)`` range log α is clipped to where it is used (KL, masks);
         ``low`` may be None (the default ``(None, 8)``: clipped from above only, so no weight escapes
         the KL; module docstring), or None for no clip. σ² is never clipped.
@@ -183,12 +165,17 @@ class AdditiveNoise(FlatGaussianGuide):
 
     flat_names = ("theta", "log_sigma2")
 
-    def __init__(self, model, *, init_loc_fn=init_to_median_or_fan_in, init_log_sigma2: float = -10.0,
+    #: initial log σ² of network sites and of generic sites when ``init_log_sigma2`` is not given
+    NETWORK_INIT_LOG_SIGMA2 = -10.0
+    GENERIC_INIT_LOG_SIGMA2 = 2 * math.log(0.1)
+
+    def __init__(self, model, *, init_loc_fn=init_to_median_or_fan_in, init_log_sigma2: Optional[float] = None,
                  log_alpha_clip=(None, 8.0), local_reparameterization: bool = True, create_plates=None):
-        if isinstance(init_log_sigma2, bool) or not isinstance(init_log_sigma2, numbers.Real) \
-                or not math.isfinite(init_log_sigma2):
-            raise ValueError(f"AdditiveNoise init_log_sigma2 must be a finite number, got {init_log_sigma2!r}")
-        self.init_log_sigma2 = float(init_log_sigma2)
+        if init_log_sigma2 is not None and (isinstance(init_log_sigma2, bool)
+                                            or not isinstance(init_log_sigma2, numbers.Real)
+                                            or not math.isfinite(init_log_sigma2)):
+            raise ValueError(f"AdditiveNoise init_log_sigma2 must be a finite number (or None), got {init_log_sigma2!r}")
+        self.init_log_sigma2 = None if init_log_sigma2 is None else float(init_log_sigma2)
         self.log_alpha_clip = _check_clip(log_alpha_clip)
         super().__init__(model, init_loc_fn=init_loc_fn, local_reparameterization=local_reparameterization,
                          create_plates=create_plates)
@@ -199,8 +186,11 @@ class AdditiveNoise(FlatGaussianGuide):
                 "local_reparameterization": self.local_reparameterization}
 
     # -- FlatGaussianGuide hooks ------------------------------------------------------------------------
-    def _init_flat(self, init_loc):
-        return {"theta": init_loc, "log_sigma2": torch.full_like(init_loc, self.init_log_sigma2)}
+    def _init_flat(self, init_loc, network):
+        if self.init_log_sigma2 is not None:
+            return {"theta": init_loc, "log_sigma2": torch.full_like(init_loc, self.init_log_sigma2)}
+        log_var = torch.where(network, self.NETWORK_INIT_LOG_SIGMA2, self.GENERIC_INIT_LOG_SIGMA2)
+        return {"theta": init_loc, "log_sigma2": log_var.to(init_loc.dtype)}
 
     def _site_params(self, flat, i, shape):
         # (θ, log σ², None): the base class passes the second item, subsampled along plates like θ,
@@ -219,7 +209,7 @@ class AdditiveNoise(FlatGaussianGuide):
     def site_log_params(self, name: str):
         """``(θ, log σ²)`` of a site (views of the flat parameters)."""
         i = self._index[name]
-        theta, log_var, _ = self._site_params(self._flat_params(register=False), i, self._layout[name][2])
+        theta, log_var, _ = self._site_params(self._flat_params(register=False), i, self._layout[name].shape)
         return theta, log_var
 
     # -- public -----------------------------------------------------------------------------------------

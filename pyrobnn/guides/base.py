@@ -6,29 +6,33 @@ reads a view of them: Pyro's SVI then sees two parameters instead of two per sit
 per-step bookkeeping (param-store calls, one optimiser per parameter in ``pyro.optim``) constant in
 the number of layers.
 
-Local reparameterisation. A model site may declare ``infer={"local_reparameterization": True}``
-(pyrobnn's Bayesian layers do). For such a site with real support whose prior follows the placeholder
-protocol below (:func:`expects_placeholders`), the guide does not draw a weight: the site's value is the posterior mean carrying its ``(loc, scale)``
-(see :func:`local_reparam_params`), and the layer draws its pre-activations from their exact Gaussian
-instead.
+Local reparameterisation (the protocol, what a placeholder is and who consumes it: :mod:`pyrobnn.lrt`).
+At a site with real support whose prior follows :class:`pyrobnn.lrt.PlaceholderPrior` and that declares
+``infer={"local_reparameterization": True}`` (pyrobnn's Bayesian layers do), the guide's value is a
+placeholder: the posterior mean carrying q, from which a layer draws its pre-activations; any other use of
+the value sees a real draw. At a placeholder the densities are expectations under q — the guide gives
+E_q[log q(w)] = −log σ − ½ log 2π − ½, the prior E_q[log p(w)] — so every ELBO that is linear in
+log p − log q agrees with the closed-form one: ``TraceMeanField_ELBO`` (which uses the KL, and
+``pyrobnn.inference.fit``), ``Trace_ELBO`` and ``TraceGraph_ELBO`` (tests/test_placeholders.py). A site whose
+prior does not implement the expectation (a foreign distribution) gets no placeholder: its weights are drawn.
 
-Densities at a placeholder. Pyro's ELBOs evaluate log p and log q at every site's value; at a
-placeholder both are *expectations under q*: the guide gives E_q[log q(w)] = −log σ − ½ log 2π − ½ and
-the prior E_q[log p(w)] (in closed form for the Gaussian, ARD and log-uniform priors; the deep weight
-prior, which has none, returns its bound at one fresh draw from q, an unbiased estimate). Their
-difference is −KL(q ‖ p) (or its unbiased estimate), so every ELBO that is linear in log p − log q
-agrees with the closed-form one: ``TraceMeanField_ELBO`` (which uses the KL,
-and ``pyrobnn.inference.fit``), ``Trace_ELBO`` and ``TraceGraph_ELBO`` (tests/test_placeholders.py). A site
-whose prior does not implement the expectation (a foreign distribution) gets no placeholder: its
-weights are drawn.
+Network sites and generic sites. A site issued by a pyrobnn layer (its ``infer`` carries
+:data:`pyrobnn.lrt.NETWORK_KEY`) starts with the small scale a network needs (a network started from its
+initial weights with large noise does not train); any other site of a hand-written model starts like Pyro's
+``AutoNormal`` (σ = 0.1), unless the guide is given an explicit initial scale.
+
+Improper priors (log-uniform, empirical ARD: ``improper = True``) are never sampled to initialise a guide:
+:func:`improper_safe_init` replaces an init strategy that would sample the prior by
+:func:`init_to_fan_in` there.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import weakref
 from contextlib import ExitStack
-from typing import Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
 
 import pyro
 import pyro.distributions as dist
@@ -37,19 +41,24 @@ import torch
 from pyro.distributions.util import sum_rightmost
 from pyro.infer.autoguide import AutoGuide
 from pyro.infer.autoguide.guides import prototype_hide_fn
-from pyro.infer.autoguide.initialization import InitMessenger, init_to_median
+from pyro.infer.autoguide.initialization import (InitMessenger, init_to_feasible, init_to_mean, init_to_median,
+                                                 init_to_sample, init_to_uniform)
 from torch.distributions import biject_to, constraints
 from torch.autograd.function import once_differentiable
 from torch.distributions.kl import _kl_independent_independent, kl_divergence, register_kl
 
+from ..lrt import (LOCAL_REPARAM_KEY, NETWORK_KEY, expects_placeholders, make_placeholder, placeholder_of,
+                   wants_placeholder)
 from ..site_dist import SiteIndependent, to_site_event
 
-__all__ = ["GuideNormal", "FlatGaussianGuide", "local_reparam_params", "mean_field_kl", "LOCAL_REPARAM_KEY",
-           "expects_placeholders", "expected_normal_log_prob"]
+__all__ = ["GuideNormal", "FlatGaussianGuide", "SiteLayout", "local_reparam_params", "mean_field_kl",
+           "LOCAL_REPARAM_KEY", "expects_placeholders", "expected_normal_log_prob", "is_improper",
+           "init_to_fan_in", "init_to_median_or_fan_in", "improper_safe_init"]
 
-LOCAL_REPARAM_KEY = "local_reparameterization"
-_ATTR = "_pyrobnn_loc_scale"
 _uid = itertools.count()
+
+#: the pyrobnn site's placeholder's q, if ``value`` is one (an alias of :func:`pyrobnn.lrt.placeholder_of`)
+local_reparam_params = placeholder_of
 
 
 class GuideNormal(dist.Normal):
@@ -61,7 +70,7 @@ class GuideNormal(dist.Normal):
     a draw. ``log σ`` and ``σ²`` are computed once and shared by the KL, the log-density and the layer.
     """
 
-    def __init__(self, loc, scale, gamma=None, placeholder=False, validate_args=False):
+    def __init__(self, loc, scale, gamma=None, placeholder=False, validate_args=False, consumable=True):
         if (validate_args is False and type(loc) is torch.Tensor and type(scale) is torch.Tensor
                 and loc.shape == scale.shape and loc.dtype == scale.dtype and loc.device == scale.device):
             # what Normal.__init__ ends with for two same-shape tensors and no validation (a guide site on
@@ -73,6 +82,7 @@ class GuideNormal(dist.Normal):
             super().__init__(loc, scale, validate_args=validate_args)
         self.gamma = gamma
         self.placeholder = placeholder
+        self.consumable = consumable
         self._log_scale = None
         self._var = None
         self._loc_sq = None
@@ -131,7 +141,7 @@ class GuideNormal(dist.Normal):
     def log_prob_sum(self, value):
         """Σ E_q[log q] at the placeholder: −Σ log σ − n(½ log 2π + ½) (the negative entropy); None for
         any other value."""
-        if getattr(value, _ATTR, None) is not self:
+        if placeholder_of(value) is not self:
             return None
         n = self.loc.numel()
         if self._fusable():
@@ -169,6 +179,7 @@ class GuideNormal(dist.Normal):
         new = super().expand(batch_shape, _instance=_instance or GuideNormal.__new__(GuideNormal))
         new.gamma = None if self.gamma is None else self.gamma.expand(batch_shape)
         new.placeholder = self.placeholder
+        new.consumable = self.consumable
         new._log_scale = None
         new._var = None
         new._loc_sq = None
@@ -178,12 +189,10 @@ class GuideNormal(dist.Normal):
     def rsample(self, sample_shape=torch.Size()):
         if not self.placeholder:
             return super().rsample(sample_shape)
-        value = self.loc.expand(self._extended_shape(sample_shape))
-        setattr(value, _ATTR, self)
-        return value
+        return make_placeholder(self, self._extended_shape(sample_shape), self.consumable)
 
     def log_prob(self, value):
-        if getattr(value, _ATTR, None) is self:
+        if placeholder_of(value) is self:
             # at the placeholder: E_q[log q(w)] = −log σ − ½ log 2π − ½ (see the module doc)
             return torch.rsub(self.log_scale, -_NEG_ENTROPY_CONST)
         return super().log_prob(value)
@@ -192,16 +201,6 @@ class GuideNormal(dist.Normal):
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 #: E_q[log q] = −log σ − this, for a Normal q
 _NEG_ENTROPY_CONST = _HALF_LOG_2PI + 0.5
-
-
-def expects_placeholders(fn) -> bool:
-    """Whether a model site's distribution ``fn`` evaluates a local-reparameterisation placeholder as
-    E_q[log p(w)] (the protocol of the module doc): its base distribution (under any ``Independent``)
-    declares ``placeholder_expectation = True`` (exact, or an unbiased estimate where no closed form exists).
-    Only such sites get placeholders from a guide."""
-    while isinstance(fn, torch.distributions.Independent):
-        fn = fn.base_dist
-    return bool(getattr(fn, "placeholder_expectation", False))
 
 
 def expected_normal_log_prob(q, loc, scale) -> torch.Tensor:
@@ -383,11 +382,6 @@ def _kl_guide_normal(q: GuideNormal, p: dist.Normal):
     return (q.variance + (q.loc - p.loc) ** 2) / (2 * var_p) - q.log_scale + p.scale.log() - 0.5
 
 
-def local_reparam_params(value) -> Optional[GuideNormal]:
-    """The :class:`GuideNormal` behind ``value`` if it is a local-reparameterisation placeholder."""
-    return getattr(value, _ATTR, None)
-
-
 def _is_real(support) -> bool:
     while isinstance(support, constraints.independent):
         support = support.base_constraint
@@ -413,6 +407,93 @@ def _prototype_hide(msg):
     return prototype_hide_fn(msg) or bool(msg.get("infer", {}).get("pyrobnn_observation"))
 
 
+class SiteLayout(NamedTuple):
+    """Where one latent site lives in a :class:`FlatGaussianGuide`'s flat parameters, and how it is drawn."""
+
+    offset: int                 #: first element of the site in each flat vector
+    size: int                   #: number of elements (the full size along subsampled plates)
+    shape: torch.Size           #: unconstrained shape (full plate sizes)
+    event_dim: int              #: event dims of the unconstrained value
+    transform: Optional[Any]    #: unconstrained → constrained, None for a real site
+    local: bool                 #: a layer may draw pre-activations from its placeholder (pyrobnn.lrt)
+    placeholder: bool           #: the guide's value is a placeholder (local, or a prior that needs one)
+    network: bool               #: issued by a pyrobnn layer (network initial scale) rather than generic
+
+
+class _SitePlan(NamedTuple):
+    """What ``forward`` needs per site, read once from the prototype trace."""
+
+    index: int
+    name: str
+    shape: torch.Size
+    event_dim: int
+    transform: Optional[Any]
+    placeholder: bool
+    local: bool
+    frames: tuple               #: the site's vectorised plates
+    model_event_dim: int
+
+
+def is_improper(fn) -> bool:
+    """Whether a site's distribution is an improper prior (``improper = True`` under any ``Independent``):
+    its ``sample`` only draws a stand-in (see :mod:`pyrobnn.priors.log_uniform`), so no initialisation
+    should be taken from it."""
+    while isinstance(fn, torch.distributions.Independent):
+        fn = fn.base_dist
+    return bool(getattr(fn, "improper", False))
+
+
+def init_to_fan_in(site=None):
+    """θ ~ U(−1/√fan_in, 1/√fan_in) with fan_in = prod(shape[1:]) (1 for shapes of fewer than 2 dims):
+    PyTorch's default Linear/Conv initialisation, so a layer's weights are not all equal (zero), which
+    would make every unit the same. Never samples the prior."""
+    if site is None:
+        return init_to_fan_in
+    shape = site["fn"].shape()
+    fan_in = math.prod(shape[1:]) if len(shape) >= 2 else 1
+    bound = 1.0 / math.sqrt(fan_in)
+    return (torch.rand(shape) * 2 - 1) * bound
+
+
+def init_to_median_or_fan_in(site=None):
+    """:func:`init_to_fan_in` at an improper prior (or one that cannot be sampled), ``init_to_median``
+    elsewhere."""
+    if site is None:
+        return init_to_median_or_fan_in
+    if not is_improper(site["fn"]):
+        try:
+            return init_to_median(site, fallback=None)
+        except (ValueError, NotImplementedError):
+            pass
+    return init_to_fan_in(site)
+
+
+_SAMPLING_INITS = (init_to_median, init_to_sample, init_to_mean, init_to_feasible, init_to_uniform)
+
+
+def _samples_prior(init_loc_fn) -> bool:
+    fn = init_loc_fn
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    return fn in _SAMPLING_INITS
+
+
+def improper_safe_init(init_loc_fn: Callable) -> Callable:
+    """``init_loc_fn`` with one change: at an improper prior, where Pyro's strategies (median, sample, mean,
+    feasible, uniform) would sample the prior or start every weight at 0, :func:`init_to_fan_in`."""
+    if not _samples_prior(init_loc_fn):
+        return init_loc_fn
+
+    def init(site=None):
+        if site is None:
+            return init
+        if is_improper(site["fn"]):
+            return init_to_fan_in(site)
+        return init_loc_fn(site)
+
+    return init
+
+
 class FlatGaussianGuide(AutoGuide):
     """Base class: subclasses define the two flat parameters and how a site's (loc, scale) is read.
 
@@ -430,11 +511,11 @@ class FlatGaussianGuide(AutoGuide):
                  local_reparameterization: bool = True, create_plates=None):
         self.init_loc_fn = init_loc_fn
         self.local_reparameterization = bool(local_reparameterization)
-        model = InitMessenger(init_loc_fn)(model)
+        model = InitMessenger(improper_safe_init(init_loc_fn))(model)
         super().__init__(model, create_plates=create_plates)
         self._uname = f"pyrobnn.{type(self).__name__}{next(_uid)}"
         self.flat = _Flat()
-        self._layout: Dict[str, tuple] = {}
+        self._layout: Dict[str, SiteLayout] = {}
         self._finalizer = None
 
     @property
@@ -449,7 +530,7 @@ class FlatGaussianGuide(AutoGuide):
     # -- set-up -----------------------------------------------------------------------------------
     def _setup_prototype(self, *args, **kwargs):
         super()._setup_prototype(*args, **kwargs)
-        inits, offset = [], 0
+        inits, networks, offset = [], [], 0
         for name, site in self.prototype_trace.iter_stochastic_nodes():
             support = site["fn"].support
             if support.is_discrete:
@@ -468,21 +549,25 @@ class FlatGaussianGuide(AutoGuide):
             real = _is_real(support)
             # a prior that implements E_q[log p] at placeholders (exactly, or unbiasedly as the deep weight
             # prior does) needs no closed-form KL: ELBOs fall back to log p − log q there, which is then −KL
-            placeholder = self.local_reparameterization and bool(site["infer"].get(LOCAL_REPARAM_KEY)) \
-                and real and expects_placeholders(site["fn"])
-            self._layout[name] = (offset, n, torch.Size(full_shape), event_dim, None if real else transform,
-                                  placeholder)
+            placeholder, local = wants_placeholder(site, self.local_reparameterization, real)
+            network = bool(site["infer"].get(NETWORK_KEY))
+            self._layout[name] = SiteLayout(offset, n, torch.Size(full_shape), event_dim,
+                                            None if real else transform, local, placeholder, network)
             inits.append(init.reshape(-1))
+            networks.append(torch.full((n,), network))
             offset += n
         init_flat = torch.cat(inits) if inits else torch.zeros(0)
-        self._sizes = [v[1] for v in self._layout.values()]
+        network_flat = torch.cat(networks) if networks else torch.zeros(0, dtype=torch.bool)
+        self._sizes = [v.size for v in self._layout.values()]
         self._index = {name: i for i, name in enumerate(self._layout)}
-        for pname, tensor in self._init_flat(init_flat).items():
+        for pname, tensor in self._init_flat(init_flat, network_flat).items():
             setattr(self.flat, pname, torch.nn.Parameter(tensor.detach().clone()))
         self._finalizer = weakref.finalize(self, _release, [f"{self._uname}.{p}" for p in self.flat_names])
 
     # -- subclass hooks ---------------------------------------------------------------------------
-    def _init_flat(self, init_loc: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def _init_flat(self, init_loc: torch.Tensor, network: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Initial flat parameters from the unconstrained initial values; ``network`` (bool, same length)
+        marks the elements of network sites (see the module doc for their initial scale)."""
         raise NotImplementedError
 
     def _site_params(self, flat, i: int, shape) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
@@ -512,23 +597,23 @@ class FlatGaussianGuide(AutoGuide):
     def site_params(self, name: str):
         """Unconstrained ``(loc, scale)`` of a site (views of the flat parameters)."""
         i = self._index[name]
-        loc, scale, _ = self._site_params(self._flat_params(register=False), i, self._layout[name][2])
+        loc, scale, _ = self._site_params(self._flat_params(register=False), i, self._layout[name].shape)
         return loc, scale
 
     def site_names(self):
         return list(self._layout)
 
     def _site_plan(self):
-        """Per latent site, what ``forward`` needs, read once from the prototype trace:
-        (index, name, shape, event_dim, transform, placeholder, vectorized frames, model event_dim)."""
+        """Per latent site, what ``forward`` needs (a :class:`_SitePlan`), read once from the prototype trace."""
         cached = self.__dict__.get("_plan_cache")
         if cached is not None and cached[0] is self.prototype_trace:
             return cached[1]
         plan = []
         for i, (name, site) in enumerate(self.prototype_trace.iter_stochastic_nodes()):
-            offset, n, shape, event_dim, transform, placeholder = self._layout[name]
+            lay = self._layout[name]
             frames = tuple(f for f in site["cond_indep_stack"] if f.vectorized)
-            plan.append((i, name, shape, event_dim, transform, placeholder, frames, site["fn"].event_dim))
+            plan.append(_SitePlan(i, name, lay.shape, lay.event_dim, lay.transform, lay.placeholder, lay.local,
+                                  frames, site["fn"].event_dim))
         self.__dict__["_plan_cache"] = (self.prototype_trace, plan)
         return plan
 
@@ -538,11 +623,11 @@ class FlatGaussianGuide(AutoGuide):
         plates = self._create_plates(*args, **kwargs)
         flat = self._flat_params()
         result = {}
-        for i, name, shape, event_dim, transform, placeholder, frames, model_event_dim in self._site_plan():
+        for i, name, shape, event_dim, transform, placeholder, local, frames, model_event_dim in self._site_plan():
             loc, scale, gamma = self._site_params(flat, i, shape)
             if not frames:  # a global site (every weight of a network): no plate to enter
                 result[name] = pyro.sample(name, self._site_dist(loc, scale, gamma, placeholder, event_dim,
-                                                                 transform, model_event_dim))
+                                                                 transform, model_event_dim, local))
                 continue
             with ExitStack() as stack:
                 for frame in frames:
@@ -554,11 +639,13 @@ class FlatGaussianGuide(AutoGuide):
                         scale = scale.index_select(dim, plate)
                         gamma = None if gamma is None else gamma.index_select(dim, plate)
                 result[name] = pyro.sample(name, self._site_dist(loc, scale, gamma, placeholder, event_dim,
-                                                                 transform, model_event_dim))
+                                                                 transform, model_event_dim, local))
         return result
 
-    def _site_dist(self, loc, scale, gamma, placeholder, event_dim, transform, model_event_dim):
+    def _site_dist(self, loc, scale, gamma, placeholder, event_dim, transform, model_event_dim, local=True):
         base = self._site_normal(loc, scale, gamma, placeholder)
+        if placeholder and not local:
+            base.consumable = False  # a placeholder only for the prior's densities: layers draw weights
         fn = base.to_event(event_dim) if event_dim else base
         if transform is not None:
             fn = dist.TransformedDistribution(fn, [transform.with_cache()])
@@ -572,7 +659,7 @@ class FlatGaussianGuide(AutoGuide):
         out = {}
         for name in self._layout:
             loc, _ = self.site_params(name)
-            out[name] = _constrain(self._layout[name][4], loc).detach().clone()
+            out[name] = _constrain(self._layout[name].transform, loc).detach().clone()
         return out
 
     @torch.no_grad()
@@ -581,7 +668,7 @@ class FlatGaussianGuide(AutoGuide):
         for name in self._layout:
             loc, scale = self.site_params(name)
             q = torch.as_tensor(quantiles, dtype=loc.dtype).reshape((-1,) + (1,) * loc.dim())
-            out[name] = _constrain(self._layout[name][4], dist.Normal(loc, scale).icdf(q))
+            out[name] = _constrain(self._layout[name].transform, dist.Normal(loc, scale).icdf(q))
         return out
 
     @torch.no_grad()
@@ -591,5 +678,5 @@ class FlatGaussianGuide(AutoGuide):
         for name in self._layout:
             loc, scale = self.site_params(name)
             eps = torch.randn((num_samples,) + tuple(loc.shape), generator=generator, dtype=loc.dtype)
-            out[name] = _constrain(self._layout[name][4], loc + scale * eps)
+            out[name] = _constrain(self._layout[name].transform, loc + scale * eps)
         return out

@@ -175,7 +175,7 @@ class HyperMeanField(FlatGaussianGuide):
             self._lam = old
 
     # -- parameters -------------------------------------------------------------------------------
-    def _init_flat(self, init_loc):
+    def _init_flat(self, init_loc, network=None):
         rho0 = torch.full_like(init_loc, _softplus_inv(self.init_scale))
         params: Dict[str, torch.Tensor] = {}
         if self.kind == "linear":

@@ -57,10 +57,11 @@ from torch.distributions import constraints
 from torch.distributions.kl import register_kl
 
 from ..guides.base import GuideNormal, expected_normal_log_prob, local_reparam_params
+from ..lrt import NETWORK_KEY
 from ..registry import PRIORS
 from ._util import check_positive
 
-__all__ = ["ARD", "EmpiricalARD", "HierarchicalARD", "empirical_ard_kl", "DEFAULT_A", "DEFAULT_B"]
+__all__ = ["ARD", "EmpiricalARD", "HierarchicalARD", "MarginalARD", "empirical_ard_kl", "DEFAULT_A", "DEFAULT_B"]
 
 DEFAULT_A = 0.1
 DEFAULT_B = 1e-3
@@ -69,10 +70,10 @@ _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 _NO_DENSITY = (
     "empirical-Bayes ARD has no fixed density: its variance δ² = μ² + σ² is set from the variational "
-    "posterior q(w) = N(μ, σ²), so it is only defined inside a variational ELBO with a pyrobnn Gaussian "
-    "guide and local reparameterisation (pyrobnn.inference.fit, or pyro.infer.SVI with TraceMeanField_ELBO or "
-    "Trace_ELBO). For MCMC/SG-MCMC samplers or local_reparameterization=False use "
-    "ARD(mode='hierarchical'), whose precisions α are real latent sites."
+    "posterior q(w) = N(μ, σ²), so it is only defined inside a variational ELBO: with pyrobnn's guides "
+    "(MeanField, AdditiveNoise) under any of Pyro's ELBOs, or with another Normal guide (e.g. Pyro's "
+    "AutoNormal) under pyro.infer.TraceMeanField_ELBO, which uses its closed-form KL. For MCMC/SG-MCMC "
+    "samplers use ARD(mode='hierarchical'), whose precisions α are real latent sites."
 )
 
 
@@ -82,8 +83,12 @@ class EmpiricalARD(TorchDistribution):
 
     Use it like any scalar prior: ``EmpiricalARD().expand(shape).to_event(len(shape))``, or by name
     ``bayesian(net, prior="ard")``. ``batch_shape`` is the weight shape after ``expand``; there are no
-    parameters. KL to a Gaussian guide: :func:`empirical_ard_kl`. ``sample`` and ``log_prob`` of
-    values that are not a guide's local-reparameterisation placeholder raise (see the module doc).
+    parameters. KL to a Gaussian guide: :func:`empirical_ard_kl`. ``log_prob`` of a value that is not a
+    guide's placeholder (:mod:`pyrobnn.lrt`) raises (see the module doc); pyrobnn's guides hand every
+    site of this prior a placeholder (``needs_placeholder``), so it works at any site of a hand-written
+    model. ``sample`` draws from a stand-in, N(0, 1) (:meth:`stand_in`), only so that a model can be run
+    once without a guide (``pyro.infer.Predictive`` does, to find the sites); no density or guide
+    initialisation is taken from it (``improper = True``).
     """
 
     arg_constraints = {}
@@ -93,6 +98,8 @@ class EmpiricalARD(TorchDistribution):
     has_rsample = True
     registry_name = "ard"
     placeholder_expectation = True
+    needs_placeholder = True
+    improper = True
 
     def __init__(self, batch_shape=torch.Size(), validate_args=None):
         super().__init__(torch.Size(batch_shape), torch.Size(), validate_args=False)
@@ -111,9 +118,14 @@ class EmpiricalARD(TorchDistribution):
     def mode(self):
         return torch.zeros(self.batch_shape)
 
+    def stand_in(self) -> dist.TorchDistribution:
+        """The distribution :meth:`sample` draws from: N(0, 1) per weight."""
+        return dist.Normal(0.0, 1.0).expand(self.batch_shape)
+
+    @torch.no_grad()
     def sample(self, sample_shape=torch.Size()):
-        # NotImplementedError makes Pyro's init_to_median fall back to init_to_feasible (zeros).
-        raise NotImplementedError(_NO_DENSITY)
+        """A draw from :meth:`stand_in` (the prior has no density of its own; see the class doc)."""
+        return self.stand_in().sample(sample_shape)
 
     def rsample(self, sample_shape=torch.Size()):
         return self.sample(sample_shape)
@@ -226,10 +238,102 @@ class _PlaceholderNormal(dist.Normal):
         return super().log_prob(value)
 
 
+class MarginalARD(TorchDistribution):
+    """Hierarchical ARD with its precisions integrated out: what ``HierarchicalARD(...).expand(shape)`` is.
+
+    For a group of k weights sharing one α ~ Gamma(a, b) (rate b), w | α ~ N(0, 1/α):
+
+        log p(w_g) = a log b − log Γ(a) + log Γ(a + k/2) − (a + k/2) log(b + ½ Σ_g w²) − (k/2) log 2π,
+
+    a multivariate Student-t (per weight, k = 1: Student-t with 2a degrees of freedom and scale √(b/a)).
+    ``group="weight"``: ``batch_shape = shape`` (independent weights, elementwise). ``"input"`` / ``"layer"``:
+    weights that share an α are dependent, so the whole weight tensor is one event (``event_shape = shape``,
+    ``to_event(k)`` with k ≤ its dims leaves it so). ``sample`` draws α then w. There is no closed-form
+    E_q[log p] (no placeholder: a guide draws these weights) and no closed-form KL (``TraceMeanField_ELBO``
+    estimates it with one draw). Use it as an ordinary distribution at a hand-written model's site; to keep
+    α as a latent site (for its posterior, or for samplers), use ``bayesian(net, prior=ARD(mode="hierarchical"))``
+    or :meth:`HierarchicalARD.sample_site`.
+    """
+
+    arg_constraints: dict = {}
+    support = constraints.real
+    has_rsample = True  # see EmpiricalARD: a replayed guide value stays differentiable
+
+    def __init__(self, group: str, a: float, b: float, shape, validate_args=None):
+        self.group, self.a, self.b = group, float(a), float(b)
+        shape = torch.Size(shape)
+        self.weight_shape = shape
+        if group == "weight":
+            super().__init__(shape, torch.Size(), validate_args=False)
+        else:
+            super().__init__(torch.Size(), shape, validate_args=False)
+
+    def expand(self, batch_shape, _instance=None):
+        batch_shape = torch.Size(batch_shape)
+        if self.group == "weight":
+            return MarginalARD("weight", self.a, self.b, batch_shape)
+        if batch_shape == self.batch_shape:
+            return self
+        raise ValueError(f"hierarchical ARD (group={self.group!r}) couples the weights that share a precision, so "
+                         f"its weight tensor {tuple(self.weight_shape)} is one event and cannot take a batch shape "
+                         f"{tuple(batch_shape)}; expand the prior to the whole weight shape instead")
+
+    def to_event(self, reinterpreted_batch_ndims=None):
+        if self.group != "weight":
+            n = len(self.weight_shape) if reinterpreted_batch_ndims is None else reinterpreted_batch_ndims
+            if n > len(self.weight_shape):
+                raise ValueError(f"to_event({n}) on a hierarchical ARD weight of {len(self.weight_shape)} dims")
+            return self  # already one event over the whole weight
+        return super().to_event(reinterpreted_batch_ndims)
+
+    def _group_dims(self, value):
+        """Dims of ``value`` summed within a group (the weight's, at the right of ``value``)."""
+        nd = len(self.weight_shape)
+        dims = list(range(value.dim() - nd, value.dim()))
+        if self.group == "input" and nd >= 2:
+            dims.pop(1)  # one α per input unit: dim 1 of [out, in, *kernel]
+        return dims
+
+    def log_prob(self, value):
+        a, b = self.a, self.b
+        if self.group == "weight":
+            half_k, sq = 0.5, value * value * 0.5
+        else:
+            dims = self._group_dims(value)
+            half_k = 0.5 * math.prod(value.shape[d] for d in dims)
+            sq = (value * value).sum(dims) * 0.5
+        const = a * math.log(b) - math.lgamma(a) + math.lgamma(a + half_k) - half_k * 2 * _HALF_LOG_2PI
+        lp = (sq + b).log() * -(a + half_k) + const
+        if self.group == "input" and len(self.weight_shape) >= 2:
+            lp = lp.sum(-1)  # one term per input unit's group
+        return lp
+
+    @torch.no_grad()
+    def sample(self, sample_shape=torch.Size()):
+        shape = torch.Size(sample_shape) + self.weight_shape
+        hier = HierarchicalARD(self.group, self.a, self.b, _check=False)
+        ashape = torch.Size(sample_shape) + hier.alpha_shape(self.weight_shape)
+        alpha = torch.distributions.Gamma(torch.tensor(self.a), torch.tensor(self.b)).sample(ashape)
+        alpha = alpha.clamp_min(torch.finfo(alpha.dtype).tiny)
+        if self.group == "input" and len(self.weight_shape) >= 2:
+            alpha = alpha.unsqueeze(-2).reshape(alpha.shape[:-1] + (1, alpha.shape[-1]) + (1,) * (len(self.weight_shape) - 2))
+        elif self.group == "layer":
+            alpha = alpha.reshape(alpha.shape + (1,) * len(self.weight_shape))
+        return torch.randn(shape) * alpha.rsqrt()
+
+    def rsample(self, sample_shape=torch.Size()):
+        return self.sample(sample_shape)
+
+    def __repr__(self):
+        return f"MarginalARD(group={self.group!r}, a={self.a}, b={self.b}, shape={tuple(self.weight_shape)})"
+
+
 class HierarchicalARD:
     """α ~ Gamma(a, b) per weight / input unit / layer, then w ~ N(0, 1/α) (see the module doc).
 
-    A site-issuing prior: the Bayesian layer calls :meth:`sample_site` for each of its parameters.
+    A site-issuing prior: the Bayesian layer calls :meth:`sample_site` for each of its parameters, which
+    issues α as its own latent site. As an ordinary distribution at a hand-written model's site,
+    ``HierarchicalARD(...).expand(shape).to_event(k)`` is the marginal over α (:class:`MarginalARD`).
 
     :param group: ``"input"`` (default) — one α per input unit: shape ``[in]`` for a ``[out, in, *k]``
         weight; a 1-d parameter (a bias) has no input dimension and gets one α for the whole site.
@@ -239,7 +343,10 @@ class HierarchicalARD:
 
     registry_name = "ard"
 
-    def __init__(self, group: str = "input", a: float = DEFAULT_A, b: float = DEFAULT_B):
+    def __init__(self, group: str = "input", a: float = DEFAULT_A, b: float = DEFAULT_B, _check: bool = True):
+        if not _check:
+            self.group, self.a, self.b = group, float(a), float(b)
+            return
         if group not in _GROUPS:
             raise ValueError(f"hierarchical ARD group must be one of {', '.join(_GROUPS)}; got {group!r}")
         check_positive("ARD Gamma shape a", a)
@@ -257,6 +364,10 @@ class HierarchicalARD:
 
     def config(self):
         return {"mode": "hierarchical", "group": self.group, "a": self.a, "b": self.b}
+
+    def expand(self, shape) -> MarginalARD:
+        """The prior of a weight of ``shape`` with α integrated out (:class:`MarginalARD`)."""
+        return MarginalARD(self.group, self.a, self.b, shape)
 
     def alpha_shape(self, shape) -> torch.Size:
         """Shape of the α site for a parameter of shape ``shape``."""
@@ -277,10 +388,13 @@ class HierarchicalARD:
         shape = torch.Size(shape)
         ashape = self.alpha_shape(shape)
         hyper = self._hyper.expand(ashape)
-        alpha = pyro.sample(f"{name}.alpha", hyper.to_event(len(ashape)) if len(ashape) else hyper)
+        infer = infer or {}
+        # α belongs to the same network as its weight (a network site for the guide's initial scale)
+        alpha_infer = {NETWORK_KEY: True} if infer.get(NETWORK_KEY) else {}
+        alpha = pyro.sample(f"{name}.alpha", hyper.to_event(len(ashape)) if len(ashape) else hyper, infer=alpha_infer)
         scale = self._broadcastable(alpha, shape).rsqrt().expand(shape)
         prior = _PlaceholderNormal(scale.new_zeros(()).expand(shape), scale)
-        return pyro.sample(name, prior.to_event(len(shape)) if len(shape) else prior, infer=infer or {})
+        return pyro.sample(name, prior.to_event(len(shape)) if len(shape) else prior, infer=infer)
 
     def __repr__(self):
         return f"HierarchicalARD(group={self.group!r}, a={self.a}, b={self.b})"

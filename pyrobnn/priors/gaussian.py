@@ -8,6 +8,7 @@ import torch
 
 from ..registry import PRIORS
 from ..guides.base import expected_normal_log_prob
+from ..lrt import placeholder_of
 from ..site_dist import to_site_event
 from ._util import check_positive, check_finite
 
@@ -42,7 +43,7 @@ class ScalarNormal(dist.Normal):
         """Σ E_q[log p(w)] for a local-reparameterisation placeholder of q = N(μ, σ²):
         −(Σ(μ − m)² + Σσ²) / (2s²) − n(log s + ½ log 2π), from the sums the KL needs anyway; None for
         any other value (the elementwise path is used)."""
-        q = getattr(value, "_pyrobnn_loc_scale", None)
+        q = placeholder_of(value)
         if q is None or not hasattr(q, "loc_sq_sum"):
             return None
         n = q.loc.numel()
@@ -56,7 +57,7 @@ class ScalarNormal(dist.Normal):
         return (sq + q.var_sum()) * c + const
 
     def log_prob(self, value):
-        q = getattr(value, "_pyrobnn_loc_scale", None)  # a local-reparameterisation placeholder
+        q = placeholder_of(value)  # a local-reparameterisation placeholder
         if q is not None:
             return expected_normal_log_prob(q, self.scalar_loc, self.scalar_scale)
         z = value if self.scalar_loc == 0.0 else value - self.scalar_loc

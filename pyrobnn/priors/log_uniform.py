@@ -66,8 +66,13 @@ class LogUniform(dist.TorchDistribution):
 
     * ``log_prob(w) = −log|w|`` (the normaliser does not exist; constant dropped), shape ``w.shape``
       broadcast with ``batch_shape``.
-    * ``sample`` raises ``NotImplementedError``: an improper density has no samples. Use it with a
-      variational guide (``AdditiveNoise``, ``MeanField``) and ``TraceMeanField_ELBO``.
+    * ``sample`` draws from a proper stand-in, :meth:`stand_in`: the prior restricted to
+      10⁻⁴ ≤ |w| ≤ 1 (there it is normalisable: log|w| uniform, a random sign). An improper density has
+      no samples; the stand-in exists so that what runs a model once without a guide works:
+      ``pyro.infer.Predictive`` traces the model unconditioned to find its sites (the values are then
+      replaced by the guide's), and a prior predictive check shows weights of a plausible magnitude. No
+      density is taken from the stand-in, and pyrobnn's guides never initialise from it
+      (``improper = True``: :func:`pyrobnn.guides.base.improper_safe_init`).
     * KL to a Normal guide: the Molchanov et al. approximation (module docstring).
     * At a local-reparameterisation placeholder of q (a guide's mean tagged with q) ``log_prob`` is
       E_q[log p(w)] := −KL(q ‖ p) − H(q), so every ELBO agrees with the closed form
@@ -80,12 +85,20 @@ class LogUniform(dist.TorchDistribution):
     # is then differentiable, and Pyro's TraceGraph_ELBO keeps the value — and its placeholder tag — as is
     has_rsample = True
     placeholder_expectation = True
+    #: improper: ``sample`` draws from :meth:`stand_in`, never used to initialise a guide
+    improper = True
+    #: the stand-in's range of log|w|
+    STAND_IN_LOG_RANGE = (math.log(1e-4), 0.0)
 
     def __init__(self, batch_shape=torch.Size(), validate_args=None):
         super().__init__(torch.Size(batch_shape), torch.Size(), validate_args=False)
 
     def config(self):
         return {}
+
+    def stand_in(self) -> dist.TorchDistribution:
+        """The proper distribution :meth:`sample` draws from: p(w) ∝ 1/|w| on 10⁻⁴ ≤ |w| ≤ 1."""
+        return _SignedLogUniform(self.STAND_IN_LOG_RANGE, self.batch_shape)
 
     def expand(self, batch_shape, _instance=None):
         return LogUniform(torch.Size(batch_shape))
@@ -106,13 +119,10 @@ class LogUniform(dist.TorchDistribution):
             lp = lp.expand(torch.broadcast_shapes(lp.shape, self.batch_shape))
         return lp
 
+    @torch.no_grad()
     def sample(self, sample_shape=torch.Size()):
-        raise NotImplementedError(
-            "LogUniform is an improper prior (p(|w|) ∝ 1/|w| does not integrate to 1), so it cannot be "
-            "sampled. Use it with a variational guide (pyrobnn.guides.AdditiveNoise or MeanField) and "
-            "pyro.infer.TraceMeanField_ELBO, and give the guide an init_loc_fn (AdditiveNoise has a "
-            "default that does not sample the prior)."
-        )
+        """A draw from :meth:`stand_in` (the improper prior has none of its own; see the class doc)."""
+        return self.stand_in().sample(sample_shape)
 
     def rsample(self, sample_shape=torch.Size()):
         return self.sample(sample_shape)
@@ -128,6 +138,30 @@ class LogUniform(dist.TorchDistribution):
     def __repr__(self):
         shape = f"batch_shape={tuple(self.batch_shape)}" if self.batch_shape else ""
         return f"LogUniform({shape})"
+
+
+class _SignedLogUniform(dist.TorchDistribution):
+    """±exp(u), u ~ U(lo, hi), sign ±1 with probability ½: p(w) = 1/(2|w|(hi − lo)) on e^lo ≤ |w| ≤ e^hi."""
+
+    arg_constraints = {}
+    support = constraints.real
+
+    def __init__(self, log_range, batch_shape=torch.Size()):
+        self.log_range = log_range
+        super().__init__(torch.Size(batch_shape), torch.Size(), validate_args=False)
+
+    def sample(self, sample_shape=torch.Size()):
+        shape = self._extended_shape(sample_shape)
+        lo, hi = self.log_range
+        magnitude = torch.empty(shape).uniform_(lo, hi).exp_()
+        return torch.where(torch.rand(shape) < 0.5, -magnitude, magnitude)
+
+    def log_prob(self, value):
+        lo, hi = self.log_range
+        a = value.abs()
+        lp = -a.log() - math.log(2 * (hi - lo))
+        inside = (a >= math.exp(lo)) & (a <= math.exp(hi))
+        return torch.where(inside, lp, torch.full_like(lp, -math.inf))
 
 
 class _IndependentLogUniform(dist.Independent):

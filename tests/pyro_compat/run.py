@@ -1,0 +1,181 @@
+"""Run Pyro's own AutoGuide test module with pyrobnn's MeanField and AdditiveNoise added next to AutoNormal.
+
+    python tests/pyro_compat/run.py [--source PYRO_CHECKOUT] [-k EXPR] [--jobs N]    (or: make pyro-compat)
+
+Pyro's ``tests/infer/test_autoguide.py`` (and the ``tests/common.py`` helpers it imports) at the release of
+the installed ``pyro-ppl`` is not part of this repository; it is obtained at run time, in this order:
+
+1. ``--source DIR`` (or ``PYROBNN_PYRO_SOURCE``): a Pyro source tree (a git checkout of that release);
+2. the cache ``.cache/pyro-compat/<version>/`` a previous run filled;
+3. the release's sdist on PyPI (``pip download --no-deps --no-binary :all: pyro-ppl==<version>``), used if
+   it contains the test files (the 1.9.x sdists do not);
+4. the release's source archive on GitHub (``https://codeload.github.com/pyro-ppl/pyro/tar.gz/refs/tags/<version>``).
+
+``plugin.py`` adds the two guides to every ``parametrize`` list that holds AutoNormal. The outcome of each
+added test is compared with AutoNormal's in the same parametrisation: the run fails (exit 1) if a test
+that passes for AutoNormal does not pass for MeanField or AdditiveNoise, and prints every such test.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import urllib.request
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+FILES = ("tests/infer/test_autoguide.py", "tests/common.py")
+ADDED = ("MeanField", "AdditiveNoise")
+ARCHIVE = "https://codeload.github.com/pyro-ppl/pyro/tar.gz/refs/tags/{version}"
+
+
+def _pyro_version() -> str:
+    import pyro
+    return pyro.__version__
+
+
+def _from_tar(blob: bytes, version: str):
+    """The FILES from a source tarball (sdist or archive) whose single top folder holds the tree."""
+    found = {}
+    with tarfile.open(fileobj=io.BytesIO(blob), mode="r:gz") as tar:
+        for m in tar.getmembers():
+            rel = m.name.split("/", 1)[-1]
+            if rel in FILES and m.isfile():
+                found[rel] = tar.extractfile(m).read()
+    return found if len(found) == len(FILES) else None
+
+
+def _from_pypi(version: str):
+    with tempfile.TemporaryDirectory() as d:
+        r = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+                            f"pyro-ppl=={version}", "-d", d], capture_output=True, text=True)
+        if r.returncode != 0:
+            print(f"pyro-compat: pip download of the pyro-ppl {version} sdist failed: {r.stderr.strip()[-300:]}")
+            return None
+        for f in Path(d).glob("*.tar.gz"):
+            found = _from_tar(f.read_bytes(), version)
+            if found:
+                return found
+        print(f"pyro-compat: the pyro-ppl {version} sdist on PyPI has no {FILES[0]}")
+    return None
+
+
+def _from_github(version: str):
+    url = ARCHIVE.format(version=version)
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r:
+            return _from_tar(r.read(), version)
+    except OSError as e:
+        print(f"pyro-compat: cannot download {url}: {e}")
+        return None
+
+
+def obtain(version: str, source=None) -> Path:
+    """A folder holding FILES for Pyro ``version`` (see the module doc for where they come from)."""
+    cache = REPO / ".cache" / "pyro-compat" / version
+    if source:
+        src = Path(source)
+        missing = [f for f in FILES if not (src / f).is_file()]
+        if missing:
+            sys.exit(f"pyro-compat: {src} is not a Pyro source tree (no {', '.join(missing)})")
+        found = {f: (src / f).read_bytes() for f in FILES}
+    elif all((cache / f).is_file() for f in FILES):
+        return cache
+    else:
+        found = _from_pypi(version) or _from_github(version)
+        if not found:
+            sys.exit(f"pyro-compat: could not obtain Pyro {version}'s {FILES[0]}; pass --source with a checkout of "
+                     f"the {version} release (git clone -b {version} https://github.com/pyro-ppl/pyro)")
+    for rel, data in found.items():
+        (cache / rel).parent.mkdir(parents=True, exist_ok=True)
+        (cache / rel).write_bytes(data)
+    return cache
+
+
+def _outcomes(xml_path: Path):
+    out = {}
+    for case in ET.parse(xml_path).getroot().iter("testcase"):
+        name = case.get("name")
+        tags = {c.tag for c in case}
+        if "failure" in tags or "error" in tags:
+            out[name] = "failed"
+        elif "skipped" in tags:
+            skip = case.find("skipped")
+            out[name] = "xfailed" if skip is not None and skip.get("type") == "pytest.xfail" else "skipped"
+        else:
+            out[name] = "passed"
+    return out
+
+
+def counterpart(name: str, guide: str) -> str:
+    """The AutoNormal test id of an added guide's test id."""
+    return re.sub(rf"\b{guide}\b", "AutoNormal", name)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--source", default=os.environ.get("PYROBNN_PYRO_SOURCE"),
+                    help="a Pyro source tree at the installed release")
+    ap.add_argument("-k", dest="keyword", default=None, help="pytest -k expression")
+    ap.add_argument("--jobs", type=int, default=1, help="pytest-xdist workers (needs pytest-xdist)")
+    args = ap.parse_args(argv)
+    version = _pyro_version()
+    tree = obtain(version, args.source)
+    with tempfile.TemporaryDirectory() as work:
+        work = Path(work)
+        for rel in FILES:
+            (work / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(tree / rel, work / rel)
+        for pkg in ("tests", "tests/infer"):
+            (work / pkg / "__init__.py").touch()
+        (work / "pytest.ini").write_text("[pytest]\n")
+        xml = work / "report.xml"
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "plugin", "-p", "no:cacheprovider", "-c",
+               str(work / "pytest.ini"), "--rootdir", str(work), "--junitxml", str(xml), "-o",
+               "junit_family=xunit1", str(work / FILES[0])]
+        if args.keyword:
+            cmd += ["-k", args.keyword]
+        if args.jobs > 1:
+            cmd += ["-n", str(args.jobs)]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), str(work), str(REPO),
+                                                           os.environ.get("PYTHONPATH", "")]))
+        print(f"pyro-compat: Pyro {version}'s {FILES[0]} with {' and '.join(ADDED)} next to AutoNormal")
+        subprocess.run(cmd, cwd=work, env=env)
+        if not xml.is_file():
+            print("pyro-compat: pytest wrote no report")
+            return 2
+        outcomes = _outcomes(xml)
+    regressions, tally = [], {}
+    for name, result in sorted(outcomes.items()):
+        for guide in ADDED:
+            if not re.search(rf"\b{guide}\b", name):
+                continue
+            ref = outcomes.get(counterpart(name, guide))
+            t = tally.setdefault(guide, {"tests": 0, "passed": 0, "autonormal_passed": 0, "regressions": 0})
+            t["tests"] += 1
+            t["passed"] += result == "passed"
+            t["autonormal_passed"] += ref == "passed"
+            if ref == "passed" and result != "passed":
+                t["regressions"] += 1
+                regressions.append((guide, name, result))
+    for guide, t in tally.items():
+        print(f"pyro-compat: {guide}: {t['tests']} tests, {t['passed']} pass; AutoNormal passes "
+              f"{t['autonormal_passed']} of their counterparts; {t['regressions']} of those fail for {guide}")
+    for guide, name, result in regressions:
+        print(f"pyro-compat: REGRESSION {name}: {result} (passes for AutoNormal)")
+    if not tally:
+        print("pyro-compat: no test was parametrised with the added guides")
+        return 2
+    return 1 if regressions else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
