@@ -71,7 +71,9 @@ def main(argv=None) -> int:
         return 2
     name = args.command + (f" {args.dwp_command}" if getattr(args, "dwp_command", None) else "")
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's final flush
+        return code
     except BrokenPipeError:
         _quiet_stdout()
         return 141  # 128 + SIGPIPE, what a tool killed by the closed pipe would report

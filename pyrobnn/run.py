@@ -117,7 +117,7 @@ class RunDirectory:
         self.out, self.cfg, self.command = out, cfg, command
         self.resuming, self.replacing = resuming, replacing
         self.aside: Optional[Path] = None
-        self.created = False
+        self.created: Optional[Path] = None
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -132,8 +132,11 @@ class RunDirectory:
             self.aside = self.out.parent / f".{self.out.name}.replaced-{os.getpid()}-{int(time.time())}"
             os.replace(self.out, self.aside)
         if not self.out.exists():
+            top = self.out
+            while not top.parent.exists():
+                top = top.parent
             self.out.mkdir(parents=True)
-            self.created = True
+            self.created = top  # the outermost directory made here: removed again if the run fails early
         record = {"command": self.command, "config": _jsonable(self.cfg), "fingerprint": config_fingerprint(self.cfg),
                   "pyrobnn_version": __version__}
         if self.resuming and (self.out / RUN_FILE).is_file():
@@ -165,7 +168,7 @@ class RunDirectory:
             return False          # a resumable run stays
         # failed before its first checkpoint: leave nothing behind, put a replaced run back
         if self.created or self.aside is not None:
-            shutil.rmtree(self.out, ignore_errors=True)
+            shutil.rmtree(self.created or self.out, ignore_errors=True)
         if self.aside is not None:
             os.replace(self.aside, self.out)
             self.aside = None
@@ -307,7 +310,7 @@ def _is_hyper(bnn) -> bool:
     return isinstance(bnn.autoguide, HyperMeanField)
 
 
-def _held_out(ds, limit=512):
+def _held_out(ds, limit=256):
     return ds.x_test[:limit], ds.y_test[:limit]
 
 
@@ -404,6 +407,7 @@ def _fit_hyper(cfg, ds, bnn, progress):
 
 
 LAMBDA_GRID = 5
+IDATA_DRAWS = 64   # guide draws in a fit run's inference_data.nc
 PRUNE_FRACTIONS = (0.0, 0.5, 0.8, 0.9, 0.95)
 
 
@@ -432,7 +436,7 @@ def _metric(row):
 
 def _fit_inference_data(bnn, ds, cfg, result, out):
     """The posterior's ArviZ file: guide draws, held-out log-likelihood / predictive and function-space
-    predictions on (up to 512 rows of) the test split."""
+    predictions on (up to 256 rows of) the test split."""
     from pyrobnn.diagnostics import to_inference_data
     held = _held_out(ds)
     model = bnn
@@ -442,7 +446,7 @@ def _fit_inference_data(bnn, ds, cfg, result, out):
     attrs = {"pyrobnn_metrics": result["test"], "pyrobnn_run": "fit"}
     if "lambda_curve" in result:
         attrs["pyrobnn_lambda_curve"] = result["lambda_curve"]
-    idata = to_inference_data(model, data=held, test=held, num_samples=100, seed=cfg["seed"], attrs=attrs)
+    idata = to_inference_data(model, data=held, test=held, num_samples=IDATA_DRAWS, seed=cfg["seed"], attrs=attrs)
     write_inference_data(idata, out / "inference_data.nc")
 
 
