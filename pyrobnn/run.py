@@ -9,7 +9,7 @@ training state lives in ``checkpoints/`` (``fit``) or ``chains/`` (``sample``); 
 
 * a new run needs an empty (or absent) directory;
 * ``resume`` continues the run there, after checking that the stored config equals the given one
-  (``train.epochs`` / ``sample.num_samples`` may grow; ``force`` skips the check); with nothing to
+  (``train.epochs`` / ``sample.num_chains`` may grow; ``force`` skips the check); with nothing to
   resume it fails, ``resume_or_start`` starts a new run instead;
 * ``overwrite`` replaces the run there: the old one is moved aside and deleted only once the new run
   has written its first checkpoint; if the new run fails before that, the old one is put back.
@@ -34,7 +34,7 @@ __all__ = ["build_from_config", "run_fit", "run_sample", "write_json", "open_run
 
 RUN_FILE = "run.json"
 #: config keys that may grow on --resume (the run goes on for longer)
-GROWABLE = ("train.epochs", "sample.num_samples")
+GROWABLE = ("train.epochs", "sample.num_chains")
 
 
 class RunError(ValueError):

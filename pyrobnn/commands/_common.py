@@ -39,10 +39,15 @@ def report_interrupt(command, guard, args, detail, saved: bool) -> int:
 
 
 def prepare(command: str, args):
-    """(config, RunDirectory): the config is validated and the directory checked before any work."""
+    """(config, RunDirectory): the config is validated and the directory checked before any work.
+    Under ``torchrun`` only rank 0 owns the directory; the other ranks get ``None`` and follow it."""
+    import os
+
     from pyrobnn.config import load_config
     from pyrobnn.run import open_run
     cfg = load_config(args.config)
+    if os.environ.get("RANK", "0") != "0" and "WORLD_SIZE" in os.environ:
+        return cfg, None
     run = open_run(args.out, cfg, command, resume=args.resume, resume_or_start=args.resume_or_start,
                    overwrite=args.overwrite, force=args.force)
     return cfg, run

@@ -33,7 +33,8 @@ def run(args):
     cfg, rundir = prepare("fit", args)
     with interrupt_guard() as stop:
         try:
-            metrics = run_fit(cfg, args.out, resume=rundir.resuming, progress=not args.no_progress, run=rundir,
+            resume = rundir.resuming if rundir is not None else args.resume or args.resume_or_start
+            metrics = run_fit(cfg, args.out, resume=resume, progress=not args.no_progress, run=rundir,
                               stop_requested=stop)
         except TrainingInterrupted as e:
             detail = f"stopped after epoch {e.epoch + 1}, step {e.step}; checkpoint {e.checkpoint}" if e.step \

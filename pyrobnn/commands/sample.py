@@ -33,6 +33,9 @@ def register(sub):
 def run(args):
     from pyrobnn.run import SampleInterrupted, interrupt_guard, run_sample
     cfg, rundir = prepare("sample", args)
+    if rundir is None:
+        raise ValueError("pyrobnn sample runs in one process; for chains on several processes use "
+                         "pyrobnn.inference.sample_chains under torchrun")
     with interrupt_guard(immediate=True) as stop:
         try:
             metrics = run_sample(cfg, args.out, resume=rundir.resuming, progress=not args.no_progress, run=rundir,
