@@ -12,7 +12,6 @@ import signal
 import stat
 import subprocess
 import sys
-import textwrap
 import time
 import warnings
 
@@ -188,38 +187,18 @@ def test_nan_in_the_data_is_reported_by_its_row_in_the_users_data():
 
 
 # -- interrupts -------------------------------------------------------------------------------------------
-# The child pauses before handing out training batch KILL_AT (counting fit's initialisation batch) until the
-# SIGINT has arrived, so the signal lands mid-epoch at a known step; nothing in pyrobnn is patched but the
-# data loader's iterator, in the child only.
-PAUSABLE = textwrap.dedent('''
-    import signal, sys, time
-    import pyrobnn.data as data
-    marker, pause_at = sys.argv[1], int(sys.argv[2])
-    original, count = data.ArrayLoader.batches, [0]
-    def batches(self, start=0):
-        for batch in original(self, start):
-            count[0] += 1
-            if count[0] == pause_at:
-                open(marker, "w").write("waiting for SIGINT")
-                guard = signal.getsignal(signal.SIGINT).__self__
-                while guard.signum is None:
-                    time.sleep(0.01)
-            yield batch
-    data.ArrayLoader.batches = batches
-    from pyrobnn.cli import main
-    sys.exit(main(sys.argv[3:]))
-''')
+# The child (tests/_paused_cli.py) pauses before handing out training batch PAUSE_AT (counting fit's
+# initialisation batch) until the SIGINT has arrived, so the signal lands mid-epoch at a known step.
+PAUSED_CLI = os.path.join(os.path.dirname(__file__), "_paused_cli.py")
 PAUSE_AT = 1 + 8 + 4    # init batch + epoch 1 (8 batches of 64) + batches 0..3 of epoch 2: stops after step 4
 
 
 def test_sigint_finishes_the_step_writes_a_checkpoint_and_the_printed_command_resumes_bit_identically(tmp_path):
     cfg = _config(tmp_path, seed=7, epochs=3, batch=64, train='kl_warmup = [0, 2]\nlr_schedule = "cosine"')
     ref_dir, run_dir, marker = tmp_path / "reference", tmp_path / "interrupted", tmp_path / "marker"
-    script = tmp_path / "pausable.py"
-    script.write_text(PAUSABLE)
     reference = subprocess.Popen(_cli("fit", cfg, "--out", str(ref_dir), "--no-progress"), env=_env(),
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    child = subprocess.Popen([sys.executable, str(script), str(marker), str(PAUSE_AT), "fit", cfg, "--out",
+    child = subprocess.Popen([sys.executable, PAUSED_CLI, str(marker), str(PAUSE_AT), "sigint", "fit", cfg, "--out",
                               str(run_dir), "--no-progress"], env=_env(), stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     try:

@@ -5,6 +5,16 @@ import shlex
 import sys
 
 
+def add_run_parser(sub, name: str, *, help: str, description: str, epilog: str, what: str, func):
+    """A subcommand that writes a run directory: CONFIG, --out and the run-directory options."""
+    import argparse
+    p = sub.add_parser(name, help=help, description=description, epilog=epilog,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_run_options(p, what)
+    p.set_defaults(func=func)
+    return p
+
+
 def add_run_options(p, what: str):
     p.add_argument("config", help="TOML run config (see `python -m pydoc pyrobnn.config` for every key)")
     p.add_argument("--out", required=True, metavar="DIR",

@@ -1,8 +1,7 @@
 """``pyrobnn fit CONFIG --out DIR``: train a BNN from a TOML config into a run directory."""
-import argparse
 import json
 
-from ._common import add_run_options, prepare, report_interrupt
+from ._common import add_run_parser, prepare, report_interrupt
 
 EPILOG = """\
 examples:
@@ -20,11 +19,10 @@ for every KL weight in [lo, hi]; metrics.json then holds the accuracy/sparsity c
 
 
 def register(sub):
-    p = sub.add_parser("fit", help="train a BNN (SVI) from a TOML config into a run directory",
-                       description="Train a BNN by SVI from a TOML config.", epilog=EPILOG,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_run_options(p, "checkpoints/, metrics.json, history.csv, model.safetensors, inference_data.nc, plots")
-    p.set_defaults(func=run)
+    add_run_parser(sub, "fit", help="train a BNN (SVI) from a TOML config into a run directory",
+                   description="Train a BNN by SVI from a TOML config.", epilog=EPILOG,
+                   what="checkpoints/, metrics.json, history.csv, model.safetensors, inference_data.nc, plots",
+                   func=run)
 
 
 def run(args):

@@ -1,8 +1,7 @@
 """``pyrobnn sample CONFIG --out DIR``: SGLD / pSGLD chains from a TOML config into a run directory."""
-import argparse
 import json
 
-from ._common import add_run_options, prepare, report_interrupt
+from ._common import add_run_parser, prepare, report_interrupt
 
 EPILOG = """\
 examples:
@@ -23,11 +22,9 @@ of the ensemble) and inference_data.nc. Ctrl-C keeps the finished chains and pri
 
 
 def register(sub):
-    p = sub.add_parser("sample", help="SGLD / pSGLD posterior chains from a TOML config into a run directory",
-                       description="Sample a BNN's posterior with SGLD or pSGLD.", epilog=EPILOG,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_run_options(p, "chains/, posterior.safetensors, metrics.json, inference_data.nc")
-    p.set_defaults(func=run)
+    add_run_parser(sub, "sample", help="SGLD / pSGLD posterior chains from a TOML config into a run directory",
+                   description="Sample a BNN's posterior with SGLD or pSGLD.", epilog=EPILOG,
+                   what="chains/, posterior.safetensors, metrics.json, inference_data.nc", func=run)
 
 
 def run(args):
