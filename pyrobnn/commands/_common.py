@@ -5,11 +5,16 @@ import shlex
 import sys
 
 
+def add_parser(sub, name: str, *, help: str, description: str, epilog: str):
+    """A subcommand whose --help ends with its examples, laid out as written."""
+    import argparse
+    return sub.add_parser(name, help=help, description=description, epilog=epilog,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def add_run_parser(sub, name: str, *, help: str, description: str, epilog: str, what: str, func):
     """A subcommand that writes a run directory: CONFIG, --out and the run-directory options."""
-    import argparse
-    p = sub.add_parser(name, help=help, description=description, epilog=epilog,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = add_parser(sub, name, help=help, description=description, epilog=epilog)
     add_run_options(p, what)
     p.set_defaults(func=func)
     return p

@@ -22,13 +22,12 @@ import time
 
 
 def register(sub):
-    import argparse
-    p = sub.add_parser("demo", help="Bayesian vs deterministic network on sklearn's digits (≈1 min on 2 cores)",
-                       description="Train a mean-field Bayesian MLP and a deterministic MLP on sklearn's digits "
-                                   "and compare accuracy, NLL, ECE and Brier on the test split.",
-                       epilog="examples:\n  pyrobnn demo\n  pyrobnn demo --kl-weight 1 --out runs/demo   "
-                              "# the untempered ELBO; metrics.json + reliability.png",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    from ._common import add_parser
+    p = add_parser(sub, "demo", help="Bayesian vs deterministic network on sklearn's digits (≈1 min on 2 cores)",
+                   description="Train a mean-field Bayesian MLP and a deterministic MLP on sklearn's digits "
+                               "and compare accuracy, NLL, ECE and Brier on the test split.",
+                   epilog="examples:\n  pyrobnn demo\n  pyrobnn demo --kl-weight 1 --out runs/demo   "
+                          "# the untempered ELBO; metrics.json + reliability.png")
     p.add_argument("--epochs", type=int, default=150, help="training epochs of both networks (default 150)")
     p.add_argument("--seed", type=int, default=0, help="seeds the train/test split, the inits and the data order")
     p.add_argument("--kl-weight", type=float, default=0.1,

@@ -62,10 +62,9 @@ writes into DIR: student.safetensors (pyrobnn.inference.load_student), history.c
 
 
 def register(sub):
-    import argparse
-    p = sub.add_parser("distill", help="distil a run's posterior (fit or sample run) into a deterministic student",
-                       description="Distil a saved posterior into one deterministic network.", epilog=EPILOG,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    from ._common import add_parser
+    p = add_parser(sub, "distill", help="distil a run's posterior (fit or sample run) into a deterministic student",
+                   description="Distil a saved posterior into one deterministic network.", epilog=EPILOG)
     p.add_argument("config", help="TOML distillation config (see `python -m pydoc pyrobnn.commands.distill`)")
     p.add_argument("--teacher", default=None, metavar="RUN",
                    help="the teacher: a `pyrobnn fit`/`pyrobnn sample` run directory or a .safetensors file "

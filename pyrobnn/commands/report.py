@@ -20,13 +20,12 @@ from pathlib import Path
 
 
 def register(sub):
-    import argparse
-    p = sub.add_parser("report", help="render a run's InferenceData (netCDF) to PNG plots and an HTML page",
-                       description="Plots (trace, posterior predictive check, reliability) and an HTML page with "
-                                   "function-space R-hat/ESS and the run's metrics, from a run's inference_data.nc.",
-                       epilog="examples:\n  pyrobnn report runs/digits              # a `pyrobnn fit` run\n"
-                              "  pyrobnn report runs/digits-sgld --out /srv/www/sgld   # a `pyrobnn sample` run",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    from ._common import add_parser
+    p = add_parser(sub, "report", help="render a run's InferenceData (netCDF) to PNG plots and an HTML page",
+                   description="Plots (trace, posterior predictive check, reliability) and an HTML page with "
+                               "function-space R-hat/ESS and the run's metrics, from a run's inference_data.nc.",
+                   epilog="examples:\n  pyrobnn report runs/digits              # a `pyrobnn fit` run\n"
+                          "  pyrobnn report runs/digits-sgld --out www/sgld  # a `pyrobnn sample` run")
     p.add_argument("dir", help="run directory holding inference_data.nc (or a .nc file)")
     p.add_argument("--out", default=None, help="output directory (default DIR/report)")
     p.add_argument("--max-vars", type=int, default=6, help="per-draw scalars shown in the trace plot (default 6)")
