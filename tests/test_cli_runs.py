@@ -352,3 +352,24 @@ def test_toml_lambda_sweep_trains_over_the_range_and_reports_the_curve(tmp_path)
     assert "Accuracy and sparsity over λ" in page and (run / "report" / "lambda_curve.png").stat().st_size > 0
     for r in curve:
         assert f"<td>{r['lambda']:.4g}</td><td>{r['accuracy']:.4g}</td>" in page
+
+
+def test_an_interrupted_sample_run_keeps_its_finished_chains_and_resume_runs_only_the_rest(tmp_path, capsys):
+    from pyrobnn.config import load_config
+    from pyrobnn.run import SampleInterrupted, open_run, run_sample
+    cfg_path = _config(tmp_path, train="[sample]\nkernel = \"sgld\"\nstep_size = 1e-4\nnum_samples = 2\n"
+                                       "warmup = 5\nthin = 1\nnum_chains = 2")
+    run = tmp_path / "S"
+    cfg = load_config(cfg_path)
+    polls = []
+    with pytest.raises(SampleInterrupted, match="chain 2 of 2; 1 finished"):
+        with open_run(run, cfg, "sample") as rundir:
+            run_sample(cfg, run, progress=False, run=rundir, stop_requested=lambda: polls.append(1) or len(polls) > 1)
+    assert sorted(p.name for p in (run / "chains").iterdir()) == ["chain-000.safetensors"]
+    first = (run / "chains" / "chain-000.safetensors").read_bytes()
+    assert not (run / "posterior.safetensors").exists()
+    assert main(["sample", cfg_path, "--out", str(run), "--no-progress"]) == 2     # occupied: resume or overwrite
+    assert main(["sample", cfg_path, "--out", str(run), "--no-progress", "--resume"]) == 0
+    assert (run / "chains" / "chain-000.safetensors").read_bytes() == first
+    tensors, _ = read_state(run / "posterior.safetensors")
+    assert next(v for k, v in tensors.items() if k.startswith("draw/")).shape[:2] == (2, 2)
