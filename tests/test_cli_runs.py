@@ -326,13 +326,13 @@ def test_fit_warns_when_the_predictive_is_no_better_than_the_class_prior():
     x = torch.zeros(len(y), 4)
     bnn = pyrobnn.bayesian(models.build("mlp", in_features=4, out_features=3, hidden=[8]), likelihood="categorical")
     with pytest.warns(RuntimeWarning, match="no better than the class prior"):
-        fit(bnn, (x, y), epochs=30, lr=0.05, batch_size=40, seed=0, progress=False)
+        fit(bnn, (x, y), epochs=10, lr=0.05, batch_size=60, seed=0, progress=False)
     # informative inputs: no warning
     x = torch.nn.functional.one_hot(y, 3).float().repeat(1, 2)[:, :4] + 0.1 * torch.randn(len(y), 4)
     bnn = pyrobnn.bayesian(models.build("mlp", in_features=4, out_features=3, hidden=[8]), likelihood="categorical")
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
-        fit(bnn, (x, y), epochs=30, lr=0.05, batch_size=40, seed=0, progress=False)
+        fit(bnn, (x, y), epochs=20, lr=0.05, batch_size=60, seed=0, progress=False)
 
 
 # -- the λ-hypernetwork from TOML -------------------------------------------------------------------------
