@@ -25,7 +25,7 @@ Example (``pyrobnn fit run.toml --out DIR``)::
     step_size = 1e-5           # or {schedule = "polynomial", a = 1e-4, b = 1.0, gamma = 0.55}
                                # or {schedule = "cyclical", step_size = 1e-4, num_steps = 2000, num_cycles = 4}
     num_samples = 100          # draws kept per chain
-    warmup = 1000              # updates before the first kept draw
+    warmup_steps = 1000        # updates before the first kept draw
     thin = 10                  # updates per kept draw
     num_chains = 2
     batch_size = 128
@@ -53,7 +53,7 @@ DEFAULTS: Dict[str, Dict[str, Any]] = {
     "train": {"epochs": 10, "lr": 1e-3, "batch_size": 128, "optimizer": "adam", "kl_warmup": "auto",
               "lr_schedule": None, "num_samples": 16, "checkpoint_every": None, "grad_clip": None,
               "lambdas": None, "lams_per_batch": 5},
-    "sample": {"kernel": "sgld", "step_size": None, "num_samples": 100, "warmup": 1000, "thin": 10,
+    "sample": {"kernel": "sgld", "step_size": None, "num_samples": 100, "warmup_steps": 1000, "thin": 10,
                "num_chains": 1, "batch_size": 128, "temperature": 1.0},
 }
 _TOP = {"seed", "data", "model", "bnn", "train", "sample"}
@@ -157,8 +157,8 @@ def _validate_sample(s, where):
         raise ValueError(f"{where}: sample.kernel must be \"sgld\" or \"psgld\", got {s['kernel']!r}")
     for key in ("num_samples", "thin", "num_chains", "batch_size"):
         _positive_int(s[key], f"sample.{key}")
-    if isinstance(s["warmup"], bool) or not isinstance(s["warmup"], int) or s["warmup"] < 0:
-        raise ValueError(f"{where}: sample.warmup must be a non-negative integer, got {s['warmup']!r}")
+    if isinstance(s["warmup_steps"], bool) or not isinstance(s["warmup_steps"], int) or s["warmup_steps"] < 0:
+        raise ValueError(f"{where}: sample.warmup_steps must be a non-negative integer, got {s['warmup_steps']!r}")
     _positive_float(s["temperature"], "sample.temperature")
     step = s["step_size"]
     if isinstance(step, dict):

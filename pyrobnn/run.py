@@ -519,7 +519,7 @@ def run_sample(cfg: Dict[str, Any], out_dir, resume: bool = False, progress: boo
                 if stop_requested is not None and stop_requested():
                     raise KeyboardInterrupt
                 post = sample(bnn, (ds.x_train, ds.y_train), s["kernel"], num_samples=s["num_samples"],
-                              warmup=s["warmup"], thin=s["thin"], num_chains=1, step_size=step_size,
+                              warmup_steps=s["warmup_steps"], thin=s["thin"], num_chains=1, step_size=step_size,
                               batch_size=s["batch_size"], eval_x=held[0], seed=chain_seed(cfg["seed"], c),
                               progress=progress, temperature=s["temperature"])
             except KeyboardInterrupt:

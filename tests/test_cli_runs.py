@@ -358,7 +358,7 @@ def test_an_interrupted_sample_run_keeps_its_finished_chains_and_resume_runs_onl
     from pyrobnn.config import load_config
     from pyrobnn.run import SampleInterrupted, open_run, run_sample
     cfg_path = _config(tmp_path, train="[sample]\nkernel = \"sgld\"\nstep_size = 1e-4\nnum_samples = 2\n"
-                                       "warmup = 5\nthin = 1\nnum_chains = 2")
+                                       "warmup_steps = 5\nthin = 1\nnum_chains = 2")
     run = tmp_path / "S"
     cfg = load_config(cfg_path)
     polls = []

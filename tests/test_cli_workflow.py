@@ -26,7 +26,7 @@ num_samples = 8
 kernel = "psgld"
 step_size = 1e-3
 num_samples = 4
-warmup = 60
+warmup_steps = 60
 thin = 5
 num_chains = 2
 """

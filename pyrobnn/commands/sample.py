@@ -12,7 +12,7 @@ examples:
 the config's [sample] table (the [train] table is not used):
   kernel = "psgld"; step_size = 1e-4 (or {schedule = "polynomial", a = 1e-4, gamma = 0.55},
   {schedule = "cyclical", step_size = 1e-4, num_steps = 3000, num_cycles = 3});
-  num_samples = 100 (draws kept per chain); warmup = 1000; thin = 10; num_chains = 4; batch_size = 128;
+  num_samples = 100 (draws kept per chain); warmup_steps = 1000; thin = 10; num_chains = 4; batch_size = 128;
   temperature = 1.0
 
 writes into DIR: run.json, chains/chain-NNN.safetensors (one per finished chain; --resume skips them),
