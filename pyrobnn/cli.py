@@ -19,7 +19,7 @@ import sys
 from . import commands
 
 EPILOG = """\
-a run, start to finish (config keys: python -m pydoc pyrobnn.config):
+examples, a run from start to finish (config keys: python -m pydoc pyrobnn.config):
   pyrobnn fit run.toml --out runs/digits            # SVI; Ctrl-C then --resume continues bit-identically
   pyrobnn report runs/digits                        # plots and an HTML page from the run's ArviZ file
   pyrobnn distill distill.toml --teacher runs/digits --out runs/student

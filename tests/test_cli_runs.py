@@ -373,3 +373,23 @@ def test_an_interrupted_sample_run_keeps_its_finished_chains_and_resume_runs_onl
     assert (run / "chains" / "chain-000.safetensors").read_bytes() == first
     tensors, _ = read_state(run / "posterior.safetensors")
     assert next(v for k, v in tensors.items() if k.startswith("draw/")).shape[:2] == (2, 2)
+
+
+def test_help_imports_neither_torch_nor_pyro():
+    """`pyrobnn --help` builds every subcommand's parser without importing torch or Pyro (they load lazily),
+    and every subcommand's --help ends with examples."""
+    code = ("import sys, contextlib, io\n"
+            "from pyrobnn.cli import build_parser, main\n"
+            "for argv in (['--help'], ['fit', '--help'], ['sample', '--help'], ['distill', '--help'],\n"
+            "             ['report', '--help'], ['info', '--help'], ['demo', '--help'], ['dwp', '--help']):\n"
+            "    out = io.StringIO()\n"
+            "    with contextlib.redirect_stdout(out):\n"
+            "        try:\n"
+            "            main(argv)\n"
+            "        except SystemExit:\n"
+            "            pass\n"
+            "    assert 'example' in out.getvalue(), argv\n"
+            "print(sorted(m for m in ('torch', 'pyro', 'numpy', 'arviz') if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=_env())
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
