@@ -29,12 +29,22 @@ from pyrobnn.bnn import BNN
 from pyrobnn.data import ArrayLoader
 from pyrobnn.io import flatten_state, read_state, unflatten_state, write_state
 
-__all__ = ["fit", "SVIStep", "History", "TrainingDiverged", "kl_warmup_schedule", "lr_factor_schedule",
-           "latest_checkpoint", "load_checkpoint"]
+__all__ = ["fit", "SVIStep", "History", "TrainingDiverged", "TrainingInterrupted", "kl_warmup_schedule",
+           "lr_factor_schedule", "latest_checkpoint", "load_checkpoint", "auto_kl_warmup"]
 
 
 class TrainingDiverged(FloatingPointError):
     """The loss became NaN or infinite; parameters are those of the last good step."""
+
+
+class TrainingInterrupted(Exception):
+    """``fit`` stopped because ``stop_requested()`` turned true: the step in progress was finished and,
+    with a ``checkpoint_dir``, a checkpoint written at ``checkpoint`` (``resume=True`` continues there)."""
+
+    def __init__(self, checkpoint, epoch: int, step: int):
+        where = f"; checkpoint {checkpoint}" if checkpoint else " (no checkpoint_dir: nothing saved)"
+        super().__init__(f"training interrupted at epoch {epoch + 1}, step {step}{where}")
+        self.checkpoint, self.epoch, self.step = checkpoint, epoch, step
 
 
 @dataclass
@@ -84,6 +94,31 @@ def kl_warmup_schedule(spec) -> Callable[[float], float]:
     raise ValueError(f"kl_warmup must be None, a number, (hold_epochs, ramp_epochs) or a callable, got {spec!r}")
 
 
+def _collapsing_priors(bnn) -> List[str]:
+    """Names of the priors of ``bnn`` whose ELBO is known to collapse to the prior without a KL warm-up
+    (log-uniform, empirical ARD: at initialisation their KL term outweighs the data term and drives every
+    weight to zero before the likelihood can pull it back)."""
+    from pyrobnn.priors.ard import EmpiricalARD
+    from pyrobnn.priors.log_uniform import LogUniform
+    found = set()
+    for prior in bnn.site_priors.values():
+        d = prior
+        while d is not None:
+            if isinstance(d, LogUniform):
+                found.add("log-uniform")
+            elif isinstance(d, EmpiricalARD):
+                found.add("empirical ARD")
+            d = getattr(d, "base_dist", None)
+    return sorted(found)
+
+
+def auto_kl_warmup(bnn, epochs: int):
+    """What ``kl_warmup="auto"`` means for ``bnn``: ``(0, max(1, epochs // 4))`` — the KL weight ramps
+    linearly from 0 to 1 over the first quarter of training — when a prior is log-uniform or empirical
+    ARD, else ``None`` (no warm-up)."""
+    return (0, max(1, epochs // 4)) if _collapsing_priors(bnn) else None
+
+
 def lr_factor_schedule(spec, epochs: int) -> Callable[[float], float]:
     """Learning-rate multiplier as a function of (fractional) epoch.
 
@@ -121,6 +156,9 @@ class _Batches:
             self.resumable = False  # arbitrary DataLoaders resume at epoch boundaries
         else:
             raise TypeError("train data must be a pyrobnn.data.ArrayLoader, an (x, y) pair or a torch DataLoader")
+        if isinstance(self.loader, ArrayLoader):
+            _check_finite_rows(self.loader.x, "training x")
+            _check_finite_rows(self.loader.y, "training y")
 
     @property
     def seed(self):
@@ -163,14 +201,50 @@ class _Batches:
         raise ValueError("the training data yielded no batch")
 
 
+def _check_finite_rows(t, what):
+    """NaN/inf in the data is reported by its row in the user's data (not its place in a shuffled batch)."""
+    if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() >= 1 and not torch.isfinite(t).all():
+        bad = (~torch.isfinite(t)).reshape(t.shape[0], -1).any(1).nonzero()[:, 0]
+        rows = ", ".join(str(i) for i in bad[:5].tolist()) + (", ..." if len(bad) > 5 else "")
+        raise ValueError(f"{what} contains NaN or inf in row {bad[0].item()} (0-based row index; "
+                         f"{len(bad)} row(s) in all: {rows})")
+
+
 def _val_xy(val):
     if val is None:
         return None
     if isinstance(val, ArrayLoader):
-        return val.x, val.y
-    if isinstance(val, (tuple, list)) and len(val) == 2:
-        return torch.as_tensor(val[0]), torch.as_tensor(val[1])
-    raise TypeError("val must be an (x, y) pair or an ArrayLoader")
+        xy = val.x, val.y
+    elif isinstance(val, (tuple, list)) and len(val) == 2:
+        xy = torch.as_tensor(val[0]), torch.as_tensor(val[1])
+    else:
+        raise TypeError("val must be an (x, y) pair or an ArrayLoader")
+    _check_finite_rows(xy[0], "validation x")
+    _check_finite_rows(xy[1], "validation y")
+    return xy
+
+
+def _collapse_check(bnn, data, num_samples):
+    """Warn when the fitted predictive is no better than the class prior on (up to 512 rows of) the
+    training data — a network collapsed to its prior predicts the class frequencies and nothing else."""
+    if bnn.likelihood.task != "classification" or not isinstance(data.loader, ArrayLoader):
+        return None
+    x, y = data.loader.x[:512], data.loader.y[:512]
+    if y.is_floating_point() or y.dim() != 1:
+        return None
+    try:
+        nll = bnn.evaluate(x, y, max(1, min(num_samples, 4)))["nll"]
+    except (ValueError, KeyError, RuntimeError):
+        return None
+    freq = torch.bincount(y.long()).double()
+    freq = freq[freq > 0] / len(y)
+    prior_nll = float(-(freq * freq.log()).sum())
+    if nll >= prior_nll - 0.02 * max(prior_nll, 1e-12):
+        warnings.warn(f"the fitted predictive is no better than the class prior on the training data "
+                      f"(NLL {nll:.4f} vs {prior_nll:.4f} for predicting the class frequencies): the network "
+                      "has collapsed to its prior. Try a KL warm-up (kl_warmup=(0, epochs // 4)), a lower "
+                      "learning rate or more epochs.", RuntimeWarning)
+    return nll, prior_nll
 
 
 # -- checkpoints -------------------------------------------------------------------------------------------
@@ -301,20 +375,27 @@ _OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torc
 
 def fit(bnn: BNN, train, epochs: int, lr: float = 1e-3, *, batch_size: int = 128,
         optimizer: Union[str, Callable] = "adam", optimizer_kwargs: Optional[dict] = None,
-        kl_warmup=None, lr_schedule=None, val=None, num_samples: int = 16,
+        kl_warmup="auto", lr_schedule=None, val=None, num_samples: int = 16,
         checkpoint_dir: Optional[str] = None, checkpoint_every: Optional[int] = None, keep_checkpoints: int = 2,
         resume: bool = False, seed: Optional[int] = None, progress: bool = True,
-        callbacks: Sequence[Callable] = (), grad_clip: Optional[float] = None, distributed=None) -> History:
+        callbacks: Sequence[Callable] = (), grad_clip: Optional[float] = None, distributed=None,
+        stop_requested: Optional[Callable[[], bool]] = None) -> History:
     """Train ``bnn`` by SVI on the mean-field ELBO.
 
     :param train: ``ArrayLoader``, ``(x, y)`` tensors (batched with ``batch_size``) or a DataLoader.
     :param epochs: total epochs (a resumed run continues up to this number).
-    :param kl_warmup: ``None``, a constant, ``(hold_epochs, ramp_epochs)`` or ``f(epoch) -> weight``.
+    :param kl_warmup: ``"auto"`` (default: :func:`auto_kl_warmup` — a linear ramp over the first quarter
+        of the epochs for log-uniform and empirical-ARD priors, whose ELBO collapses to the prior without
+        one; none otherwise), ``None`` (no warm-up), a constant, ``(hold_epochs, ramp_epochs)`` or
+        ``f(epoch) -> weight``.
     :param lr_schedule: ``None``, ``"cosine"``, ``("linear-decay", start_epoch)`` or ``f(epoch) -> factor``.
     :param val: ``(x, y)`` evaluated each epoch with ``num_samples`` posterior draws.
     :param checkpoint_dir: write an atomic checkpoint at each epoch end (and every ``checkpoint_every``
         steps); ``resume=True`` continues from the newest readable one, with data order and RNG state.
     :param callbacks: ``f(bnn, record)`` after each epoch; return ``True`` to stop early.
+    :param stop_requested: polled after every step (e.g. a flag set by a SIGINT handler); when it turns
+        true the step in progress is finished, a checkpoint written (with ``checkpoint_dir``) and
+        :class:`TrainingInterrupted` raised, naming it.
     :param distributed: a :class:`pyrobnn.inference.distributed.DataParallel` (data-parallel training;
         use ``fit_distributed``): rank 0 writes checkpoints and shows progress, every rank reads them.
     :returns: :class:`History` with one record per epoch.
@@ -345,6 +426,8 @@ def fit(bnn: BNN, train, epochs: int, lr: float = 1e-3, *, batch_size: int = 128
         opt = _OPTIMIZERS[optimizer.lower()](params, lr=lr, **(optimizer_kwargs or {}))
     else:
         opt = optimizer(params)
+    if isinstance(kl_warmup, str) and kl_warmup == "auto":
+        kl_warmup = auto_kl_warmup(bnn, epochs)
     kl_of = kl_warmup_schedule(kl_warmup)
     lr_of = lr_factor_schedule(lr_schedule, epochs)
     svi_step = SVIStep(bnn, opt, grad_clip)
@@ -418,6 +501,14 @@ def fit(bnn: BNN, train, epochs: int, lr: float = 1e-3, *, batch_size: int = 128
                     and step < steps_per_epoch:
                 last_ckpt = _save_checkpoint(checkpoint_dir, bnn, opt, history, epoch, step, keep_checkpoints,
                                              data.seed)
+            if stop_requested is not None and step < steps_per_epoch and stop_requested():
+                if bar is not None:
+                    bar.close()
+                saved = None
+                if main and checkpoint_dir is not None:
+                    saved = _save_checkpoint(checkpoint_dir, bnn, opt, history, epoch, step, keep_checkpoints,
+                                             data.seed)
+                raise TrainingInterrupted(saved, epoch, step)
         if bar is not None:
             bar.close()
         start_step = 0
@@ -439,6 +530,10 @@ def fit(bnn: BNN, train, epochs: int, lr: float = 1e-3, *, batch_size: int = 128
             stop = distributed.any(stop)
         if stop:
             break
+        if stop_requested is not None and epoch + 1 < epochs and stop_requested():
+            raise TrainingInterrupted(last_ckpt if main else None, epoch + 1, 0)
     bnn.kl_weight = 1.0
     bnn.eval()
+    if main:
+        _collapse_check(bnn, data, num_samples)
     return history

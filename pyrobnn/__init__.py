@@ -3,17 +3,54 @@
 The vocabulary lives here: priors, guides, layers, :func:`bayesian`, likelihoods, metrics, sparsity,
 diagnostics (ArviZ), io, data, config. How a posterior is reached and used (SVI loop, SG-MCMC kernels,
 distillation, ...) lives in :mod:`pyrobnn.inference`; architectures in :mod:`pyrobnn.models`.
+
+The names below are imported on first use (PEP 562), so ``import pyrobnn`` — and ``pyrobnn --help`` —
+does not pay for importing torch and Pyro until something needs them.
 """
-from . import guides, likelihoods, metrics, priors, registry
-from .bnn import BNN, bayesian
-from .io import load, save
+import importlib
+import sys
+import types
 
 __version__ = "0.1.0"
-__all__ = ["BNN", "bayesian", "guides", "likelihoods", "load", "metrics", "priors", "registry", "save"]
-from .relevance import relevance  # noqa: E402  (issue 4)
 
-__all__ += ["relevance"]
-from . import sparsity  # noqa: E402  (issue 3: sparse VD pruning and export)
-__all__ += ["sparsity"]
-from .diagnostics import to_inference_data  # noqa: E402  (issue 5: ArviZ bridge)
-__all__ += ["to_inference_data"]
+# attribute -> (submodule, name in it or None for the submodule itself)
+_LAZY = {
+    "BNN": (".bnn", "BNN"), "bayesian": (".bnn", "bayesian"),
+    "load": (".io", "load"), "save": (".io", "save"),
+    "to_inference_data": (".diagnostics", "to_inference_data"),
+    "guides": (".guides", None), "likelihoods": (".likelihoods", None), "metrics": (".metrics", None),
+    "priors": (".priors", None), "registry": (".registry", None), "sparsity": (".sparsity", None),
+}
+__all__ = ["BNN", "bayesian", "guides", "likelihoods", "load", "metrics", "priors", "registry", "save",
+           "relevance", "sparsity", "to_inference_data"]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        module, attr = _LAZY[name]
+        value = importlib.import_module(module, __name__)
+        value = value if attr is None else getattr(value, attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'pyrobnn' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
+
+
+class _Package(types.ModuleType):
+    """``pyrobnn.relevance`` is the function :func:`pyrobnn.relevance.relevance`, although a submodule of
+    that name exists: importing the submodule (which binds it on the package) must not hide the function."""
+
+    @property
+    def relevance(self):
+        from .relevance import relevance
+        return relevance
+
+    @relevance.setter
+    def relevance(self, value):
+        pass
+
+
+sys.modules[__name__].__class__ = _Package

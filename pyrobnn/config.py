@@ -16,9 +16,25 @@ Example (``pyrobnn fit run.toml --out DIR``)::
     epochs = 30
     lr = 0.01
     batch_size = 128
-    kl_warmup = [0, 5]         # hold, ramp (epochs)
+    kl_warmup = [0, 5]         # hold, ramp (epochs); default "auto", "none" for no warm-up
     lr_schedule = "cosine"
     num_samples = 16
+    # lambdas = [0.0, 1.0]     # with guide = "hyper-mean-field": train over this KL-weight range
+    [sample]                   # used by `pyrobnn sample` (SGLD / pSGLD) instead of [train]
+    kernel = "sgld"            # sgld | psgld
+    step_size = 1e-5           # or {schedule = "polynomial", a = 1e-4, b = 1.0, gamma = 0.55}
+                               # or {schedule = "cyclical", step_size = 1e-4, num_steps = 2000, num_cycles = 4}
+    num_samples = 100          # draws kept per chain
+    warmup_steps = 1000        # updates before the first kept draw
+    thin = 10                  # updates per kept draw
+    num_chains = 2
+    batch_size = 128
+    temperature = 1.0
+
+``train.kl_warmup = "auto"`` (the default) ramps the KL weight linearly from 0 to 1 over the first
+quarter of the epochs when a prior is log-uniform or empirical ARD — without it their ELBO collapses the
+network to its prior (chance accuracy) — and uses none for other priors
+(:func:`pyrobnn.inference.fit.auto_kl_warmup`). ``"none"`` turns it off, ``[hold, ramp]`` sets it.
 """
 from __future__ import annotations
 
@@ -34,10 +50,15 @@ DEFAULTS: Dict[str, Dict[str, Any]] = {
     "model": {"name": "mlp"},
     "bnn": {"prior": "gaussian", "guide": "mean-field", "likelihood": None, "layers": "*",
             "local_reparameterization": True},
-    "train": {"epochs": 10, "lr": 1e-3, "batch_size": 128, "optimizer": "adam", "kl_warmup": None,
-              "lr_schedule": None, "num_samples": 16, "checkpoint_every": None, "grad_clip": None},
+    "train": {"epochs": 10, "lr": 1e-3, "batch_size": 128, "optimizer": "adam", "kl_warmup": "auto",
+              "lr_schedule": None, "num_samples": 16, "checkpoint_every": None, "grad_clip": None,
+              "lambdas": None, "lams_per_batch": 5},
+    "sample": {"kernel": "sgld", "step_size": None, "num_samples": 100, "warmup_steps": 1000, "thin": 10,
+               "num_chains": 1, "batch_size": 128, "temperature": 1.0},
 }
-_TOP = {"seed", "data", "model", "bnn", "train"}
+_TOP = {"seed", "data", "model", "bnn", "train", "sample"}
+_SCHEDULES = {"constant": {"step_size"}, "polynomial": {"a", "b", "gamma"},
+              "cyclical": {"step_size", "num_steps", "num_cycles", "exploration"}}
 
 
 def load_config(path) -> Dict[str, Any]:
@@ -76,7 +97,7 @@ def validate_config(raw: Dict[str, Any], where: str = "config") -> Dict[str, Any
         got = raw.get(section, {})
         if not isinstance(got, dict):
             raise ValueError(f"{where}: [{section}] must be a table, got {type(got).__name__}")
-        if section in ("train", "bnn"):
+        if section in ("train", "bnn", "sample"):
             unknown = set(got) - set(defaults)
             if unknown:
                 raise ValueError(f"{where}: unknown keys in [{section}]: {sorted(unknown)}; allowed: {sorted(defaults)}")
@@ -93,7 +114,11 @@ def validate_config(raw: Dict[str, Any], where: str = "config") -> Dict[str, Any
         _positive_int(t["checkpoint_every"], "train.checkpoint_every")
     if t["grad_clip"] is not None:
         _positive_float(t["grad_clip"], "train.grad_clip")
-    if t["kl_warmup"] is not None:
+    if isinstance(t["kl_warmup"], str):
+        if t["kl_warmup"] not in ("auto", "none"):
+            raise ValueError(f"{where}: train.kl_warmup must be \"auto\", \"none\" or [hold_epochs, ramp_epochs], "
+                             f"got {t['kl_warmup']!r}")
+    elif t["kl_warmup"] is not None:
         kw = t["kl_warmup"]
         ok = isinstance(kw, list) and len(kw) == 2 and all(
             isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0 for v in kw)
@@ -106,8 +131,46 @@ def validate_config(raw: Dict[str, Any], where: str = "config") -> Dict[str, Any
         raise ValueError(f"{where}: train.lr_schedule must be 'cosine', 'linear-decay' or ['linear-decay', start], got {ls!r}")
     if isinstance(ls, list):
         t["lr_schedule"] = tuple(ls)
+    _positive_int(t["lams_per_batch"], "train.lams_per_batch")
     b = cfg["bnn"]
     for key in ("prior", "guide"):
         if not isinstance(b[key], (str, dict)):
             raise ValueError(f"{where}: bnn.{key} must be a name or a table, got {b[key]!r}")
+    guide_name = b["guide"] if isinstance(b["guide"], str) else b["guide"].get("name")
+    lams = t["lambdas"]
+    if lams is not None:
+        ok = isinstance(lams, list) and len(lams) == 2 and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in lams) \
+            and 0 <= lams[0] < lams[1]
+        if not ok:
+            raise ValueError(f"{where}: train.lambdas must be [lo, hi] with 0 ≤ lo < hi, got {lams!r}")
+        if guide_name != "hyper-mean-field":
+            raise ValueError(f"{where}: train.lambdas trains a λ-hypernetwork; it needs "
+                             f"bnn.guide = \"hyper-mean-field\", got {guide_name!r}")
+        t["lambdas"] = tuple(float(v) for v in lams)
+    _validate_sample(cfg["sample"], where)
     return cfg
+
+
+def _validate_sample(s, where):
+    if s["kernel"] not in ("sgld", "psgld"):
+        raise ValueError(f"{where}: sample.kernel must be \"sgld\" or \"psgld\", got {s['kernel']!r}")
+    for key in ("num_samples", "thin", "num_chains", "batch_size"):
+        _positive_int(s[key], f"sample.{key}")
+    if isinstance(s["warmup_steps"], bool) or not isinstance(s["warmup_steps"], int) or s["warmup_steps"] < 0:
+        raise ValueError(f"{where}: sample.warmup_steps must be a non-negative integer, got {s['warmup_steps']!r}")
+    _positive_float(s["temperature"], "sample.temperature")
+    step = s["step_size"]
+    if isinstance(step, dict):
+        kind = step.get("schedule")
+        if kind not in _SCHEDULES:
+            raise ValueError(f"{where}: sample.step_size.schedule must be one of {sorted(_SCHEDULES)}, got {kind!r}")
+        bad = set(step) - _SCHEDULES[kind] - {"schedule"}
+        if bad:
+            raise ValueError(f"{where}: unknown keys in sample.step_size ({kind}): {sorted(bad)}; "
+                             f"allowed: {sorted(_SCHEDULES[kind])}")
+        for k, v in step.items():
+            if k != "schedule" and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+                raise ValueError(f"{where}: sample.step_size.{k} must be a number, got {v!r}")
+    elif step is not None:
+        _positive_float(step, "sample.step_size")

@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 
 import pytest
@@ -40,25 +39,10 @@ lr_schedule = "cosine"
 """
 # digits: 1258 training examples → 10 steps per epoch; checkpoints after steps 3, 6, 9 and at epoch ends.
 
-# The child counts the batches fit draws (the first is fit's initialisation batch); when it is about to
-# hand out batch 5 of epoch 2 (steps 0-4 of that epoch done, last checkpoint after step 3) it writes a
-# marker and waits there to be killed. Nothing in pyrobnn is changed; the patch lives in this child only.
-KILLABLE = textwrap.dedent('''
-    import sys, time
-    import pyrobnn.data as data
-    marker, kill_at = sys.argv[1], int(sys.argv[2])
-    original, count = data.ArrayLoader.batches, [0]
-    def batches(self, start=0):
-        for batch in original(self, start):
-            count[0] += 1
-            if count[0] == kill_at:
-                open(marker, "w").write("waiting for SIGKILL")
-                time.sleep(600)
-            yield batch
-    data.ArrayLoader.batches = batches
-    from pyrobnn.cli import main
-    sys.exit(main(sys.argv[3:]))
-''')
+# The child (tests/_paused_cli.py) counts the batches fit draws (the first is fit's initialisation batch);
+# when it is about to hand out batch 5 of epoch 2 (steps 0-4 of that epoch done, last checkpoint after
+# step 3) it writes a marker and waits there to be killed.
+PAUSED_CLI = os.path.join(os.path.dirname(__file__), "_paused_cli.py")
 KILL_AT = 1 + 10 + 6   # init batch + epoch 1 + batches 0..5 of epoch 2 → killed before step 5 runs
 
 
@@ -79,11 +63,9 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted_run(tmp_path):
     cfg = tmp_path / "run.toml"
     cfg.write_text(CONFIG)
     ref_dir, run_dir, marker = tmp_path / "reference", tmp_path / "killed", tmp_path / "marker"
-    killable = tmp_path / "killable.py"
-    killable.write_text(KILLABLE)
     reference = subprocess.Popen(_cli("fit", str(cfg), "--out", str(ref_dir), "--no-progress"), env=_env(),
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    victim = subprocess.Popen([sys.executable, str(killable), str(marker), str(KILL_AT),
+    victim = subprocess.Popen([sys.executable, PAUSED_CLI, str(marker), str(KILL_AT), "sigkill",
                                "fit", str(cfg), "--out", str(run_dir), "--no-progress"], env=_env(),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

@@ -1,13 +1,14 @@
-"""``pyrobnn distill run.toml [--out DIR]``: distil a saved posterior into one deterministic student.
+"""``pyrobnn distill run.toml [--teacher RUN] [--out DIR]``: distil a saved posterior into one
+deterministic student.
 
-The config names the teacher (a directory written by ``pyrobnn fit``, holding ``model.safetensors``,
-or a ``.safetensors`` file of a BNN or a SamplePosterior), the student architecture from the model
-registry and the distillation settings::
+The config names the teacher (a run directory written by ``pyrobnn fit`` or ``pyrobnn sample``, or a
+``.safetensors`` file of a BNN or a SamplePosterior; ``--teacher`` overrides it), the student
+architecture from the model registry and the distillation settings::
 
-    teacher = "runs/digits"           # pyrobnn fit --out DIR, or a .safetensors file
+    teacher = "runs/digits"           # pyrobnn fit/sample --out DIR, or a .safetensors file
     out = "runs/digits_student"       # optional; --out overrides
     seed = 0
-    [data]                            # optional: default is the teacher run's [data] (DIR/metrics.json)
+    [data]                            # optional: default is the teacher run's [data] (DIR/run.json)
     name = "digits"
     [student]
     name = "mlp"                      # any pyrobnn.models name; in/out sizes inferred for mlp
@@ -40,15 +41,40 @@ _DISTILL_KEYS = {"steps", "epochs", "batch_size", "lr", "weight_decay", "optimiz
 _EVAL_KEYS = {"num_samples", "baseline", "baseline_epochs", "latency_batch"}
 
 
+EPILOG = """\
+examples:
+  pyrobnn distill distill.toml --teacher runs/digits --out runs/student        # a `pyrobnn fit` run
+  pyrobnn distill distill.toml --teacher runs/digits-sgld --out runs/student   # a `pyrobnn sample` run
+
+distill.toml (every key but [student] name is optional; the data default to the teacher run's):
+  [student]
+  name = "mlp"
+  hidden = [32]
+  [distill]
+  epochs = 20
+  temperature = 1.0
+  [evaluate]
+  baseline = true          # also train the student architecture on the labels alone
+
+writes into DIR: student.safetensors (pyrobnn.inference.load_student), history.csv and metrics.json
+(teacher vs student on the test split: accuracy or RMSE, NLL, ECE, latency).
+"""
+
+
 def register(sub):
-    p = sub.add_parser("distill", help="distil a saved posterior (pyrobnn fit run) into a deterministic student")
-    p.add_argument("config", help="TOML distillation config (see pyrobnn.commands.distill)")
-    p.add_argument("--out", default=None, help="output directory (default: the config's 'out')")
+    from ._common import add_parser
+    p = add_parser(sub, "distill", help="distil a run's posterior (fit or sample run) into a deterministic student",
+                   description="Distil a saved posterior into one deterministic network.", epilog=EPILOG)
+    p.add_argument("config", help="TOML distillation config (see `python -m pydoc pyrobnn.commands.distill`)")
+    p.add_argument("--teacher", default=None, metavar="RUN",
+                   help="the teacher: a `pyrobnn fit`/`pyrobnn sample` run directory or a .safetensors file "
+                        "(default: the config's 'teacher')")
+    p.add_argument("--out", default=None, metavar="DIR", help="output directory (default: the config's 'out')")
     p.add_argument("--progress", action="store_true", help="show a progress bar")
     p.set_defaults(func=run)
 
 
-def load_distill_config(path) -> dict:
+def load_distill_config(path, teacher=None) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
@@ -59,8 +85,11 @@ def load_distill_config(path) -> dict:
     unknown = set(raw) - _TOP
     if unknown:
         raise ValueError(f"{path}: unknown top-level keys {sorted(unknown)}; allowed: {sorted(_TOP)}")
+    if teacher is not None:
+        raw["teacher"] = str(teacher)
     if not isinstance(raw.get("teacher"), str):
-        raise ValueError(f"{path}: 'teacher' (a pyrobnn fit directory or .safetensors file) is required")
+        raise ValueError(f"{path}: no teacher: give --teacher RUN or teacher = \"...\" (a pyrobnn fit/sample run "
+                         "directory or a .safetensors file)")
     for section in ("data", "student", "distill", "evaluate"):
         if not isinstance(raw.get(section, {}), dict):
             raise ValueError(f"{path}: [{section}] must be a table")
@@ -91,12 +120,21 @@ def _load_teacher(spec: str, where: str):
         path = Path(where).parent / spec
     run_cfg = None
     if path.is_dir():
-        metrics = path / "metrics.json"
-        if metrics.is_file():
-            run_cfg = json.loads(metrics.read_text()).get("config")
-        path = path / "model.safetensors"
+        for record in ("run.json", "metrics.json"):
+            if (path / record).is_file():
+                try:
+                    run_cfg = json.loads((path / record).read_text()).get("config")
+                except (ValueError, AttributeError):
+                    raise ValueError(f"{path / record} is not a pyrobnn run record (unreadable JSON)") from None
+                break
+        run_dir = path
+        path = next((path / f for f in ("model.safetensors", "posterior.safetensors") if (path / f).is_file()),
+                    path / "model.safetensors")
+        if not path.is_file():
+            raise FileNotFoundError(f"teacher not found: {run_dir} holds neither model.safetensors (`pyrobnn fit`) "
+                                    "nor posterior.safetensors (`pyrobnn sample`); is the run finished?")
     if not path.is_file():
-        raise FileNotFoundError(f"teacher not found: {path} (expected a `pyrobnn fit` directory with model.safetensors)")
+        raise FileNotFoundError(f"teacher not found: {path} (expected a run directory or a .safetensors file)")
     _, meta = read_state(path)
     kind = meta.get("kind")
     if kind == "bnn":
@@ -115,7 +153,7 @@ def run(args):
     from pyrobnn.models import build
     from pyrobnn.run import write_json
 
-    cfg = load_distill_config(args.config)
+    cfg = load_distill_config(args.config, getattr(args, "teacher", None))
     out = Path(args.out or cfg["out"] or "")
     if not str(out) or str(out) == ".":
         raise ValueError("give an output directory: --out DIR or out = \"...\" in the config")

@@ -3,7 +3,11 @@ import json
 
 
 def register(sub):
-    p = sub.add_parser("dwp", help="deep weight prior: train the kernel VAEs from source networks")
+    import argparse
+    p = sub.add_parser("dwp", help="deep weight prior: train the kernel VAEs from source networks",
+                       epilog="example:\n  pyrobnn dwp train --source fashion-mnist --k 4 --epochs 2 --out dwp.safetensors\n"
+                              "then use it as a prior: [bnn] prior = {name = \"deep-weight\", path = \"dwp.safetensors\"}",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     dsub = p.add_subparsers(dest="dwp_command", metavar="ACTION")
     t = dsub.add_parser("train", help="train K source convnets, collect their kernels, fit one VAE per conv layer")
     t.add_argument("--source", default="fashion-mnist", help="source dataset: fashion-mnist (default) or mnist5k")
@@ -27,10 +31,10 @@ def register(sub):
     t.add_argument("--normalize", action="store_true",
                    help="fit the VAEs to kernel shapes w/|w| (the prior is then shape VAE × N(0, scale²); see "
                         "DeepWeightPrior's scale)")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, default=0, help="seeds the source networks and the VAEs (default 0)")
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     t.add_argument("--out", required=True, help="output .safetensors file")
-    t.add_argument("--quiet", action="store_true")
+    t.add_argument("--quiet", action="store_true", help="no progress lines")
     t.set_defaults(func=run_train)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 

@@ -28,10 +28,15 @@ import numpy as np
 
 
 def register(sub):
-    p = sub.add_parser("report", help="render a run's ArviZ file (netCDF) to PNG plots and an HTML page")
+    from ._common import add_parser
+    p = add_parser(sub, "report", help="render a run's InferenceData (netCDF) to PNG plots and an HTML page",
+                   description="Plots (trace, posterior predictive check, reliability) and an HTML page with "
+                               "function-space R-hat/ESS and the run's metrics, from a run's inference_data.nc.",
+                   epilog="examples:\n  pyrobnn report runs/digits              # a `pyrobnn fit` run\n"
+                          "  pyrobnn report runs/digits-sgld --out www/sgld  # a `pyrobnn sample` run")
     p.add_argument("dir", help="run directory holding inference_data.nc (or a .nc file)")
     p.add_argument("--out", default=None, help="output directory (default DIR/report)")
-    p.add_argument("--max-vars", type=int, default=6, help="variables in the trace plot")
+    p.add_argument("--max-vars", type=int, default=6, help="per-draw scalars shown in the trace plot (default 6)")
     p.set_defaults(func=run)
 
 
@@ -159,6 +164,11 @@ def render(idata_path, out_dir, max_vars: int = 6) -> Path:
             sections.append(f"<h2>Metrics</h2><table>{rows}</table>")
         except (ValueError, TypeError):
             pass
+    curve = attrs.get("pyrobnn_lambda_curve")
+    if curve:
+        section, image = _lambda_curve_section(curve, out)
+        sections.append(section)
+        images.append(image)
     if "predictions" in groups:
         try:
             fs = function_space_diagnostics(idata)
@@ -186,6 +196,28 @@ def render(idata_path, out_dir, max_vars: int = 6) -> Path:
     index = out / "index.html"
     index.write_text(page, encoding="utf-8")
     return index
+
+
+def _lambda_curve_section(curve, out):
+    """A λ-hypernetwork run (``pyrobnn fit`` with ``[train] lambdas``): test accuracy and the fraction of
+    weights removable at no accuracy cost, per KL weight λ — as a table and ``lambda_curve.png``."""
+    import matplotlib.pyplot as plt
+
+    from pyrobnn.plots import savefig
+    rows = json.loads(curve) if isinstance(curve, str) else curve
+    metric = "accuracy" if "accuracy" in rows[0] else "nll"
+    lams = [r["lambda"] for r in rows]
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    ax.plot(lams, [r[metric] for r in rows], marker="o", label=f"test {metric}")
+    ax.plot(lams, [r["removable_fraction"] for r in rows], marker="s", label="removable fraction")
+    ax.set(xlabel="KL weight λ", title="one guide for every λ")
+    ax.legend(fontsize=8)
+    savefig(fig, out / "lambda_curve.png")
+    table = "".join(f"<tr><td>{r['lambda']:.4g}</td><td>{r[metric]:.4g}</td><td>{r['removable_fraction']:.4g}</td></tr>"
+                    for r in rows)
+    section = (f"<h2>Accuracy and sparsity over λ</h2><table><tr><th>λ</th><th>test {metric}</th>"
+               f"<th>removable fraction</th></tr>{table}</table>")
+    return section, ("Accuracy and sparsity over λ", "lambda_curve.png")
 
 
 def run(args):
