@@ -7,9 +7,10 @@ distillation, ...) lives in :mod:`pyrobnn.inference`; architectures in :mod:`pyr
 from . import guides, likelihoods, metrics, priors, registry
 from .bnn import BNN, bayesian
 from .io import load, save
+from .randomize import RandomModule, random_module
 
 __version__ = "0.1.0"
-__all__ = ["BNN", "bayesian", "guides", "likelihoods", "load", "metrics", "priors", "registry", "save"]
+__all__ = ["BNN", "RandomModule", "bayesian", "random_module", "guides", "likelihoods", "load", "metrics", "priors", "registry", "save"]
 from .relevance import relevance  # noqa: E402  (issue 4)
 
 __all__ += ["relevance"]

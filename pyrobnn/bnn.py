@@ -1,8 +1,6 @@
 """``bayesian(net, ...)``: any ``torch.nn.Module`` → a Bayesian network with Pyro ``model``/``guide``."""
 from __future__ import annotations
 
-import copy
-import fnmatch
 import itertools
 import math
 import weakref
@@ -14,20 +12,18 @@ import pyro.poutine as poutine
 import torch
 import torch.nn as nn
 from pyro.infer.autoguide import AutoGuide
-from pyro.infer.autoguide.initialization import init_to_median
 from pyro.poutine.messenger import Messenger
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import priors as _priors  # noqa: F401  (registers the built-in priors)
-from .layers import BayesianConv, BayesianLinear, BayesianModule, BayesianParams
 from .likelihoods import Likelihood
+from .randomize import RandomModule, build_prior
 from .registry import GUIDES, LIKELIHOODS, PRIORS, spec_of
 
 __all__ = ["BNN", "bayesian"]
 
 _uid = itertools.count()
 _finite_inputs = WeakIdKeyDictionary()  # large inputs already checked finite: tensor -> its _version
-_AFFINE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 class _KLWeight(Messenger):
@@ -39,20 +35,6 @@ class _KLWeight(Messenger):
 
     def _process_message(self, msg):
         msg["scale"] = msg["scale"] * self.weight
-
-
-def _build_prior(spec):
-    if isinstance(spec, (str, Mapping)):
-        return PRIORS.build(spec)
-    if (type(spec) in (torch.distributions.Normal, pyro.distributions.Normal) and spec.batch_shape == torch.Size()
-            and spec.event_shape == torch.Size()):
-        # a scalar Normal given as a plain distribution is pyrobnn's Gaussian: the same prior, which also
-        # evaluates local-reparameterisation placeholders exactly (pyrobnn.guides.base) and can be saved
-        from .priors.gaussian import Gaussian
-        return Gaussian(scale=float(spec.scale), loc=float(spec.loc))
-    if isinstance(spec, torch.distributions.Distribution) or hasattr(spec, "sample_site"):
-        return spec
-    raise TypeError(f"a prior must be a registered name, a {{'name': ...}} mapping or a distribution, got {spec!r}")
 
 
 def _prior_spec(prior):
@@ -95,15 +77,16 @@ class BNN(nn.Module):
         self.local_reparameterization = bool(local_reparameterization)
         self._uname = f"pyrobnn.BNN{next(_uid)}"
         self._arch = getattr(net, "_pyrobnn_arch", None)
-        self._layers = [layers] if isinstance(layers, str) else list(layers)
-        self._extra_params = list(params)
         self._prior_arg = prior
-        self.net = copy.deepcopy(net)
-        self._init_values: Dict[str, torch.Tensor] = {}
-        self.site_priors: Dict[str, Any] = {}
-        self._convert(prior)
-        if not self.site_priors:
-            raise ValueError(f"no module of the network matched layers={self._layers!r}; nothing would be Bayesian")
+        # the network with its sample sites: BNN.model is a user of it, like any hand-written Pyro model.
+        # Held outside the module tree (its only submodule is self.net) so state_dict keys stay "net.*".
+        self.__dict__["random"] = RandomModule(net, "", prior=prior, layers=layers, params=params,
+                                               local_reparameterization=local_reparameterization,
+                                               param_prefix=f"{self._uname}.net")
+        self.net = self.random.net
+        self._layers, self._extra_params = self.random.layers, self.random.params
+        self._init_values = self.random.init_values
+        self.site_priors = self.random.site_priors
         self.likelihood: Likelihood = LIKELIHOODS.build(likelihood)
         if not isinstance(self.likelihood, Likelihood):
             raise TypeError(f"likelihood must be a pyrobnn Likelihood, got {type(self.likelihood).__name__}")
@@ -124,73 +107,8 @@ class BNN(nn.Module):
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"dataset_size must be a positive integer, got {n!r}")
 
-    def _selected(self, name: str) -> bool:
-        return any(fnmatch.fnmatchcase(name, pat) for pat in self._layers)
-
-    def _prior_for(self, module_name: str, site: str, prior_arg):
-        if isinstance(prior_arg, Mapping) and "name" not in prior_arg:
-            for pattern, spec in prior_arg.items():
-                if fnmatch.fnmatchcase(site, pattern) or fnmatch.fnmatchcase(module_name, pattern):
-                    return _build_prior(spec)
-            raise ValueError(f"no prior pattern in {list(prior_arg)} matches site {site!r}; add a '*' entry")
-        return _build_prior(prior_arg)
-
-    def _convert(self, prior_arg):
-        cache: Dict[int, Any] = {}
-
-        def prior_of(mname, site):
-            p = self._prior_for(mname, site, prior_arg)
-            return cache.setdefault(id(p), p) if not isinstance(prior_arg, Mapping) else p
-
-        if not isinstance(prior_arg, Mapping) or "name" in prior_arg:
-            shared = _build_prior(prior_arg)
-            prior_of = lambda mname, site: shared  # noqa: E731  one object for every site
-
-        replacements = []
-        for mname, module in self.net.named_modules():
-            if isinstance(module, BayesianModule):
-                raise ValueError(f"module {mname!r} is already Bayesian; pass the original network")
-            if isinstance(module, _AFFINE) and self._selected(mname):
-                replacements.append((mname, module))
-        for mname, module in replacements:
-            prefix = mname
-            priors = {p: prior_of(mname, f"{prefix}.{p}") for p, v in module.named_parameters(recurse=False)
-                      if v is not None}
-            for p, v in module.named_parameters(recurse=False):
-                self._init_values[f"{prefix}.{p}"] = v.detach().clone()
-            cls = BayesianLinear if isinstance(module, nn.Linear) else BayesianConv
-            layer = cls(module, prefix, priors, self.local_reparameterization)
-            self._set_module(mname, layer)
-            for p in priors:
-                self.site_priors[f"{prefix}.{p}"] = priors[p]
-        # Other parameters the user asked for by name ("bn1.weight", "*.bias", ...).
-        if self._extra_params:
-            groups: Dict[str, list] = {}
-            for full, v in list(self.net.named_parameters()):
-                if any(fnmatch.fnmatchcase(full, pat) for pat in self._extra_params):
-                    mname, _, pname = full.rpartition(".")
-                    groups.setdefault(mname, []).append(pname)
-            for mname, pnames in groups.items():
-                module = self.net.get_submodule(mname) if mname else self.net
-                priors = {p: prior_of(mname, f"{mname}.{p}") for p in pnames}
-                for p in pnames:
-                    self._init_values[f"{mname}.{p}"] = getattr(module, p).detach().clone()
-                self._set_module(mname, BayesianParams(module, mname, priors, pnames))
-                for p in pnames:
-                    self.site_priors[f"{mname}.{p}"] = priors[p]
-
-    def _set_module(self, mname, new):
-        if not mname:
-            raise ValueError("the network itself is a single layer; wrap it in nn.Sequential")
-        parent_name, _, child = mname.rpartition(".")
-        parent = self.net.get_submodule(parent_name) if parent_name else self.net
-        setattr(parent, child, new)
-
     def _init_loc_fn(self, site):
-        value = self._init_values.get(site["name"])
-        if value is not None and value.shape == site["fn"].shape():
-            return value.clone()
-        return init_to_median(site)
+        return self.random.init_loc_fn(site)
 
     def _build_guide(self, guide):
         if isinstance(guide, AutoGuide):
@@ -240,26 +158,24 @@ class BNN(nn.Module):
     def _run_net(self, x):
         if self.input_shape is None:
             try:
-                out = self.net(x)
+                out = self.random(x)
             except (RuntimeError, IndexError) as e:
                 raise ValueError(f"the network cannot run on inputs of per-example shape {tuple(x.shape[1:])}: {e}") from None
             self.input_shape = x.shape[1:]
             return out
-        return self.net(x)
+        return self.random(x)
 
     def _register_params(self):
-        # the (name, parameter) list is fixed once the network is converted; walking the module tree
-        # on every model call is measurable on the SG-MCMC / SVI hot path
+        # the likelihood's parameters (the network's are registered by self.random when it runs); the
+        # list is fixed once built: walking the module tree on every call is measurable on the hot path
         if self._param_names is None:
-            self._param_names = [(f"{self._uname}.net.{n}", p, True) for n, p in self.net.named_parameters()]
-            self._param_names += [(f"{self._uname}.likelihood.{n}", p, False)
-                                  for n, p in self.likelihood.named_parameters()]
-        for name, p, only_trainable in self._param_names:
-            if p.requires_grad or not only_trainable:   # as _deterministic_params()
-                pyro.param(name, p)
+            self._param_names = [(f"{self._uname}.likelihood.{n}", p) for n, p in self.likelihood.named_parameters()]
+        for name, p in self._param_names:
+            pyro.param(name, p)
 
     def _apply(self, fn, *args, **kwargs):
         self._param_names = None  # parameters may be replaced (e.g. .to() with overwrite on conversion)
+        self.random._param_names = None
         self._targets_cache = None
         return super()._apply(fn, *args, **kwargs)
 
@@ -413,7 +329,7 @@ class BNN(nn.Module):
     def spec(self) -> Dict[str, Any]:
         """JSON-able description used by :func:`pyrobnn.save`."""
         if isinstance(self._prior_arg, Mapping) and "name" not in self._prior_arg:
-            prior = {k: (_prior_spec(_build_prior(v)) if not isinstance(v, (str, Mapping)) else v)
+            prior = {k: (_prior_spec(build_prior(v)) if not isinstance(v, (str, Mapping)) else v)
                      for k, v in self._prior_arg.items()}
         elif isinstance(self._prior_arg, (str, Mapping)):
             prior = self._prior_arg
