@@ -25,6 +25,7 @@ import pyro
 import torch
 from pyro.infer import TraceMeanField_ELBO
 
+from pyrobnn import inputs
 from pyrobnn.bnn import BNN
 from pyrobnn.data import ArrayLoader
 from pyrobnn.io import flatten_state, read_state, unflatten_state, write_state
@@ -169,7 +170,7 @@ def _val_xy(val):
     if isinstance(val, ArrayLoader):
         return val.x, val.y
     if isinstance(val, (tuple, list)) and len(val) == 2:
-        return torch.as_tensor(val[0]), torch.as_tensor(val[1])
+        return inputs.as_inputs(val[0], what="val x"), torch.as_tensor(val[1])
     raise TypeError("val must be an (x, y) pair or an ArrayLoader")
 
 

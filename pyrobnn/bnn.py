@@ -13,9 +13,10 @@ import torch
 import torch.nn as nn
 from pyro.infer.autoguide import AutoGuide
 from pyro.poutine.messenger import Messenger
-from torch.utils.weak import WeakIdKeyDictionary
 
+from . import inputs
 from . import priors as _priors  # noqa: F401  (registers the built-in priors)
+from .inputs import Signature
 from .likelihoods import Likelihood
 from .randomize import RandomModule, build_prior
 from .registry import GUIDES, LIKELIHOODS, PRIORS, spec_of
@@ -23,7 +24,6 @@ from .registry import GUIDES, LIKELIHOODS, PRIORS, spec_of
 __all__ = ["BNN", "bayesian"]
 
 _uid = itertools.count()
-_finite_inputs = WeakIdKeyDictionary()  # large inputs already checked finite: tensor -> its _version
 
 
 class _KLWeight(Messenger):
@@ -92,7 +92,7 @@ class BNN(nn.Module):
             raise TypeError(f"likelihood must be a pyrobnn Likelihood, got {type(self.likelihood).__name__}")
         self._guide_arg = guide
         self.autoguide = self._build_guide(guide)
-        self.input_shape: Optional[torch.Size] = None
+        self.input_signature: Optional[Signature] = None  # what one example looks like, from the first run
         self._arange_cache: Dict[int, torch.Tensor] = {}
         self._param_names = None
         self._targets_cache = None
@@ -124,29 +124,23 @@ class BNN(nn.Module):
         raise TypeError(f"guide must be a name, a mapping or a factory, got {guide!r}")
 
     # -- boundary checks ----------------------------------------------------------------------------
+    @property
+    def input_shape(self) -> Optional[torch.Size]:
+        """Per-example shape of a single-tensor input (None before the first run, or for tuple/dict inputs)."""
+        sig = self.input_signature
+        return torch.Size(sig.shapes[0]) if sig is not None and sig.kind == "tensor" else None
+
+    @input_shape.setter
+    def input_shape(self, shape):
+        self.input_signature = None if shape is None else \
+            Signature("tensor", (tuple(shape),), (str(torch.get_default_dtype()).replace("torch.", ""),))
+
     def _check_x(self, x):
-        if not isinstance(x, torch.Tensor):
-            try:
-                x = torch.as_tensor(x, dtype=torch.get_default_dtype())
-            except Exception:
-                raise TypeError(f"x must be a tensor or array-like, got {type(x).__name__}") from None
-        if x.is_complex():
-            raise TypeError(f"x must be real-valued, got dtype {x.dtype}")
-        if not x.is_floating_point() or x.dtype != torch.get_default_dtype():
-            x = x.to(self._input_dtype())  # float64/float16 inputs would fail inside the layers' matmul
-        if x.dim() < 1 or x.shape[0] == 0:
-            raise ValueError(f"x must have a leading batch dimension with at least one example, got shape {tuple(x.shape)}")
-        if self.input_shape is not None and x.shape[1:] != self.input_shape:
-            raise ValueError(f"x has per-example shape {tuple(x.shape[1:])} but the network was built for "
-                             f"{tuple(self.input_shape)}")
-        # one reduction first (cheap on the hot path); the exact check only when it is not finite.
-        # SG-MCMC passes the same full data every step: a large x is checked once per version.
-        if _finite_inputs.get(x) != x._version:
-            if not torch.isfinite(x.sum()) and not torch.isfinite(x).all():
-                bad = (~torch.isfinite(x)).reshape(x.shape[0], -1).any(1).nonzero()[0, 0].item()
-                raise ValueError(f"x contains NaN or inf (first in example {bad})")
-            if x.numel() >= 1 << 20:  # full data sets, not minibatches
-                _finite_inputs[x] = x._version
+        """``x`` (a tensor, tuple or dict of tensors; see :mod:`pyrobnn.inputs`) checked and converted."""
+        x = inputs.as_inputs(x, self._input_dtype())
+        if self.input_signature is not None:
+            x = self.input_signature.check(x)
+        inputs.check_finite(x)
         return x
 
     def _input_dtype(self):
@@ -156,14 +150,38 @@ class BNN(nn.Module):
         return torch.get_default_dtype()
 
     def _run_net(self, x):
-        if self.input_shape is None:
+        if self.input_signature is None:
+            return self._first_run(x)
+        return inputs.call(self.random, x)
+
+    def _first_run(self, x):
+        """The first run records the input signature. Integer inputs stay integer when the network takes
+        them (token ids for an ``nn.Embedding``); a network that cannot (its first layer is a Linear, say)
+        gets them as floating point, as every later call will. Which one is decided by a probe on two
+        examples, outside any trace, with the sites held at the network's initial values."""
+        if any(not v.is_floating_point() for v in inputs.leaves(x)):
+            probe = inputs.rows(x, 0, 2)
             try:
-                out = self.random(x)
-            except (RuntimeError, IndexError) as e:
-                raise ValueError(f"the network cannot run on inputs of per-example shape {tuple(x.shape[1:])}: {e}") from None
-            self.input_shape = x.shape[1:]
-            return out
-        return self.random(x)
+                self._probe(probe)
+            except (RuntimeError, IndexError, TypeError):
+                x = inputs.map_leaves(x, lambda v: v if v.is_floating_point() else v.to(self._input_dtype()))
+        try:
+            out = inputs.call(self.random, x)
+        except (RuntimeError, IndexError, TypeError) as e:
+            what = f"of per-example shape {tuple(x.shape[1:])}" if isinstance(x, torch.Tensor) else \
+                f"({inputs.describe(x)})"
+            raise ValueError(f"the network cannot run on inputs {what}: {e}") from None
+        self.input_signature = Signature.of(x)
+        return out
+
+    def _probe(self, x):
+        was_training = self.training
+        self.eval()
+        try:
+            with poutine.block(), poutine.condition(data=self._init_values), torch.no_grad():
+                inputs.call(self.random, x)
+        finally:
+            self.train(was_training)
 
     def _register_params(self):
         # the likelihood's parameters (the network's are registered by self.random when it runs); the
@@ -207,20 +225,22 @@ class BNN(nn.Module):
         x = self._check_x(x)
         m = subsample_size if subsample_size is not None else self.subsample_size
         if m is not None:
-            if isinstance(m, bool) or not isinstance(m, int) or not (1 <= m <= x.shape[0]):
-                raise ValueError(f"subsample_size must be an integer in [1, {x.shape[0]}], got {m!r}")
-            n = self.dataset_size or x.shape[0]
-            if n != x.shape[0]:
-                raise ValueError(f"with subsample_size the model takes the full data: got {x.shape[0]} examples "
+            b = inputs.batch_size(x)
+            if isinstance(m, bool) or not isinstance(m, int) or not (1 <= m <= b):
+                raise ValueError(f"subsample_size must be an integer in [1, {b}], got {m!r}")
+            n = self.dataset_size or b
+            if n != b:
+                raise ValueError(f"with subsample_size the model takes the full data: got {b} examples "
                                  f"but dataset_size is {n}")
             plate = pyro.plate("data", n, subsample_size=m)
             idx = plate._indices
-            x = x[idx]
+            x = inputs.index(x, idx)
         else:
-            n = self.dataset_size or x.shape[0]
-            if n < x.shape[0]:
-                raise ValueError(f"dataset_size ({n}) is smaller than the batch ({x.shape[0]} examples)")
-            plate = pyro.plate("data", n, subsample=self._arange(x.shape[0]))
+            b = inputs.batch_size(x)
+            n = self.dataset_size or b
+            if n < b:
+                raise ValueError(f"dataset_size ({n}) is smaller than the batch ({b} examples)")
+            plate = pyro.plate("data", n, subsample=self._arange(b))
         self._register_params()
         with self._kl_scale():
             self.likelihood.sample_latents()
@@ -261,7 +281,7 @@ class BNN(nn.Module):
     def initialize(self, x, y=None):
         """Build the guide's parameters (the prototype trace) from one batch; idempotent."""
         with poutine.block(), torch.no_grad():
-            self.guide(self._check_x(x)[:2], None)
+            self.guide(inputs.rows(self._check_x(x), 0, 2), None)
         return self
 
     # -- prediction ---------------------------------------------------------------------------------
@@ -294,15 +314,15 @@ class BNN(nn.Module):
             with poutine.block():
                 if self.autoguide.prototype_trace is None:
                     self.initialize(x)
+                    x = self._check_x(x)  # as the first run decided (integer inputs to a float network)
                 if self._all_local():
                     chunk = max(1, max_rows // num_samples)
                     outs = []
-                    for i in range(0, x.shape[0], chunk):
-                        xb = x[i:i + chunk]
+                    for i in range(0, inputs.batch_size(x), chunk):
+                        xb = inputs.rows(x, i, i + chunk)
                         tr = poutine.trace(self.autoguide).get_trace(xb)
-                        rep = xb.repeat((num_samples,) + (1,) * (xb.dim() - 1))
-                        o = poutine.replay(self._net_only, tr)(rep)
-                        outs.append(o.reshape((num_samples, xb.shape[0]) + o.shape[1:]))
+                        o = poutine.replay(self._net_only, tr)(inputs.repeat(xb, num_samples))
+                        outs.append(o.reshape((num_samples, inputs.batch_size(xb)) + o.shape[1:]))
                     return torch.cat(outs, 1)
                 outs = []
                 for _ in range(num_samples):
@@ -352,6 +372,7 @@ class BNN(nn.Module):
             "params": self._extra_params,
             "local_reparameterization": self.local_reparameterization,
             "input_shape": None if self.input_shape is None else list(self.input_shape),
+            "inputs": None if self.input_signature is None else self.input_signature.to_json(),
         }
 
 

@@ -164,3 +164,17 @@ def test_bayesian_refuses_pyro_modules_it_cannot_convert_with_what_to_do():
     net[1].weight = PyroSample(dist.Normal(1., 0.1).expand([4]).to_event(1))
     with pytest.raises(ValueError, match=r"1.weight: PyroSample on a LayerNorm.*params=\[\.\.\.\]"):
         pyrobnn.bayesian(net)
+
+
+def test_readme_own_model_example_runs():
+    """The README's "In your own Pyro model" block, run as written (fewer SVI steps)."""
+    import re
+    from pathlib import Path
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text.split("### In your own Pyro model", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert "random_module" in code and "range(500)" in code
+    scope = {}
+    exec(compile(code.replace("range(500)", "range(30)"), "README.md", "exec"), scope)
+    assert scope["draws"]["y"].shape == (32, 100)
+    assert set(scope["net"].site_priors) == {"net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias"}
