@@ -67,7 +67,7 @@ def test_embedding_network_end_to_end(tmp_path):
     assert loaded.input_signature == bnn.input_signature
     with pytest.raises(TypeError, match=r"x has dtype float32 but the network takes integer inputs \(int64\)"):
         bnn.predict(x.float())
-    post = sample(bnn, (x, y), num_samples=3, warmup=5, thin=2, step_size=1e-4, seed=0)
+    post = sample(bnn, (x, y), num_samples=3, warmup_steps=5, thin=2, step_size=1e-4, seed=0)
     assert post.predict(x).shape == (len(y), 2)
 
 
@@ -83,7 +83,7 @@ def test_two_input_network_end_to_end(tmp_path, as_dict):
     p = bnn.predict(x, 4)
     assert p.shape == (len(y), 2) and torch.allclose(p.sum(-1), torch.ones(len(y)))
     _roundtrip(bnn, x, tmp_path, TwoInputNet())
-    post = sample(bnn, (x, y), num_samples=3, warmup=5, thin=2, step_size=1e-4, seed=0, eval_x=x)
+    post = sample(bnn, (x, y), num_samples=3, warmup_steps=5, thin=2, step_size=1e-4, seed=0, eval_x=x)
     assert post.eval_outputs.shape == (1, 3, len(y), 2)
     post.save(tmp_path / "p.safetensors")
     again = type(post).load(tmp_path / "p.safetensors", net=TwoInputNet())
