@@ -73,6 +73,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pyrobnn import inputs as _inputs
 from pyrobnn.bnn import BNN
 from pyrobnn.io import read_state, write_state
 
@@ -360,7 +361,7 @@ class SampleTeacher(Teacher):
             with _capture(_submodule(self.bnn.net, hidden, "teacher")) as store:
                 outs = torch.stack([self._net({k: v[i].to(dtype) for k, v in sel.items() if k != _PRECISION}, x)
                                     for i in range(S)])
-            h = _hidden_mean(store, S, x.shape[0])
+            h = _hidden_mean(store, S, _inputs.batch_size(x))
         return _bnn_draws(self.bnn, outs, sel.get(_PRECISION), h)
 
 
@@ -381,15 +382,15 @@ class GuideTeacher(Teacher):
         if getattr(self.bnn.likelihood, "scale_mode", None) != "latent":
             return None
         with torch.no_grad(), poutine.block():
-            return torch.stack([poutine.trace(self.bnn.autoguide).get_trace(x[:1]).nodes[_PRECISION]["value"]
+            return torch.stack([poutine.trace(self.bnn.autoguide).get_trace(_inputs.rows(x, 0, 1)).nodes[_PRECISION]["value"]
                                 for _ in range(S)])
 
     def draws(self, x, num_samples, hidden=None):
         S = 32 if num_samples is None else num_samples
         module = None if hidden is None else _submodule(self.bnn.net, hidden, "teacher")
         with _capture(module) as store:
-            outs = self.bnn.sample_outputs(x, S, max_rows=max(16384, S * x.shape[0]))
-        h = _hidden_mean(store, S, x.shape[0]) if hidden is not None else None
+            outs = self.bnn.sample_outputs(x, S, max_rows=max(16384, S * _inputs.batch_size(x)))
+        h = _hidden_mean(store, S, _inputs.batch_size(x)) if hidden is not None else None
         return _bnn_draws(self.bnn, outs, self._precisions(x, S), h)
 
 
@@ -447,7 +448,7 @@ class MCDropout(Teacher):
     @torch.no_grad()
     def sample(self, x, num_samples: int, hidden: Optional[str] = None):
         """Raw outputs ``[S, B, ...]`` (and the hidden layer's ``[S, B, H]`` when asked)."""
-        S, B = num_samples, x.shape[0]
+        S, B = num_samples, _inputs.batch_size(x)
         module = None if hidden is None else _submodule(self.net, hidden, "teacher")
         per = max(1, self.max_rows // B)
         outs, hs = [], []
@@ -455,7 +456,7 @@ class MCDropout(Teacher):
             for s0 in range(0, S, per):
                 n = min(per, S - s0)
                 with _capture(module) as store:
-                    o = self.net(x.repeat((n,) + (1,) * (x.dim() - 1)))
+                    o = _inputs.call(self.net, _inputs.repeat(x, n))
                 outs.append(o.reshape((n, B) + o.shape[1:]))
                 if store:
                     hs.append(store[0].reshape(n, B, -1))
@@ -519,21 +520,22 @@ class SGLDChain(Teacher):
         from .sgld import PSGLD, SGLD
         if not isinstance(bnn, BNN):
             raise TypeError(f"SGLDChain needs a pyrobnn BNN, got {type(bnn).__name__}")
-        if not (isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data)):
-            raise TypeError("data must be an (x, y) pair of tensors")
-        x, y = data
-        if x.shape[0] != y.shape[0]:
-            raise ValueError(f"x has {x.shape[0]} examples but y has {y.shape[0]}")
+        if not (isinstance(data, (tuple, list)) and len(data) == 2 and _inputs.is_inputs(data[0])
+                and isinstance(data[1], torch.Tensor)):
+            raise TypeError("data must be an (x, y) pair of tensors (x: a tensor, a tuple or a dict of tensors)")
+        x, y = bnn._check_x(data[0]), data[1]
+        if _inputs.batch_size(x) != y.shape[0]:
+            raise ValueError(f"x has {_inputs.batch_size(x)} examples but y has {y.shape[0]}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         if isinstance(burn_in, bool) or not isinstance(burn_in, int) or burn_in < 0:
             raise ValueError(f"burn_in must be an integer ≥ 0, got {burn_in!r}")
         self.bnn, self.x, self.y = bnn, x, y
         self.task = _bnn_task(bnn)
-        self.batch_size = min(batch_size, x.shape[0])
+        self.batch_size = min(batch_size, _inputs.batch_size(x))
         self.burn_in = burn_in
         if bnn.dataset_size is None:
-            bnn.dataset_size = x.shape[0]
+            bnn.dataset_size = _inputs.batch_size(x)
         if isinstance(kernel, SGLD):
             if step_size is not None or kernel_kwargs:
                 raise ValueError("pass step_size and kernel options to the kernel instance")
@@ -558,11 +560,11 @@ class SGLDChain(Teacher):
 
     def _batch(self):
         if self._pos + self.batch_size > self._perm.shape[0]:
-            self._perm = torch.randperm(self.x.shape[0], generator=self.generator)
+            self._perm = torch.randperm(_inputs.batch_size(self.x), generator=self.generator)
             self._pos = 0
         idx = self._perm[self._pos:self._pos + self.batch_size]
         self._pos += self.batch_size
-        return self.x[idx], self.y[idx]
+        return _inputs.index(self.x, idx), self.y[idx]
 
     @contextlib.contextmanager
     def _stepping(self):
@@ -778,35 +780,33 @@ class _Inputs:
         self.generator = generator
         self.labels = None
         self.iterable = None
-        if isinstance(inputs, torch.Tensor):
+        if isinstance(inputs, (torch.Tensor, dict)):
             self.x = inputs
-        elif isinstance(inputs, (tuple, list)) and len(inputs) == 2 and all(isinstance(t, torch.Tensor) for t in inputs):
+        elif isinstance(inputs, (tuple, list)) and len(inputs) == 2 and _inputs.is_inputs(inputs[0]) \
+                and isinstance(inputs[1], torch.Tensor):
             self.x, self.labels = inputs
-            if self.labels.shape[0] != self.x.shape[0]:
-                raise ValueError(f"inputs x has {self.x.shape[0]} examples but y has {self.labels.shape[0]}")
         elif hasattr(inputs, "__iter__") and not isinstance(inputs, (str, bytes, dict)):
             self.x = None
             self.iterable = inputs
         else:
             raise TypeError("inputs must be a tensor [N, ...], an (x, y) pair of tensors or an iterable of batches")
         if self.x is not None:
-            if self.x.dim() < 1 or self.x.shape[0] == 0:
-                raise ValueError(f"inputs must have a leading batch dimension with examples, got {tuple(self.x.shape)}")
-            if not self.x.is_floating_point():
-                self.x = self.x.to(torch.get_default_dtype())
-            if not torch.isfinite(self.x).all():
-                raise ValueError("inputs contain NaN or inf")
-            self.batch_size = min(batch_size, self.x.shape[0])
+            self.x = _inputs.as_inputs(self.x, torch.get_default_dtype(), what="inputs")
+            _inputs.check_finite(self.x, "inputs")
+            n = _inputs.batch_size(self.x)
+            if self.labels is not None and self.labels.shape[0] != n:
+                raise ValueError(f"inputs x has {n} examples but y has {self.labels.shape[0]}")
+            self.batch_size = min(batch_size, n)
         self._stream = self._tensor_stream() if self.x is not None else self._iter_stream()
         self.epoch = 0
 
     def _tensor_stream(self):
-        n = self.x.shape[0]
+        n = _inputs.batch_size(self.x)
         while True:
             perm = torch.randperm(n, generator=self.generator)
             for i in range(0, n - self.batch_size + 1, self.batch_size):
                 idx = perm[i:i + self.batch_size]
-                yield idx, self.x[idx], (None if self.labels is None else self.labels[idx])
+                yield idx, _inputs.index(self.x, idx), (None if self.labels is None else self.labels[idx])
             self.epoch += 1
 
     def _iter_stream(self):
@@ -816,9 +816,9 @@ class _Inputs:
             empty = True
             for batch in self.iterable:
                 empty = False
-                if isinstance(batch, torch.Tensor):
+                if isinstance(batch, (torch.Tensor, dict)):
                     yield None, batch, None
-                elif isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+                elif isinstance(batch, (tuple, list)) and batch and _inputs.is_inputs(batch[0]):
                     yield None, batch[0], (batch[1] if len(batch) > 1 else None)
                 else:
                     raise TypeError("each batch must be a tensor x or an (x, y) pair")
@@ -828,7 +828,7 @@ class _Inputs:
 
     def steps_per_epoch(self):
         if self.x is not None:
-            return max(1, self.x.shape[0] // self.batch_size)
+            return max(1, _inputs.batch_size(self.x) // self.batch_size)
         return len(self.iterable) if hasattr(self.iterable, "__len__") else None
 
     def __next__(self):
@@ -837,8 +837,8 @@ class _Inputs:
 
 @torch.no_grad()
 def _cache_targets(teacher: Teacher, x: torch.Tensor, num_samples, temperature, chunk: int = 512):
-    parts = [_aggregate(teacher.draws(x[i:i + chunk], num_samples), teacher.task, temperature)
-             for i in range(0, x.shape[0], chunk)]
+    parts = [_aggregate(teacher.draws(_inputs.rows(x, i, i + chunk), num_samples), teacher.task, temperature)
+             for i in range(0, _inputs.batch_size(x), chunk)]
     if teacher.task == "classification":
         return torch.cat(parts, 0)
     return torch.cat([p[0] for p in parts], 0), torch.cat([p[1] for p in parts], 0)
@@ -993,7 +993,8 @@ def distill(teacher, student: nn.Module, inputs, *, task: Optional[str] = None, 
                 t.advance()
             idx, xb, yb = next(stream)
             if input_noise > 0:
-                xb = xb + input_noise * torch.randn(xb.shape, generator=generator, dtype=xb.dtype)
+                xb = _inputs.map_leaves(xb, lambda v: v + input_noise * torch.randn(
+                    v.shape, generator=generator, dtype=v.dtype) if v.is_floating_point() else v)
             if cached is not None:
                 target, th = _index_target(cached, idx, task), None
             else:
@@ -1003,7 +1004,7 @@ def distill(teacher, student: nn.Module, inputs, *, task: Optional[str] = None, 
             for g in opt.param_groups:
                 g["lr"] = lr * _lr_factor(lr_schedule, step - 1, steps)
             with _capture(hidden_s) as store:
-                out = student(xb)
+                out = _inputs.call(student, xb)
             loss = _loss_to_target(target, out, task, temperature).mean()
             total = loss
             logs = {"loss": loss.item()}
@@ -1076,7 +1077,7 @@ def student_predictive(student: nn.Module, x: torch.Tensor, task: str = "classif
     was = student.training
     student.eval()
     try:
-        out = student(x)
+        out = _inputs.call(student, _inputs.as_inputs(x, next(iter(student.parameters()), torch.empty(0)).dtype))
     finally:
         student.train(was)
     if task == "classification":
@@ -1096,19 +1097,21 @@ def train_deterministic(net: nn.Module, x: torch.Tensor, y: torch.Tensor, *, tas
     """The deterministic baseline: train ``net`` on the labels with Adam (cross-entropy; regression:
     Gaussian NLL of a ``[B, 2]`` mean / log-variance output). Trained in place, returned in eval mode."""
     task = _check_task(task)
-    if x.shape[0] != y.shape[0]:
-        raise ValueError(f"x has {x.shape[0]} examples but y has {y.shape[0]}")
+    x = _inputs.as_inputs(x)
+    n = _inputs.batch_size(x)
+    if n != y.shape[0]:
+        raise ValueError(f"x has {n} examples but y has {y.shape[0]}")
     g = torch.Generator().manual_seed(0 if seed is None else seed)
     if seed is not None:
         torch.manual_seed(seed)
     opt = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=weight_decay)
     net.train()
-    bs = min(batch_size, x.shape[0])
+    bs = min(batch_size, n)
     for _ in range(epochs):
-        perm = torch.randperm(x.shape[0], generator=g)
-        for i in range(0, x.shape[0] - bs + 1, bs):
+        perm = torch.randperm(n, generator=g)
+        for i in range(0, n - bs + 1, bs):
             idx = perm[i:i + bs]
-            loss = _label_loss(net(x[idx]), y[idx], task)
+            loss = _label_loss(_inputs.call(net, _inputs.index(x, idx)), y[idx], task)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -1166,7 +1169,7 @@ def evaluate_distillation(teacher, students: Mapping[str, nn.Module], x: torch.T
         else:
             mean, var = student_predictive(net, x, "regression")
             rows[sname] = _regression_metrics(mean, var, y.reshape(mean.shape), y_scale)
-    xb = x[:latency_batch]
+    xb = _inputs.rows(_inputs.as_inputs(x), 0, latency_batch)
     fns = {name: (lambda: _aggregate(t.draws(xb, num_samples), t.task, 1.0))}
     for sname, net in students.items():
         fns[sname] = (lambda net=net: student_predictive(net, xb, t.task))

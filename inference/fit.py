@@ -25,6 +25,7 @@ import pyro
 import torch
 from pyro.infer import TraceMeanField_ELBO
 
+from pyrobnn import inputs
 from pyrobnn.bnn import BNN
 from pyrobnn.data import ArrayLoader
 from pyrobnn.io import flatten_state, read_state, unflatten_state, write_state
@@ -201,9 +202,14 @@ class _Batches:
         raise ValueError("the training data yielded no batch")
 
 
-def _check_finite_rows(t, what):
+def _check_finite_rows(data, what):
     """NaN/inf in the data is reported by its row in the user's data (not its place in a shuffled batch)."""
-    if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() >= 1 and not torch.isfinite(t).all():
+    for t in inputs.leaves(data) if inputs.is_inputs(data) else ():
+        _check_finite_tensor_rows(t, what)
+
+
+def _check_finite_tensor_rows(t, what):
+    if t.is_floating_point() and t.dim() >= 1 and not torch.isfinite(t).all():
         bad = (~torch.isfinite(t)).reshape(t.shape[0], -1).any(1).nonzero()[:, 0]
         rows = ", ".join(str(i) for i in bad[:5].tolist()) + (", ..." if len(bad) > 5 else "")
         raise ValueError(f"{what} contains NaN or inf in row {bad[0].item()} (0-based row index; "
@@ -216,7 +222,7 @@ def _val_xy(val):
     if isinstance(val, ArrayLoader):
         xy = val.x, val.y
     elif isinstance(val, (tuple, list)) and len(val) == 2:
-        xy = torch.as_tensor(val[0]), torch.as_tensor(val[1])
+        xy = inputs.as_inputs(val[0], what="val x"), torch.as_tensor(val[1])
     else:
         raise TypeError("val must be an (x, y) pair or an ArrayLoader")
     _check_finite_rows(xy[0], "validation x")
@@ -229,7 +235,8 @@ def _collapse_check(bnn, data, num_samples):
     training data — a network collapsed to its prior predicts the class frequencies and nothing else."""
     if bnn.likelihood.task != "classification" or not isinstance(data.loader, ArrayLoader):
         return None
-    x, y = data.loader.x[:512], data.loader.y[:512]
+    n = min(512, inputs.batch_size(data.loader.x))
+    x, y = inputs.rows(data.loader.x, 0, n), data.loader.y[:n]
     if y.is_floating_point() or y.dim() != 1:
         return None
     try:

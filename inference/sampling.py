@@ -28,6 +28,7 @@ import pyro
 import pyro.poutine as poutine
 import torch
 
+from pyrobnn import inputs
 from pyrobnn.bnn import BNN, bayesian
 from pyrobnn.diagnostics import PRECISION_SITE as _PRECISION
 from pyrobnn.diagnostics import mcmc_sample_stats, outputs_under_draws, per_draw_log_prob
@@ -48,21 +49,23 @@ class _TensorBatches:
     """Shuffled minibatches of (x, y) without replacement within an epoch, reproducible via ``generator``."""
 
     def __init__(self, x, y, batch_size, generator):
-        if x.shape[0] != y.shape[0]:
-            raise ValueError(f"x has {x.shape[0]} examples but y has {y.shape[0]}")
+        x = inputs.as_inputs(x)
+        n = inputs.batch_size(x)
+        if n != y.shape[0]:
+            raise ValueError(f"x has {n} examples but y has {y.shape[0]}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        self.x, self.y, self.batch_size = x, y, min(batch_size, x.shape[0])
+        self.x, self.y, self.n, self.batch_size = x, y, n, min(batch_size, n)
         self.generator = generator
 
     def __len__(self):
-        return self.x.shape[0] // self.batch_size
+        return self.n // self.batch_size
 
     def __iter__(self):
-        perm = torch.randperm(self.x.shape[0], generator=self.generator)
+        perm = torch.randperm(self.n, generator=self.generator)
         for i in range(len(self)):
             idx = perm[i * self.batch_size:(i + 1) * self.batch_size]
-            yield self.x[idx], self.y[idx]
+            yield inputs.index(self.x, idx), self.y[idx]
 
 
 def _forever(batches):
@@ -83,7 +86,7 @@ def _forever(batches):
 
 def _dataset_size(data, x_y) -> Optional[int]:
     if x_y is not None:
-        return int(x_y[0].shape[0])
+        return int(x_y[1].shape[0])
     n = getattr(data, "dataset_size", None)
     if isinstance(n, int):
         return n
@@ -208,12 +211,12 @@ class SamplePosterior:
     def save(self, path) -> None:
         """Write draws, statistics, held-out outputs, the BNN's deterministic parameters and its spec to
         one safetensors file (atomic, checksummed; :func:`pyrobnn.io.write_state`)."""
-        if self.bnn.input_shape is None:
-            raise ValueError("the BNN has never run on data; nothing to describe its input shape")
+        if self.bnn.input_signature is None:
+            raise ValueError("the BNN has never run on data; nothing to describe its inputs")
         tensors = {f"draw/{k}": v for k, v in self.draws.items()}
         tensors.update({f"stat/{k}": v for k, v in self.stats.items()})
         if self.eval_x is not None:
-            tensors["eval_x"] = self.eval_x
+            tensors.update(inputs.to_tensors(self.eval_x, "eval_x"))
         if self.eval_outputs is not None:
             tensors["eval_outputs"] = self.eval_outputs
         tensors.update({f"bnn/{k}": v for k, v in _deterministic_state(self.bnn).items()})
@@ -234,7 +237,8 @@ class SamplePosterior:
             raise ValueError(f"{path}: parameters do not fit the architecture (missing {missing}, unexpected {unexpected})")
         draws = {k[5:]: v for k, v in tensors.items() if k.startswith("draw/")}
         stats = {k[5:]: v for k, v in tensors.items() if k.startswith("stat/")}
-        return cls(bnn, draws, stats, tensors.get("eval_x"), tensors.get("eval_outputs"), meta.get("config"))
+        eval_x = inputs.from_tensors(tensors, "eval_x", bnn.input_signature)
+        return cls(bnn, draws, stats, eval_x, tensors.get("eval_outputs"), meta.get("config"))
 
     # -- from pyro.infer.MCMC --------------------------------------------------------------------------
     @classmethod
@@ -314,7 +318,8 @@ def sample(bnn: BNN, data: Union[Tuple[torch.Tensor, torch.Tensor], Iterable], k
     else:
         generator.manual_seed(int(torch.randint(0, 2**62, ())))
     x_y = None
-    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+    if isinstance(data, (tuple, list)) and len(data) == 2 and inputs.is_inputs(data[0]) \
+            and isinstance(data[1], torch.Tensor):
         x_y = (data[0], torch.as_tensor(data[1]))
         batches = _TensorBatches(x_y[0], x_y[1], batch_size, generator)
     elif hasattr(data, "__iter__"):
@@ -326,6 +331,8 @@ def sample(bnn: BNN, data: Union[Tuple[torch.Tensor, torch.Tensor], Iterable], k
         if n is None:
             raise ValueError("set bnn.dataset_size: the number of training examples cannot be read from this loader")
         bnn.dataset_size = n
+    if eval_x is not None:
+        eval_x = bnn._check_x(eval_x)
     k = _make_kernel(bnn, kernel, step_size, kernel_kwargs)
     patterns = list(keep_sites) if keep_sites is not None else None
 

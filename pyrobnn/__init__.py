@@ -16,12 +16,13 @@ __version__ = "0.1.0"
 # attribute -> (submodule, name in it or None for the submodule itself)
 _LAZY = {
     "BNN": (".bnn", "BNN"), "bayesian": (".bnn", "bayesian"),
+    "RandomModule": (".randomize", "RandomModule"), "random_module": (".randomize", "random_module"),
     "load": (".io", "load"), "save": (".io", "save"),
     "to_inference_data": (".diagnostics", "to_inference_data"),
     "guides": (".guides", None), "likelihoods": (".likelihoods", None), "metrics": (".metrics", None),
     "priors": (".priors", None), "registry": (".registry", None), "sparsity": (".sparsity", None),
 }
-__all__ = ["BNN", "bayesian", "guides", "likelihoods", "load", "metrics", "priors", "registry", "save",
+__all__ = ["BNN", "RandomModule", "bayesian", "random_module", "guides", "likelihoods", "load", "metrics", "priors", "registry", "save",
            "relevance", "sparsity", "to_inference_data"]
 
 

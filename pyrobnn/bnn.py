@@ -1,8 +1,6 @@
 """``bayesian(net, ...)``: any ``torch.nn.Module`` → a Bayesian network with Pyro ``model``/``guide``."""
 from __future__ import annotations
 
-import copy
-import fnmatch
 import itertools
 import math
 import weakref
@@ -16,20 +14,19 @@ import torch.nn as nn
 from pyro.infer.autoguide import AutoGuide
 from pyro.nn import PyroModule
 from pyro.poutine.messenger import Messenger
-from torch.utils.weak import WeakIdKeyDictionary
 
+from . import inputs
 from . import priors as _priors  # noqa: F401  (registers the built-in priors)
-from .guides.base import FlatGaussianGuide, init_to_median_or_fan_in
+from .guides.base import FlatGaussianGuide
 from .guides.pyro_autoguides import PYRO_PREFIX, build_pyro_guide, is_pyro_autoguide, pyro_guide_spec
-from .layers import BayesianConv, BayesianLinear, BayesianModule, BayesianParams
+from .inputs import Signature
 from .likelihoods import Likelihood
+from .randomize import RandomModule, build_prior
 from .registry import GUIDES, LIKELIHOODS, PRIORS, spec_of
 
 __all__ = ["BNN", "bayesian"]
 
 _uid = itertools.count()
-_finite_inputs = WeakIdKeyDictionary()  # large inputs already checked finite: tensor -> its _version
-_AFFINE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 class _KLWeight(Messenger):
@@ -41,20 +38,6 @@ class _KLWeight(Messenger):
 
     def _process_message(self, msg):
         msg["scale"] = msg["scale"] * self.weight
-
-
-def _build_prior(spec):
-    if isinstance(spec, (str, Mapping)):
-        return PRIORS.build(spec)
-    if (type(spec) in (torch.distributions.Normal, pyro.distributions.Normal) and spec.batch_shape == torch.Size()
-            and spec.event_shape == torch.Size()):
-        # a scalar Normal given as a plain distribution is pyrobnn's Gaussian: the same prior, which also
-        # evaluates local-reparameterisation placeholders exactly (pyrobnn.guides.base) and can be saved
-        from .priors.gaussian import Gaussian
-        return Gaussian(scale=float(spec.scale), loc=float(spec.loc))
-    if isinstance(spec, torch.distributions.Distribution) or hasattr(spec, "sample_site"):
-        return spec
-    raise TypeError(f"a prior must be a registered name, a {{'name': ...}} mapping or a distribution, got {spec!r}")
 
 
 def _prior_spec(prior):
@@ -107,21 +90,22 @@ class BNN(nn.Module):
         self.local_reparameterization = bool(local_reparameterization)
         self._uname = f"pyrobnn.BNN{next(_uid)}"
         self._arch = getattr(net, "_pyrobnn_arch", None)
-        self._layers = [layers] if isinstance(layers, str) else list(layers)
-        self._extra_params = list(params)
         self._prior_arg = prior
-        self.net = copy.deepcopy(net)
-        self._init_values: Dict[str, torch.Tensor] = {}
-        self.site_priors: Dict[str, Any] = {}
-        self._convert(prior)
-        if not self.site_priors:
-            raise ValueError(f"no module of the network matched layers={self._layers!r}; nothing would be Bayesian")
+        # the network with its sample sites: BNN.model is a user of it, like any hand-written Pyro model.
+        # Held outside the module tree (its only submodule is self.net) so state_dict keys stay "net.*".
+        self.__dict__["random"] = RandomModule(net, "", prior=prior, layers=layers, params=params,
+                                               local_reparameterization=local_reparameterization,
+                                               param_prefix=f"{self._uname}.net")
+        self.net = self.random.net
+        self._layers, self._extra_params = self.random.layers, self.random.params
+        self._init_values = self.random.init_values
+        self.site_priors = self.random.site_priors
         self.likelihood: Likelihood = LIKELIHOODS.build(likelihood)
         if not isinstance(self.likelihood, Likelihood):
             raise TypeError(f"likelihood must be a pyrobnn Likelihood, got {type(self.likelihood).__name__}")
         self._guide_arg = guide
         self.autoguide = self._build_guide(guide)
-        self.input_shape: Optional[torch.Size] = None
+        self.input_signature: Optional[Signature] = None  # what one example looks like, from the first run
         self._arange_cache: Dict[int, torch.Tensor] = {}
         self._param_names = None
         self._targets_cache = None
@@ -136,73 +120,8 @@ class BNN(nn.Module):
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"dataset_size must be a positive integer, got {n!r}")
 
-    def _selected(self, name: str) -> bool:
-        return any(fnmatch.fnmatchcase(name, pat) for pat in self._layers)
-
-    def _prior_for(self, module_name: str, site: str, prior_arg):
-        if isinstance(prior_arg, Mapping) and "name" not in prior_arg:
-            for pattern, spec in prior_arg.items():
-                if fnmatch.fnmatchcase(site, pattern) or fnmatch.fnmatchcase(module_name, pattern):
-                    return _build_prior(spec)
-            raise ValueError(f"no prior pattern in {list(prior_arg)} matches site {site!r}; add a '*' entry")
-        return _build_prior(prior_arg)
-
-    def _convert(self, prior_arg):
-        cache: Dict[int, Any] = {}
-
-        def prior_of(mname, site):
-            p = self._prior_for(mname, site, prior_arg)
-            return cache.setdefault(id(p), p) if not isinstance(prior_arg, Mapping) else p
-
-        if not isinstance(prior_arg, Mapping) or "name" in prior_arg:
-            shared = _build_prior(prior_arg)
-            prior_of = lambda mname, site: shared  # noqa: E731  one object for every site
-
-        replacements = []
-        for mname, module in self.net.named_modules():
-            if isinstance(module, BayesianModule):
-                raise ValueError(f"module {mname!r} is already Bayesian; pass the original network")
-            if isinstance(module, _AFFINE) and self._selected(mname):
-                replacements.append((mname, module))
-        for mname, module in replacements:
-            prefix = mname
-            priors = {p: prior_of(mname, f"{prefix}.{p}") for p, v in module.named_parameters(recurse=False)
-                      if v is not None}
-            for p, v in module.named_parameters(recurse=False):
-                self._init_values[f"{prefix}.{p}"] = v.detach().clone()
-            cls = BayesianLinear if isinstance(module, nn.Linear) else BayesianConv
-            layer = cls(module, prefix, priors, self.local_reparameterization)
-            self._set_module(mname, layer)
-            for p in priors:
-                self.site_priors[f"{prefix}.{p}"] = priors[p]
-        # Other parameters the user asked for by name ("bn1.weight", "*.bias", ...).
-        if self._extra_params:
-            groups: Dict[str, list] = {}
-            for full, v in list(self.net.named_parameters()):
-                if any(fnmatch.fnmatchcase(full, pat) for pat in self._extra_params):
-                    mname, _, pname = full.rpartition(".")
-                    groups.setdefault(mname, []).append(pname)
-            for mname, pnames in groups.items():
-                module = self.net.get_submodule(mname) if mname else self.net
-                priors = {p: prior_of(mname, f"{mname}.{p}") for p in pnames}
-                for p in pnames:
-                    self._init_values[f"{mname}.{p}"] = getattr(module, p).detach().clone()
-                self._set_module(mname, BayesianParams(module, mname, priors, pnames))
-                for p in pnames:
-                    self.site_priors[f"{mname}.{p}"] = priors[p]
-
-    def _set_module(self, mname, new):
-        if not mname:
-            raise ValueError("the network itself is a single layer; wrap it in nn.Sequential")
-        parent_name, _, child = mname.rpartition(".")
-        parent = self.net.get_submodule(parent_name) if parent_name else self.net
-        setattr(parent, child, new)
-
     def _init_loc_fn(self, site):
-        value = self._init_values.get(site["name"])
-        if value is not None and value.shape == site["fn"].shape():
-            return value.clone()
-        return init_to_median_or_fan_in(site)
+        return self.random.init_loc_fn(site)
 
     def _build_guide(self, guide):
         if isinstance(guide, AutoGuide):
@@ -228,29 +147,23 @@ class BNN(nn.Module):
         return built
 
     # -- boundary checks ----------------------------------------------------------------------------
+    @property
+    def input_shape(self) -> Optional[torch.Size]:
+        """Per-example shape of a single-tensor input (None before the first run, or for tuple/dict inputs)."""
+        sig = self.input_signature
+        return torch.Size(sig.shapes[0]) if sig is not None and sig.kind == "tensor" else None
+
+    @input_shape.setter
+    def input_shape(self, shape):
+        self.input_signature = None if shape is None else \
+            Signature("tensor", (tuple(shape),), (str(torch.get_default_dtype()).replace("torch.", ""),))
+
     def _check_x(self, x):
-        if not isinstance(x, torch.Tensor):
-            try:
-                x = torch.as_tensor(x, dtype=torch.get_default_dtype())
-            except Exception:
-                raise TypeError(f"x must be a tensor or array-like, got {type(x).__name__}") from None
-        if x.is_complex():
-            raise TypeError(f"x must be real-valued, got dtype {x.dtype}")
-        if not x.is_floating_point() or x.dtype != torch.get_default_dtype():
-            x = x.to(self._input_dtype())  # float64/float16 inputs would fail inside the layers' matmul
-        if x.dim() < 1 or x.shape[0] == 0:
-            raise ValueError(f"x must have a leading batch dimension with at least one example, got shape {tuple(x.shape)}")
-        if self.input_shape is not None and x.shape[1:] != self.input_shape:
-            raise ValueError(f"x has per-example shape {tuple(x.shape[1:])} but the network was built for "
-                             f"{tuple(self.input_shape)}")
-        # one reduction first (cheap on the hot path); the exact check only when it is not finite.
-        # SG-MCMC passes the same full data every step: a large x is checked once per version.
-        if _finite_inputs.get(x) != x._version:
-            if not torch.isfinite(x.sum()) and not torch.isfinite(x).all():
-                bad = (~torch.isfinite(x)).reshape(x.shape[0], -1).any(1).nonzero()[0, 0].item()
-                raise ValueError(f"x contains NaN or inf (first in example {bad})")
-            if x.numel() >= 1 << 20:  # full data sets, not minibatches
-                _finite_inputs[x] = x._version
+        """``x`` (a tensor, tuple or dict of tensors; see :mod:`pyrobnn.inputs`) checked and converted."""
+        x = inputs.as_inputs(x, self._input_dtype())
+        if self.input_signature is not None:
+            x = self.input_signature.check(x)
+        inputs.check_finite(x)
         return x
 
     def _input_dtype(self):
@@ -260,28 +173,50 @@ class BNN(nn.Module):
         return torch.get_default_dtype()
 
     def _run_net(self, x):
-        if self.input_shape is None:
+        if self.input_signature is None:
+            return self._first_run(x)
+        return inputs.call(self.random, x)
+
+    def _first_run(self, x):
+        """The first run records the input signature. Integer inputs stay integer when the network takes
+        them (token ids for an ``nn.Embedding``); a network that cannot (its first layer is a Linear, say)
+        gets them as floating point, as every later call will. Which one is decided by a probe on two
+        examples, outside any trace, with the sites held at the network's initial values."""
+        if any(not v.is_floating_point() for v in inputs.leaves(x)):
+            probe = inputs.rows(x, 0, 2)
             try:
-                out = self.net(x)
-            except (RuntimeError, IndexError) as e:
-                raise ValueError(f"the network cannot run on inputs of per-example shape {tuple(x.shape[1:])}: {e}") from None
-            self.input_shape = x.shape[1:]
-            return out
-        return self.net(x)
+                self._probe(probe)
+            except (RuntimeError, IndexError, TypeError):
+                x = inputs.map_leaves(x, lambda v: v if v.is_floating_point() else v.to(self._input_dtype()))
+        try:
+            out = inputs.call(self.random, x)
+        except (RuntimeError, IndexError, TypeError) as e:
+            what = f"of per-example shape {tuple(x.shape[1:])}" if isinstance(x, torch.Tensor) else \
+                f"({inputs.describe(x)})"
+            raise ValueError(f"the network cannot run on inputs {what}: {e}") from None
+        self.input_signature = Signature.of(x)
+        return out
+
+    def _probe(self, x):
+        was_training = self.training
+        self.eval()
+        try:
+            with poutine.block(), poutine.condition(data=self._init_values), torch.no_grad():
+                inputs.call(self.random, x)
+        finally:
+            self.train(was_training)
 
     def _register_params(self):
-        # the (name, parameter) list is fixed once the network is converted; walking the module tree
-        # on every model call is measurable on the SG-MCMC / SVI hot path
+        # the likelihood's parameters (the network's are registered by self.random when it runs); the
+        # list is fixed once built: walking the module tree on every call is measurable on the hot path
         if self._param_names is None:
-            self._param_names = [(f"{self._uname}.net.{n}", p, True) for n, p in self.net.named_parameters()]
-            self._param_names += [(f"{self._uname}.likelihood.{n}", p, False)
-                                  for n, p in self.likelihood.named_parameters()]
-        for name, p, only_trainable in self._param_names:
-            if p.requires_grad or not only_trainable:   # as _deterministic_params()
-                pyro.param(name, p)
+            self._param_names = [(f"{self._uname}.likelihood.{n}", p) for n, p in self.likelihood.named_parameters()]
+        for name, p in self._param_names:
+            pyro.param(name, p)
 
     def _apply(self, fn, *args, **kwargs):
         self._param_names = None  # parameters may be replaced (e.g. .to() with overwrite on conversion)
+        self.random._param_names = None
         self._targets_cache = None
         return super()._apply(fn, *args, **kwargs)
 
@@ -313,20 +248,22 @@ class BNN(nn.Module):
         x = self._check_x(x)
         m = subsample_size if subsample_size is not None else self.subsample_size
         if m is not None:
-            if isinstance(m, bool) or not isinstance(m, int) or not (1 <= m <= x.shape[0]):
-                raise ValueError(f"subsample_size must be an integer in [1, {x.shape[0]}], got {m!r}")
-            n = self.dataset_size or x.shape[0]
-            if n != x.shape[0]:
-                raise ValueError(f"with subsample_size the model takes the full data: got {x.shape[0]} examples "
+            b = inputs.batch_size(x)
+            if isinstance(m, bool) or not isinstance(m, int) or not (1 <= m <= b):
+                raise ValueError(f"subsample_size must be an integer in [1, {b}], got {m!r}")
+            n = self.dataset_size or b
+            if n != b:
+                raise ValueError(f"with subsample_size the model takes the full data: got {b} examples "
                                  f"but dataset_size is {n}")
             plate = pyro.plate("data", n, subsample_size=m)
             idx = plate._indices
-            x = x[idx]
+            x = inputs.index(x, idx)
         else:
-            n = self.dataset_size or x.shape[0]
-            if n < x.shape[0]:
-                raise ValueError(f"dataset_size ({n}) is smaller than the batch ({x.shape[0]} examples)")
-            plate = pyro.plate("data", n, subsample=self._arange(x.shape[0]))
+            b = inputs.batch_size(x)
+            n = self.dataset_size or b
+            if n < b:
+                raise ValueError(f"dataset_size ({n}) is smaller than the batch ({b} examples)")
+            plate = pyro.plate("data", n, subsample=self._arange(b))
         self._register_params()
         with self._kl_scale():
             self.likelihood.sample_latents()
@@ -371,7 +308,7 @@ class BNN(nn.Module):
     def initialize(self, x, y=None):
         """Build the guide's parameters (the prototype trace) from one batch; idempotent."""
         with poutine.block(), torch.no_grad():
-            self.guide(self._check_x(x)[:2], None)
+            self.guide(inputs.rows(self._check_x(x), 0, 2), None)
         return self
 
     # -- prediction ---------------------------------------------------------------------------------
@@ -404,15 +341,15 @@ class BNN(nn.Module):
             with poutine.block():
                 if self.autoguide.prototype_trace is None:
                     self.initialize(x)
+                    x = self._check_x(x)  # as the first run decided (integer inputs to a float network)
                 if self._all_local():
                     chunk = max(1, max_rows // num_samples)
                     outs = []
-                    for i in range(0, x.shape[0], chunk):
-                        xb = x[i:i + chunk]
+                    for i in range(0, inputs.batch_size(x), chunk):
+                        xb = inputs.rows(x, i, i + chunk)
                         tr = poutine.trace(self.autoguide).get_trace(xb)
-                        rep = xb.repeat((num_samples,) + (1,) * (xb.dim() - 1))
-                        o = poutine.replay(self._net_only, tr)(rep)
-                        outs.append(o.reshape((num_samples, xb.shape[0]) + o.shape[1:]))
+                        o = poutine.replay(self._net_only, tr)(inputs.repeat(xb, num_samples))
+                        outs.append(o.reshape((num_samples, inputs.batch_size(xb)) + o.shape[1:]))
                     return torch.cat(outs, 1)
                 outs = []
                 for _ in range(num_samples):
@@ -439,7 +376,7 @@ class BNN(nn.Module):
     def spec(self) -> Dict[str, Any]:
         """JSON-able description used by :func:`pyrobnn.save`."""
         if isinstance(self._prior_arg, Mapping) and "name" not in self._prior_arg:
-            prior = {k: (_prior_spec(_build_prior(v)) if not isinstance(v, (str, Mapping)) else v)
+            prior = {k: (_prior_spec(build_prior(v)) if not isinstance(v, (str, Mapping)) else v)
                      for k, v in self._prior_arg.items()}
         elif isinstance(self._prior_arg, (str, Mapping)):
             prior = self._prior_arg
@@ -464,6 +401,7 @@ class BNN(nn.Module):
             "params": self._extra_params,
             "local_reparameterization": self.local_reparameterization,
             "input_shape": None if self.input_shape is None else list(self.input_shape),
+            "inputs": None if self.input_signature is None else self.input_signature.to_json(),
         }
 
 

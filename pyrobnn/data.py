@@ -15,6 +15,8 @@ from typing import Dict, Iterator, Optional, Tuple
 import numpy as np
 import torch
 
+from . import inputs
+
 __all__ = ["Dataset", "ArrayLoader", "load_digits", "load_breast_cancer", "load_boston", "load_mnist5k",
            "load_fashion_mnist", "load", "FASHION_MNIST_DIRS"]
 
@@ -169,15 +171,16 @@ class ArrayLoader:
     def __init__(self, x, y, batch_size: int = 128, shuffle: bool = True, seed: int = 0, drop_last: bool = False,
                  rank: int = 0, world_size: int = 1):
         try:
-            x, y = torch.as_tensor(x), torch.as_tensor(y)
+            y = torch.as_tensor(y)
         except (RuntimeError, TypeError, ValueError) as e:
-            raise TypeError(f"x and y must be tensors or array-likes: {e}") from None
-        if x.dim() == 0 or y.dim() == 0:
-            raise ValueError(f"x and y need a leading example dimension, got shapes {tuple(x.shape)} and {tuple(y.shape)}")
-        if len(x) != len(y):
-            raise ValueError(f"x has {len(x)} examples but y has {len(y)}")
-        if len(x) == 0:
+            raise TypeError(f"y must be a tensor or array-like: {e}") from None
+        if y.dim() == 0:
+            raise ValueError(f"y needs a leading example dimension, got shape {tuple(y.shape)}")
+        if len(y) == 0:
             raise ValueError("cannot iterate over an empty dataset")
+        x = inputs.as_inputs(x)  # a tensor, a tuple or a dict of tensors (pyrobnn.inputs)
+        if inputs.batch_size(x) != len(y):
+            raise ValueError(f"x has {inputs.batch_size(x)} examples but y has {len(y)}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         if not (0 <= rank < world_size):
@@ -186,13 +189,13 @@ class ArrayLoader:
         self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
-        self.dataset_size = len(x)
+        self.dataset_size = len(y)
 
     def set_epoch(self, epoch: int):
         self.epoch = int(epoch)
 
     def _indices(self):
-        n = len(self.x)
+        n = len(self.y)
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
             idx = torch.randperm(n, generator=g)
@@ -204,14 +207,14 @@ class ArrayLoader:
         return idx
 
     def __len__(self):
-        n = len(self._indices()) if self.world_size > 1 else len(self.x)
+        n = len(self._indices()) if self.world_size > 1 else len(self.y)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def batches(self, start: int = 0) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         idx = self._indices()
         for b in range(start, len(self)):
             sel = idx[b * self.batch_size:(b + 1) * self.batch_size]
-            yield self.x[sel], self.y[sel]
+            yield inputs.index(self.x, sel), self.y[sel]
 
     def __iter__(self):
         return self.batches()

@@ -42,6 +42,7 @@ import pyro.poutine as poutine
 import torch
 
 from . import arviz_compat as compat
+from . import inputs
 from .arviz_compat import from_groups, group, group_names, is_inference_data
 
 __all__ = ["to_inference_data", "function_space_diagnostics", "outputs_under_draws", "per_draw_precision",
@@ -80,8 +81,8 @@ def outputs_under_draws(bnn, draws: Dict[str, torch.Tensor], x: torch.Tensor, ch
             for s0 in range(0, S, chunk):
                 part = {k: v[s0:s0 + chunk].to(dtype) for k, v in draws.items()}
                 cols = []
-                for r0 in range(0, x.shape[0], rows):
-                    xb = x[r0:r0 + rows]
+                for r0 in range(0, inputs.batch_size(x), rows):
+                    xb = inputs.rows(x, r0, r0 + rows)
                     try:
                         o = torch.func.vmap(lambda d: _net_under(bnn, d, xb))(part)
                     except (RuntimeError, ValueError, NotImplementedError):
@@ -349,11 +350,18 @@ def _bnn_observations(bnn, flat_draws, data, C, S, chunk):
     return ll.double().numpy(), ppc.numpy(), y_checked.numpy()
 
 
+def _is_input_tuple(bnn, test) -> bool:
+    """Whether ``test`` is the network's own two-tensor input rather than an ``(x, y)`` pair."""
+    sig = bnn.input_signature
+    return sig is not None and sig.kind == "tuple" and len(sig.shapes) == 2 and isinstance(test[0], torch.Tensor)
+
+
 def _bnn_predictions(bnn, flat_draws, test, evaluated, C, S, chunk):
     lik = bnn.likelihood
     y_test = None
     if test is not None:
-        if isinstance(test, (tuple, list)) and len(test) == 2:
+        if isinstance(test, (tuple, list)) and len(test) == 2 and inputs.is_inputs(test[0]) and \
+                isinstance(test[1], torch.Tensor) and not _is_input_tuple(bnn, test):
             x_test, y_test = test
         else:
             x_test = test

@@ -153,7 +153,7 @@ def save(bnn, path) -> None:
     from .bnn import BNN
     if not isinstance(bnn, BNN):
         raise TypeError(f"save() takes a pyrobnn BNN, got {type(bnn).__name__}")
-    if bnn.autoguide.prototype_trace is None or bnn.input_shape is None:
+    if bnn.autoguide.prototype_trace is None or bnn.input_signature is None:
         raise ValueError("this BNN has not been initialised; train it or call bnn.initialize(x) before saving")
     write_state(path, bnn.state_dict(), {"kind": "bnn", "spec": bnn.spec()})
 
@@ -174,6 +174,10 @@ def check_spec_size(spec: Dict[str, Any], tensors: Dict[str, torch.Tensor], path
             numel *= s
         if numel > MAX_INPUT_NUMEL:
             raise ValueError(f"{path}: input_shape {shape} has {numel} numbers per example (limit {MAX_INPUT_NUMEL})")
+    if spec.get("inputs") is not None:
+        numel = _signature(spec, path).numel()
+        if numel > MAX_INPUT_NUMEL:
+            raise ValueError(f"{path}: the inputs have {numel} numbers per example (limit {MAX_INPUT_NUMEL})")
     if not build_arch or not spec.get("arch"):
         return
     try:
@@ -211,10 +215,18 @@ def bnn_from_spec(spec, tensors: Dict[str, torch.Tensor], path, net: Optional[to
         shape = spec["input_shape"]
     except KeyError as e:
         raise ValueError(f"{path}: spec lacks {e}") from None
+    if spec.get("inputs") is not None:  # the input signature (tensor, tuple or dict; dtypes)
+        bnn.input_signature = _signature(spec, path)
+        return bnn
     if not (isinstance(shape, list) and all(isinstance(s, int) and s > 0 for s in shape)):
         raise ValueError(f"{path}: bad input_shape {shape!r}")
     bnn.input_shape = torch.Size(shape)
     return bnn
+
+
+def _signature(spec, path):
+    from .inputs import Signature
+    return Signature.from_json(spec["inputs"], f"{path}: inputs")
 
 
 def load(path, net: Optional[torch.nn.Module] = None):
@@ -224,7 +236,7 @@ def load(path, net: Optional[torch.nn.Module] = None):
     if meta.get("kind") != "bnn":
         raise ValueError(f"{path} holds a pyrobnn {meta.get('kind')!r}, not a BNN")
     bnn = bnn_from_spec(meta.get("spec"), tensors, path, net)
-    bnn.initialize(torch.zeros((1,) + tuple(bnn.input_shape)))
+    bnn.initialize(bnn.input_signature.example(1))
     try:
         bnn.load_state_dict(tensors, strict=True)
     except RuntimeError as e:

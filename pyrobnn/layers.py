@@ -50,14 +50,20 @@ class BayesianModule(nn.Module):
         shape = self.site_shapes[pname]
         infer = consumer_infer(lrt and self.local_reparameterization)
         if hasattr(prior, "sample_site"):
-            return prior.sample_site(self.site_name(pname), shape, infer=infer)
-        fn = self._prior_cache.get(pname)
-        if fn is None:
-            fn = prior.expand(shape)
-            if len(shape):
-                fn = fn.to_event(len(shape))
-            self._prior_cache[pname] = fn
-        return pyro.sample(self.site_name(pname), fn, infer=infer)
+            value = prior.sample_site(self.site_name(pname), shape, infer=infer)
+        else:
+            fn = self._prior_cache.get(pname)
+            if fn is None:
+                fn = prior.expand(shape)
+                if len(shape):
+                    fn = fn.to_event(len(shape))
+                self._prior_cache[pname] = fn
+            value = pyro.sample(self.site_name(pname), fn, infer=infer)
+        if value.shape != shape and value.shape[-len(shape):] == shape and value.numel() == shape.numel():
+            # one draw given with leading singleton dims (pyro.infer.Predictive pads conditioned values to
+            # the model's plate nesting): the layer's weight is the draw itself
+            value = value.reshape(shape)
+        return value
 
 
 class _AffineBayesian(BayesianModule):
@@ -104,13 +110,17 @@ class BayesianConv(_AffineBayesian):
             shapes["bias"] = conv.bias.shape
         super().__init__(prefix, shapes, priors, local_reparameterization)
         conv = _strip_params(conv)
-        self.conv = conv
+        conv.bias = None  # read by the conv's extra_repr; the bias (if any) is a site here
+        # geometry only (stride, padding, ...): kept outside the module tree, it has no tensors and no
+        # place in repr() or state_dict()
+        self.__dict__["conv"] = conv
 
     def _affine(self, x, w, b):
         return self.conv._conv_forward(x, w, b)
 
     def extra_repr(self):
-        return f"sites={list(self.site_shapes)}"
+        geometry = self.conv.extra_repr().replace(", bias=False", "")
+        return f"{type(self.conv).__name__}({geometry}), sites={list(self.site_shapes)}"
 
 
 class BayesianParams(BayesianModule):

@@ -207,7 +207,7 @@ def _layers(bnn):
 @torch.no_grad()
 def _output_positions(bnn, values):
     """Per Bayesian Linear/Conv layer: output elements per example divided by output channels/features."""
-    if bnn.input_shape is None:
+    if bnn.input_signature is None:
         return None
     positions, hooks = {}, []
     for name, m in _layers(bnn):
@@ -221,7 +221,7 @@ def _output_positions(bnn, values):
     was_training = bnn.training
     bnn.eval()
     try:
-        x = torch.zeros((1,) + tuple(bnn.input_shape))
+        x = bnn.input_signature.example(1)
         with poutine.block():
             poutine.condition(bnn._net_only, data=values)(x)
     finally:
