@@ -7,13 +7,10 @@ distillation, ...) lives in :mod:`pyrobnn.inference`; architectures in :mod:`pyr
 from . import guides, likelihoods, metrics, priors, registry
 from .bnn import BNN, bayesian
 from .io import load, save
+from .relevance import relevance
+from . import sparsity  # pruning and export of sparse networks
+from .diagnostics import to_inference_data  # the ArviZ bridge
 
 __version__ = "0.1.0"
-__all__ = ["BNN", "bayesian", "guides", "likelihoods", "load", "metrics", "priors", "registry", "save"]
-from .relevance import relevance  # noqa: E402  (issue 4)
-
-__all__ += ["relevance"]
-from . import sparsity  # noqa: E402  (issue 3: sparse VD pruning and export)
-__all__ += ["sparsity"]
-from .diagnostics import to_inference_data  # noqa: E402  (issue 5: ArviZ bridge)
-__all__ += ["to_inference_data"]
+__all__ = ["BNN", "bayesian", "guides", "likelihoods", "load", "metrics", "priors", "registry", "save",
+           "relevance", "sparsity", "to_inference_data"]

@@ -285,7 +285,7 @@ def test_discrete_sites_and_local_latents_in_subsampled_plates_are_refused():
 
 
 # ----------------------------------------------------------------------------------------------------
-# acceptance 1: conjugate Bayesian linear regression, exact posterior, 4 chains
+# conjugate Bayesian linear regression, exact posterior, 4 chains
 # ----------------------------------------------------------------------------------------------------
 N, D, M, SIGMA = 200, 3, 100, 0.5
 
@@ -352,7 +352,7 @@ def test_init_to_network_default_uses_fan_in_bounds_and_fresh_draws():
 
 
 def test_lenet300_bnn_runs_under_pyro_mcmc_with_minibatches_and_converts_to_arviz():
-    """Acceptance 2: MCMC(SGLD(bnn.model)) on LeNet-300-100 with minibatches; from_pyro and
+    """MCMC(SGLD(bnn.model)) on LeNet-300-100 with minibatches; from_pyro and
     to_inference_data both succeed."""
     import arviz as az
     import pyrobnn.models
