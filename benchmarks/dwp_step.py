@@ -10,10 +10,10 @@ does per step). Configurations:
   sampling scheme the DWP needs, so ``dwp / gauss-draw`` isolates the bound's cost;
 * ``dwp``: deep weight prior on the conv weights (32 kernels of 7×7 and 64·32 = 2,048 kernels of
   5×5 through the VAE's encoder and decoder, forward and backward), N(0, 1) elsewhere, with local
-  reparameterisation (the default since session 6: the bound is taken at one fresh draw from q), so
+  reparameterisation (the library default: the bound is taken at one fresh draw from q), so
   ``dwp / gauss-lrt`` is the bound's cost;
-* ``dwp-draw``: the same with the conv weights drawn by the guide (``placeholders=False``, sessions 1-5's
-  only scheme), so ``dwp-draw / gauss-draw`` isolates the bound's cost for that scheme.
+* ``dwp-draw``: the same with the conv weights drawn by the guide (``placeholders=False``, the
+  older scheme), so ``dwp-draw / gauss-draw`` isolates the bound's cost for that scheme.
 
 Rounds are interleaved (every round times ``--steps`` steps of each configuration in rotating order);
 reported per configuration is the median over rounds of the mean step time, from one process. With

@@ -3,8 +3,8 @@
 Measured in one process with interleaved rounds (medians):
   * hand-written PyTorch Bayes-by-backprop with local reparameterisation (the reference, ratio 1),
   * the same hand-written step with softplus from one ``log`` instead of torch's ``log1p`` — the trick pyrobnn's
-    MeanField uses, because torch's CPU ``log1p`` is unvectorised on some hosts (~10 ns per element on the
-    reference machine): the ratio to this row is pyrobnn's overhead with softplus's cost equal on both sides,
+    MeanField uses, because torch's CPU ``log1p`` is unvectorised on some CPUs (~10 ns per element on a
+    2-core AMD EPYC with AVX-512, torch 2.14.1): the ratio to this row is pyrobnn's overhead with softplus's cost equal on both sides,
   * pyrobnn the way a Pyro user runs it: ``SVI(bnn.model, bnn.guide, pyro.optim.Adam, TraceMeanField_ELBO()).step``,
   * pyrobnn through ``fit``'s step (``pyrobnn.inference.fit.SVIStep``: same ELBO, one torch Adam),
   * plain Pyro: ``PyroModule`` + ``PyroSample`` priors + ``AutoNormal`` (weights sampled, no LRT),

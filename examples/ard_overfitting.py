@@ -1,4 +1,6 @@
-"""ARD against overfitting: does a Bayesian network's train ROC-AUC track its test ROC-AUC? (seed 2)
+"""ARD against overfitting: does a Bayesian network's train ROC-AUC track its test ROC-AUC?
+
+After an empirical-Bayes ARD study of BNN overfitting (Basov; see docs/bibliography.md).
 
 Breast cancer (sklearn, 569 × 30, binary), a fresh standardised 80/20 split per seed, one hidden ReLU
 layer of width h. Three methods per (h, seed):
@@ -6,7 +8,7 @@ layer of width h. Three methods per (h, seed):
 * ``plain``        — the deterministic network, Adam (lr 1e-2), full batch, no regularisation,
                      ``--epochs-plain`` epochs: long enough to drive the train loss to ~0 (overfit).
 * ``ard-empirical`` — ``prior="ard"`` (empirical-Bayes ARD, KL = ½ Σ log(1 + γ²)), mean-field guide with
-                     the seed's μ = γ·σ parameterisation (init σ = 0.1), SVI (``pyrobnn.inference.fit``),
+                     the study's μ = γ·σ parameterisation (init σ = 0.1), SVI (``pyrobnn.inference.fit``),
                      Adam, full batch, ``--epochs-bayes`` epochs.
 * ``ard-hierarchical`` — ``prior={"name": "ard", "mode": "hierarchical", "a": --ard-a, "b": --ard-b}``
                      (α ~ Gamma(a, b) per input unit, w ~ N(0, 1/α); default the library's

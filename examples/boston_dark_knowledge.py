@@ -19,7 +19,7 @@ on the training split, targets standardised for training and scored in $1000s):
   one SGLD sample would deploy.
 
 Reported: mean ± standard error over splits of test RMSE and test log-likelihood per point (original
-units), next to the seed's numbers (HSE report: teacher 3.642, student 3.201, ensemble 3.057 RMSE;
+units), next to the published numbers (HSE student report: teacher 3.642, student 3.201, ensemble 3.057 RMSE;
 Korattikara et al. 2015: SGLD −2.306, distilled −2.350 log-likelihood) and the literature (PBP 3.01 /
 −2.57, MC dropout 2.97 / −2.46). Writes OUT/results.json and OUT/results.md.
 """
@@ -176,7 +176,7 @@ def main(argv=None):
     lines = [f"Boston housing, {args.splits} random 90/10 splits, 13-50-1 (teacher) / 13-50-2 (student); "
              f"{args.burn_in} burn-in + {args.steps} paired SGLD/student steps per split; "
              f"ensemble of {rows[0]['ensemble_draws']} draws (one every {args.thin} steps)",
-             "", "| predictor | test RMSE ($1000s) | test log-likelihood | seed RMSE / LL | literature |",
+             "", "| predictor | test RMSE ($1000s) | test log-likelihood | published RMSE / LL | literature |",
              "|---|---|---|---|---|"]
     for name in names:
         s = summary[name]

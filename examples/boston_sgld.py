@@ -3,7 +3,7 @@ R-hat/ESS table (function space and weight space) and trace / PPC / reliability 
 
     python examples/boston_sgld.py --out runs/boston_sgld
 
-Set-up (the seed's): one hidden layer of 50 ReLU units, Gaussian priors N(0, 1/fan_in) on the weights
+Set-up (as in Korattikara et al. 2015 and Hernández-Lobato & Adams 2015): one hidden layer of 50 ReLU units, Gaussian priors N(0, 1/fan_in) on the weights
 (``--prior iid`` for N(0, 1)), Gaussian
 likelihood with a latent noise precision τ ~ Gamma(6, 6) sampled alongside the weights; inputs and
 targets standardised on the training split (targets back-transformed for the metrics); a random
@@ -18,7 +18,7 @@ one draw kept every ``--thin`` updates.
 Writes into OUT: ``results.json`` / ``results.md`` (metrics, R-hat/ESS), ``inference_data.nc`` (ArviZ),
 and, through ``pyrobnn report``, ``report/{trace,ppc,reliability}.png`` and ``report/index.html``.
 
-Published reference points (20 random splits, 50 hidden units; SEEDS.md §1): SGLD test RMSE 3.642
+Published reference points (20 random splits, 50 hidden units; docs/bibliography.md): SGLD test RMSE 3.642
 (HSE report), SGLD test log-likelihood −2.306 (Korattikara et al. 2015); PBP 3.01 / −2.57.
 This script runs one split by default (``--splits`` for more).
 """

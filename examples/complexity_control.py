@@ -1,6 +1,6 @@
-"""Complexity control with a λ-hypernetwork (seed 3): one guide for every KL weight λ vs one model per λ.
+"""Complexity control with a λ-hypernetwork (Grebenkova 2020): one guide for every KL weight λ vs one model per λ.
 
-Setup (the seed's): a 784-100-10 ReLU network, Gaussian prior N(0, 0.1) on every weight and bias,
+Setup (Grebenkova 2020's): a 784-100-10 ReLU network, Gaussian prior N(0, 0.1) on every weight and bias,
 mean-field Gaussian posterior (local reparameterisation), generalised ELBO
 log p(D|w) − λ KL(q‖p). Two routes to a posterior at each λ of a grid:
 

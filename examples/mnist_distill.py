@@ -8,11 +8,11 @@ Data: ``pyrobnn.data.load_mnist5k()`` (the 5,000 real MNIST digits shipped with 
 
 * teacher ensemble — MLP 784-400-400-10 (ReLU) with dropout p = ``--dropout`` after each hidden layer,
   trained on the labels with Adam, used as a posterior by sampling ``--samples`` dropout masks at
-  prediction time (Gal & Ghahramani 2016; the seed's teacher for its image model);
+  prediction time (Gal & Ghahramani 2016; the teacher of Bayesian distillation of heterogeneous models, 2020);
 * KL student — a plain 784-400-400-10 trained by ``distill`` on KL(teacher predictive ‖ student) at
   the training inputs perturbed by Gaussian noise (no labels);
 * adversarial student — the same, plus a spectrally normalised discriminator on the log-probabilities
-  (teacher predictive vs student), the student also minimising −log D (seed 4);
+  (teacher predictive vs student), the student also minimising −log D (Bayesian distillation of heterogeneous models, 2020);
 * small student — a heterogeneous 784-100-10 distilled the same way (fewer layers and units);
 * deterministic — 784-400-400-10 trained on the labels (same optimiser and epochs as the teacher).
 

@@ -11,7 +11,7 @@ How λ is applied: the BNN's ``kl_weight`` already multiplies the log-density of
 both model and guide (a Messenger around the network), which turns the ELBO's KL term into λ·KL;
 :func:`complexity_weight` sets it together with the guide's ``lam``.
 
-Pruning (seed 3): the relative density of the posterior at zero, ρ_i = q(0)/q(μ_i) = exp(−μ_i²/(2σ_i²)),
+Pruning (Grebenkova 2020): the relative density of the posterior at zero, ρ_i = q(0)/q(μ_i) = exp(−μ_i²/(2σ_i²)),
 is a monotone function of the signal-to-noise ratio |μ_i|/σ_i; removing a fraction f of the weights
 removes the f·D with the highest density at 0 (lowest SNR), globally over all sites (the masks are
 :func:`pyrobnn.sparsity.masks`; :func:`prune` turns them into a guide whose removed weights are gone). A removed weight has
@@ -125,7 +125,7 @@ def fit_complexity(bnn: BNN, train, epochs: int, lr: float = 1e-3, *, lams_per_b
     passes per step).
 
     :param train: ``ArrayLoader``, ``(x, y)`` tensors (batched with ``batch_size``) or a DataLoader.
-    :param lam_distribution: ``"uniform"`` (the seed's U(Λ)) or ``"log-uniform"``.
+    :param lam_distribution: ``"uniform"`` (Grebenkova 2020's U(Λ)) or ``"log-uniform"``.
     :param stratified: one λ per equal cell of Λ (see :func:`sample_lams`).
     :param lr_schedule: as in :func:`pyrobnn.inference.fit`.
     :param callbacks: ``f(bnn, record)`` after each epoch; return ``True`` to stop.

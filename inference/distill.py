@@ -39,7 +39,7 @@ Inputs: a tensor ``[N, ...]`` of unlabelled inputs (often the training inputs), 
 training inputs of the seed). For a fixed teacher and noise-free tensor inputs, the teacher's
 predictive on all inputs is computed once and cached (``cache_teacher``).
 
-Adversarial distillation (seed 4; ``adversarial=True`` or a dict of :class:`Adversarial` options): a
+Adversarial distillation (Bayesian distillation of heterogeneous models, 2020; ``adversarial=True`` or a dict of :class:`Adversarial` options): a
 discriminator D separates the teacher's predictive log-probabilities (regression: mean and log total
 variance) — optionally concatenated with a hidden layer's activations — from the student's; per batch
 one D step, then one student step on loss + ``weight`` · (−log D(student)) (the non-saturating GAN

@@ -30,13 +30,12 @@ give E[w²] with each weight's full marginal posterior variance. Mean-field VI u
 variance for inputs that are collinear with others (their effect is shared, the data fix only sums of
 weights), so its E[w²] ranks them by their conditional effect size and redundant ones fall among
 pure-noise inputs. Measured on breast cancer + 10 noise columns: pair AUC 0.875 (mean-field) vs 0.974
-(NUTS), same split, prior and noise draws (docs/RESULTS.md, ARD section).
+(NUTS), same split, prior and noise draws (docs/studies/ard_relevance.md).
 
 Read that variance part with care. It grows with how strongly an input is collinear with the others, whether
 or not the input matters. Expanding each input into a correlated basis (x, x², x³) inflates it and makes the
 noise columns above rank lower without any new evidence that the real inputs matter. Compare the
-``"squared-mean"`` ranking before trusting such a gain (scratch Laplace checks: docs/RESULTS.md, ARD section,
-session 8).
+``"squared-mean"`` ranking before trusting such a gain (Laplace checks: docs/studies/ard_relevance.md).
 
 Per-weight quantities are averaged over every dim but the input dim (outputs, kernel taps). The
 network's input relevance is that of the first weight site in execution order. Which statistic ranks

@@ -6,7 +6,7 @@ One criterion, three parameterisations. For a weight with posterior N(μ, σ²):
   log α = log σ² − log μ² < ``threshold`` (default 3);
 * ``"snr"`` (the default for other Gaussian guides, e.g. :class:`pyrobnn.guides.MeanField`): keep when
   the signal-to-noise ratio |μ|/σ ≥ ``threshold`` (default e^{−3/2} ≈ 0.223);
-* ``"density"`` (seed 3): keep when the relative density at zero ρ = q(0)/q(μ) = exp(−μ²/2σ²) ≤
+* ``"density"`` (Grebenkova 2020): keep when the relative density at zero ρ = q(0)/q(μ) = exp(−μ²/2σ²) ≤
   ``threshold`` (default exp(−e^{−3}/2) ≈ 0.9754).
 
 log α = −2 log SNR and ρ = exp(−SNR²/2), so the three defaults keep exactly the same weights (up to

@@ -54,7 +54,7 @@ def test_empirical_kl_of_independent_sums_elementwise():
 
 
 def test_empirical_kl_gradients_finite_at_zero_mean_and_zero_scale():
-    # γ parameterisation (the seed's): KL = ½ log(1 + γ²), σ = softplus(ρ) never appears
+    # γ parameterisation (empirical-Bayes ARD): KL = ½ log(1 + γ²), σ = softplus(ρ) never appears
     gamma = torch.tensor([0.0, 1e-30, 1.0, -1e6], requires_grad=True)
     rho = torch.tensor([-100.0, -100.0, -80.0, 0.0], requires_grad=True)  # σ ≈ 4e-44 (denormal) ... 0.69
     sigma = torch.nn.functional.softplus(rho)

@@ -1,4 +1,4 @@
-"""HyperMeanField (λ-hypernetwork guide) and the complexity-control helpers (issue 8)."""
+"""HyperMeanField (λ-hypernetwork guide) and the complexity-control helpers."""
 import math
 
 import pyro

@@ -167,13 +167,13 @@ def test_noise_features_rank_last_on_independent_features():
 
 
 def test_noise_columns_rank_last_on_diabetes():
-    """Real data: sklearn diabetes (standardised, 80 % train split, seed 0), its four inputs with the
+    """Real data: sklearn diabetes (standardised, 80 % train split, random seed 0), its four inputs with the
     largest marginal |correlation| with the target that are not near-duplicates (bmi, s5, bp, s3) plus 10
     N(0, 1) columns (noise seed 1); linear model, Gaussian likelihood, hierarchical ARD Gamma(1, 1) per
     input. Every noise column ranks below every real input (the same run as
     ``examples/ard_overfitting.py relevance --dataset diabetes --features bmi,s5,bp,s3 --ard-a 1
-    --ard-b 1 --epochs-bayes 800``, noise seed 1; over noise seeds 1-5 this held in 4/5 — in seed 5 a
-    noise column also beats bp and s3 by |t| in least squares, see docs/RESULTS.md)."""
+    --ard-b 1 --epochs-bayes 800``, noise seed 1; over noise seeds 1-5 this held in 4/5 — in noise draw 5
+    a noise column also beats bp and s3 by |t| in least squares, see docs/studies/ard_relevance.md)."""
     from sklearn.datasets import load_diabetes
     raw = load_diabetes()
     keep = [raw.feature_names.index(f) for f in ("bmi", "s5", "bp", "s3")]

@@ -287,7 +287,7 @@ def test_discrete_sites_and_local_latents_in_subsampled_plates_are_refused():
 
 
 # ----------------------------------------------------------------------------------------------------
-# acceptance 1: conjugate Bayesian linear regression, exact posterior, 4 chains
+# conjugate Bayesian linear regression, exact posterior, 4 chains
 # ----------------------------------------------------------------------------------------------------
 N, D, M, SIGMA = 200, 3, 100, 0.5
 

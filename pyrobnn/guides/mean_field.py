@@ -89,7 +89,7 @@ class MeanField(FlatGaussianGuide):
         pyrobnn's layers (a network started from its weights with larger noise trains slowly or not at all)
         and 0.1 — Pyro's ``AutoNormal`` default — at every other site of a hand-written model.
     :param parameterization: ``"softplus"`` — free μ and ρ, σ = softplus(ρ); ``"gamma"`` — free γ and
-        ρ with μ = γ·σ (the seed's parameterisation: μ/σ = γ is a parameter, so ARD's
+        ρ with μ = γ·σ (the empirical-Bayes ARD parameterisation: μ/σ = γ is a parameter, so ARD's
         KL = ½ Σ log(1 + γ²) has no 0/0 and σ > 0 always). γ lives on a scale 1/σ larger than μ:
         start from non-zero means (a network's initial weights, as ``bayesian()`` does) and give γ a
         larger learning rate than μ would need; from μ = 0 SGD can shrink σ before γ grows.

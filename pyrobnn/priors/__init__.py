@@ -9,12 +9,8 @@ A prior is either a scalar distribution that is expanded to each weight shape (`
 deep weight prior).
 """
 from .gaussian import Gaussian
+from .ard import ARD, EmpiricalARD, HierarchicalARD
+from .log_uniform import LogUniform
+from .deep_weight import DeepWeightPrior, KernelVAE
 
-__all__ = ["Gaussian"]
-from .ard import ARD, EmpiricalARD, HierarchicalARD  # noqa: E402  (issue 4: ARD priors)
-
-__all__ += ["ARD", "EmpiricalARD", "HierarchicalARD"]
-from .log_uniform import LogUniform  # noqa: E402  (issue 3: sparse VD)
-__all__ += ["LogUniform"]
-from .deep_weight import DeepWeightPrior, KernelVAE  # noqa: E402  (issue 7: deep weight prior)
-__all__ += ["DeepWeightPrior", "KernelVAE"]
+__all__ = ["Gaussian", "ARD", "EmpiricalARD", "HierarchicalARD", "LogUniform", "DeepWeightPrior", "KernelVAE"]

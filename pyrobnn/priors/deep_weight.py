@@ -275,7 +275,7 @@ class DeepWeightPrior(dist.TorchDistribution):
         constant of the frozen VAE that cannot be computed in closed form; ``log_prob`` leaves out log Z, so
         the ELBO is a lower bound up to that constant (gradients are exact). Why: an unnormalised VAE over
         raw kernels is, for typical source kernels, a density peaked at the zero kernel, and its pull
-        (∝ 1/σ_dec²) shrinks a small-data posterior's kernels towards 0 (docs/RESULTS.md, issue 7); a shape
+        (∝ 1/σ_dec²) shrinks a small-data posterior's kernels towards 0 (docs/studies/deep_weight_prior.md); a shape
         prior cannot shrink a kernel — its gradient is orthogonal to w. Atanov et al.'s code has this
         evaluation (``normalize``) as an option. Ignored for an unnormalised VAE.
 
