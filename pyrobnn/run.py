@@ -18,6 +18,7 @@ __all__ = ["build_from_config", "run_fit", "write_json"]
 
 
 def write_json(path, obj):
+    """Write ``obj`` as indented, key-sorted JSON to ``path`` atomically."""
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
