@@ -12,7 +12,8 @@ import pytest
 import torch
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
-PAGES = [DOCS / "getting-started.md", DOCS / "extend.md"] + sorted((DOCS / "guide").glob("*.md"))
+PAGES = [DOCS / "getting-started.md", DOCS / "extend.md"] + sorted(
+    p for p in (DOCS / "guide").glob("*.md") if p.name != "index.md")
 
 _FENCE = re.compile(r"^(?P<skip>% skip: .+\n)?```python\n(?P<code>.*?)^```$", re.M | re.S)
 
