@@ -17,7 +17,7 @@ endif
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.pyrobnn-installed
 
-.PHONY: install demo test test-slow bench data clean env-info
+.PHONY: install demo test test-slow bench data clean env-info docs docs-check
 
 # A new environment takes about 6 GB (torch 2.14.1 is a CUDA build, ~4 GB of it NVIDIA libraries that
 # the CPU never loads but torch needs to import). Say so up front rather than let pip fail half-way.
@@ -51,6 +51,20 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
+# The documentation site (Sphinx + MyST), warnings and broken cross-references are errors.
+DOCS_STAMP := $(VENV)/.pyrobnn-docs-installed
+$(DOCS_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[docs]'
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	$(BIN)/python -m sphinx -E -W --keep-going -n -q -b html docs docs/_build/html
+	@echo "docs: open docs/_build/html/index.html"
+
+# Every page of the built site and a `pyrobnn report` page in headless Chromium (Debian: chromium chromium-driver).
+docs-check: docs
+	$(BIN)/python -m pytest -q -m browser tests/test_browser.py
+
 bench: $(STAMP)
 	$(BIN)/python benchmarks/step_cost.py
 
@@ -61,4 +75,4 @@ data:
 	     (sudo apt-get update -qq && sudo apt-get install -y -qq dataset-fashion-mnist); fi
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info docs/_build

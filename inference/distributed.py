@@ -153,7 +153,7 @@ class DataParallel:
     def loader(self, x, y, batch_size: int = 128, seed: Optional[int] = None, shuffle: bool = True,
                drop_last: bool = False) -> ArrayLoader:
         """This rank's shard of ``(x, y)`` as an :class:`ArrayLoader` of local batches of ``batch_size``
-        (the global batch is ``world_size · batch_size``); tensors are moved to :attr:`device`."""
+        (the global batch is ``world_size · batch_size``); tensors are moved to ``self.device``."""
         x, y = torch.as_tensor(x).to(self.device), torch.as_tensor(y).to(self.device)
         if len(x) < self.world_size:
             raise ValueError(f"{len(x)} examples cannot be shared by {self.world_size} processes")

@@ -684,6 +684,7 @@ class PSGLD(SGLD):
 
     :param alpha: β, the moving-average decay of the squared gradient.
     :param eps: λ, the diagonal bias of the preconditioner.
+
     Other arguments as :class:`SGLD`. Step sizes are on a different scale than SGLD's: P ≈ 1/|∇U|.
     """
 

@@ -90,5 +90,6 @@ def build(name_or_spec, **kwargs):
 
 
 def names():
+    """The registered architecture names, sorted (``["fconv", "lenet300", "lenet5", "mlp", ...]``)."""
     return MODELS.names()
 from . import fconv  # noqa: E402,F401  (registers "fconv": the deep-weight-prior convnet)

@@ -16,6 +16,9 @@ __all__ = ["FConv", "fconv"]
 
 
 class FConv(nn.Module):
+    """The fconv network (see the module docstring): input ``[B, in_channels, image_size, image_size]``
+    → logits ``[B, num_classes]``."""
+
     def __init__(self, num_classes: int = 10, in_channels: int = 1, channels=(32, 64), image_size: int = 28):
         super().__init__()
         c1, c2 = channels

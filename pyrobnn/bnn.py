@@ -366,7 +366,7 @@ class BNN(nn.Module):
 
     @torch.no_grad()
     def evaluate(self, x, y, num_samples: int = 32) -> Dict[str, float]:
-        """Metrics of the posterior predictive on ``(x, y)`` (see :func:`pyrobnn.metrics.evaluate`)."""
+        """Metrics of the posterior predictive on ``(x, y)`` (see :func:`pyrobnn.metrics.evaluate_outputs`)."""
         from .metrics import evaluate_outputs
         outs = self.sample_outputs(x, num_samples)
         y = self.likelihood.check_targets(outs[0], y)

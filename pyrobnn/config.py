@@ -62,6 +62,8 @@ _SCHEDULES = {"constant": {"step_size"}, "polynomial": {"a", "b", "gamma"},
 
 
 def load_config(path) -> Dict[str, Any]:
+    """Read a TOML run config and return it validated, with :data:`DEFAULTS` filled in (see the module
+    docstring for the format). A missing file, bad TOML or an unknown key raises a one-line error."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
@@ -85,6 +87,8 @@ def _positive_float(v, what):
 
 
 def validate_config(raw: Dict[str, Any], where: str = "config") -> Dict[str, Any]:
+    """Check a config already parsed into a dict (tables ``data``, ``model``, ``bnn``, ``train``, and
+    ``seed``) and return it with defaults filled in; errors name the key and ``where``."""
     if not isinstance(raw, dict):
         raise ValueError(f"{where}: top level must be a table")
     unknown = set(raw) - _TOP

@@ -153,6 +153,8 @@ _LOADERS = {"digits": load_digits, "breast_cancer": load_breast_cancer, "boston"
 
 
 def load(name: str, **kwargs) -> Dataset:
+    """A data set by name (``"digits"``, ``"breast_cancer"``, ``"boston"``, ``"mnist5k"``,
+    ``"fashion_mnist"``); ``kwargs`` go to its ``load_*`` function."""
     key = name.lower().replace("-", "_")
     if key not in _LOADERS:
         raise ValueError(f"unknown dataset {name!r}; known: {', '.join(sorted(_LOADERS))}")

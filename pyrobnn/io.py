@@ -131,6 +131,7 @@ def flatten_state(obj: Any, tensors: Optional[dict] = None, prefix: str = "s") -
 
 
 def unflatten_state(skel: Any, tensors: Dict[str, torch.Tensor]) -> Any:
+    """Inverse of :func:`flatten_state`: rebuild the nested state from its skeleton and tensors."""
     if isinstance(skel, dict):
         if set(skel) == {"__tensor__"}:
             key = skel["__tensor__"]

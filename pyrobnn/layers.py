@@ -87,6 +87,10 @@ class _AffineBayesian(BayesianModule):
 
 
 class BayesianLinear(_AffineBayesian):
+    """``nn.Linear`` with weight ``[out, in]`` and bias ``[out]`` as sample sites; input ``[..., in]`` →
+    output ``[..., out]``. With local reparameterisation the pre-activations are drawn from
+    N(xμ + b_μ, x²σ² + b_σ²) instead of the weights. Made by :func:`pyrobnn.bayesian`."""
+
     def __init__(self, linear: nn.Linear, prefix: str, priors, local_reparameterization=True):
         shapes = {"weight": linear.weight.shape}
         if linear.bias is not None:

@@ -30,6 +30,10 @@ def _as_tensor(y, what="y"):
 
 
 class Likelihood(nn.Module):
+    """Observation model p(y | f(x)) for a network's output ``[B, ...]``; the base of the registered
+    likelihoods. A subclass implements :meth:`distribution` (and :meth:`check_targets`); it may own
+    parameters or latent sites (:meth:`sample_latents`)."""
+
     #: "classification" or "regression"
     task = "classification"
 
@@ -43,10 +47,17 @@ class Likelihood(nn.Module):
         """Raise a clear error if the network's output ``[B, ...]`` does not fit this likelihood."""
 
     def check_targets(self, out: torch.Tensor, y) -> torch.Tensor:
+        """Validate targets ``y [B, ...]`` against the output ``out`` and return them as a tensor."""
         raise NotImplementedError
 
     def distribution(self, out: torch.Tensor):
+        """The distribution of ``y`` given the network output ``out [B, ...]`` (batch shape ``[B]``)."""
         raise NotImplementedError
+
+    def aggregate(self, outs: torch.Tensor):
+        """The posterior predictive from the outputs of S draws ``outs [S, B, ...]`` (what
+        :meth:`pyrobnn.BNN.predict` returns): class probabilities, a mean and variance, ..."""
+        raise NotImplementedError(f"{type(self).__name__} does not define aggregate(outs); BNN.predict needs it")
 
     def observe(self, out, y, plate):
         with plate:

@@ -27,6 +27,7 @@ def _check_probs(probs, y):
 
 
 def accuracy(probs: torch.Tensor, y: torch.Tensor) -> float:
+    """Fraction of rows of ``probs [N, C]`` whose arg-max equals ``y [N]``."""
     _check_probs(probs, y)
     return (probs.argmax(-1) == y).float().mean().item()
 
@@ -64,6 +65,7 @@ def brier(probs: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def rmse(mean: torch.Tensor, y: torch.Tensor) -> float:
+    """Root mean squared error between predictions ``mean`` and targets ``y`` of the same shape."""
     if mean.shape != y.shape:
         raise ValueError(f"mean {tuple(mean.shape)} and y {tuple(y.shape)} must have the same shape")
     return (mean - y).pow(2).mean().sqrt().item()

@@ -16,6 +16,7 @@ __all__ = ["plot_learning_curves", "plot_reliability", "savefig"]
 
 
 def savefig(fig, path):
+    """Write a matplotlib figure to ``path`` atomically (a temporary file, then a rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")

@@ -12,6 +12,16 @@ __all__ = ["Registry", "PRIORS", "GUIDES", "LIKELIHOODS", "MODELS", "KERNELS"]
 
 
 class Registry:
+    """Names → factories for one kind of thing (``"prior"``, ``"guide"``, ...).
+
+    Example::
+
+        @PRIORS.register("my-prior")
+        class MyPrior(pyro.distributions.Normal): ...
+
+        PRIORS.build({"name": "my-prior", "scale": 0.1})
+    """
+
     def __init__(self, kind: str, lazy_modules: tuple = ()):
         self.kind = kind
         self._items: Dict[str, Callable[..., Any]] = {}
@@ -37,10 +47,12 @@ class Registry:
             importlib.import_module(mod)
 
     def names(self):
+        """The registered names, sorted."""
         self._load_lazy()
         return sorted(self._items)
 
     def get(self, name: str) -> Callable[..., Any]:
+        """The factory registered as ``name`` (case and ``_``/``-`` ignored); unknown names list the known ones."""
         if not isinstance(name, str):
             raise TypeError(f"{self.kind} name must be a string, got {type(name).__name__}")
         key = name.lower().replace("_", "-")

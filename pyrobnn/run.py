@@ -50,6 +50,7 @@ class Interrupted(Exception):
 
 
 def write_json(path, obj):
+    """Write ``obj`` as indented, key-sorted JSON to ``path`` atomically."""
     from .io import atomic_write_bytes
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 

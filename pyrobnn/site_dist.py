@@ -19,6 +19,9 @@ __all__ = ["SiteIndependent", "to_site_event", "LogitsCategorical"]
 
 
 class SiteIndependent(dist.Independent):
+    """``Independent`` whose ``log_prob`` uses the base distribution's fused ``log_prob_sum`` when it
+    has one (the sum over the whole site in one pass)."""
+
     def log_prob(self, value):
         if self.reinterpreted_batch_ndims == len(self.base_dist.batch_shape):
             fast = getattr(self.base_dist, "log_prob_sum", None)

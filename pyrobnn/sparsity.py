@@ -434,6 +434,7 @@ def export(bnn, mode: str = "dense", mask: Optional[Dict[str, torch.Tensor]] = N
         ``"shrink"`` sum the same non-zero products in another order, so their outputs agree with the
         masked posterior mean to float rounding, not bit for bit.
     :param mask: masks from :func:`masks`; default ``masks(bnn, **mask_kwargs)``.
+
     The exported module is in eval mode and its parameters do not require gradients.
     """
     if mode not in ("dense", "sparse", "shrink"):

@@ -155,7 +155,7 @@ class GuideNormal(dist.Normal):
 
     @property
     def loc_sq(self):
-        """μ², cached: shared by the KL and the prior's log-density at the placeholder."""
+        """The squared mean μ² (cached), shared by the KL and the prior's log-density at the placeholder."""
         if self._loc_sq is None:
             self._loc_sq = self.loc * self.loc
         return self._loc_sq

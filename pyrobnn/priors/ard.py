@@ -408,7 +408,8 @@ def ARD(mode: str = "empirical", group: Optional[str] = None, a: float = DEFAULT
         guides only); ``"hierarchical"`` → :class:`HierarchicalARD` (Gamma-distributed precisions).
     :param group: hierarchical only: ``"input"`` (default), ``"weight"`` or ``"layer"``. Empirical ARD
         is per weight (``None`` or ``"weight"``).
-    :param a, b: hierarchical only: Gamma(a, b) on the precisions (shape, rate).
+    :param a: hierarchical only: the shape of the Gamma(a, b) on the precisions.
+    :param b: hierarchical only: the rate of that Gamma.
     """
     if mode == "empirical":
         if group not in (None, "weight"):
