@@ -61,7 +61,29 @@ import _api  # noqa: E402
 _api.write_pages(os.path.join(os.path.dirname(__file__), "api"))
 
 
+# Pages outside docs/ that the site shows: links to them from the Markdown sources (file links, which
+# work when the repository is browsed) point at the site's page instead.
+OUTSIDE = {"examples/README.md": "examples.md"}
+
+
+def _rewrite_outside_links(app, docname, source):
+    import posixpath
+    import re
+
+    here = posixpath.dirname(docname)
+
+    def repl(m):
+        target = posixpath.normpath(posixpath.join("docs", here, m.group(1)))
+        page = OUTSIDE.get(target)
+        if page is None:
+            return m.group(0)
+        return f"]({posixpath.relpath(page, here or '.')}{m.group(2) or ''})"
+
+    source[0] = re.sub(r"\]\((\.\./[^)#\s]+)(#[^)\s]*)?\)", repl, source[0])
+
+
 def setup(app):
+    app.connect("source-read", _rewrite_outside_links)
     app.connect("env-check-consistency", _api.check_coverage)
     app.connect("missing-reference", _api.resolve_alias)
     app.connect("autodoc-process-docstring", _api.escape_bars)

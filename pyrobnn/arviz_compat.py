@@ -47,6 +47,7 @@ def arviz():
 
 
 def arviz_major() -> int:
+    """The installed ArviZ's major version (0 or 1)."""
     return int(str(arviz().__version__).split(".")[0])
 
 
