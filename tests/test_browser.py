@@ -176,7 +176,9 @@ def test_report_page_renders(browser, tmp_path):
     x, y = torch.randn(60, 4), torch.randint(0, 2, (60,))
     bnn = pyrobnn.bayesian(build("mlp", in_features=4, out_features=2, hidden=[8]))
     post = sample(bnn, (x, y), num_chains=2, num_samples=6, warmup_steps=10, thin=2, seed=0, eval_x=x[:10])
-    pyrobnn.to_inference_data(post, data=(x, y)).to_netcdf(tmp_path / "inference_data.nc")
+    from pyrobnn.arviz_compat import write
+
+    write(pyrobnn.to_inference_data(post, data=(x, y)), tmp_path / "inference_data.nc")
     assert main(["report", str(tmp_path)]) == 0
     page = tmp_path / "report" / "index.html"
     assert page.is_file()
