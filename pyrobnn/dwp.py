@@ -298,7 +298,7 @@ def init_from_prior(target, prior: DeepWeightPrior, layers: Union[str, List[str]
 
     ``mean_only=False`` (default) draws full kernels, z ~ N(0, I), w ~ p(w|z); ``mean_only=True`` sets
     each kernel to the decoder mean μ_θ(z) (what Atanov et al.'s code does). The two differ a lot for
-    kernel VAEs whose decoder scale is large: on the Fashion-MNIST priors of docs/RESULTS.md, sample − mean
+    kernel VAEs whose decoder scale is large: on the Fashion-MNIST priors of docs/studies/deep_weight_prior.md, sample − mean
     has sd 0.07–0.13 against mean |μ_θ(z)| 0.03–0.06, and a mean-field BNN with the DWP started from
     decoder means ended less accurate on small MNIST than one started from full draws (measured there).
 

@@ -19,7 +19,7 @@ previous layer) is one number, larger = more relevant. ``statistic`` chooses it:
   E[w²] and E[1/α] while μ² stays ≈ 0).
 
 Default ``"second-moment"``: measured on diabetes and breast cancer with 10 added noise columns
-(docs/RESULTS.md, ARD section) it ranks the noise lowest of the four, and its ranking of a linear
+(docs/studies/ard_relevance.md) it ranks the noise lowest of the four, and its ranking of a linear
 model's inputs matches the classical |coefficient / standard error| ranking, whereas the α-based
 statistics rank a noise column first in several runs. The reason: with one weight per group (one
 output) α's exact posterior Gamma(a + ½, b + ½E[w²]) hardly moves from its prior unless b ≪ ½E[w²],
@@ -39,7 +39,7 @@ noise columns above rank lower without any new evidence that the real inputs mat
 
 Per-weight quantities are averaged over every dim but the input dim (outputs, kernel taps). The
 network's input relevance is that of the first weight site in execution order. Which statistic ranks
-pure-noise inputs last on real data is measured in docs/RESULTS.md (ARD section).
+pure-noise inputs last on real data is measured in docs/studies/ard_relevance.md.
 """
 from __future__ import annotations
 

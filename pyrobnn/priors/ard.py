@@ -40,7 +40,7 @@ a = 0.1, b = 1e-3 fits it (tests/test_ard.py). Tipping's a = b = 1e-4 is close t
 and is refused here: its median (≈ 1e-300) underflows float32, so precisions initialised there are 0.
 
 For *relevance read-outs* (:func:`pyrobnn.relevance`) on standardised data, Gamma(1, 1) and the
-``"second-moment"`` statistic E[w²] measured best (docs/RESULTS.md, ARD section): with one weight per
+``"second-moment"`` statistic E[w²] measured best (docs/studies/ard_relevance.md): with one weight per
 α (a single output) α's posterior Gamma(a + ½, b + ½E[w²]) carries little information, and with
 a + ½ ≤ 1 its E[1/α] is infinite.
 """
