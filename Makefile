@@ -17,7 +17,7 @@ endif
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.pyrobnn-installed
 
-.PHONY: install demo test test-slow bench data clean env-info docs docs-check
+.PHONY: install demo test test-slow bench data clean env-info docs docs-check pyro-compat
 
 # A new environment takes about 6 GB (torch 2.14.1 is a CUDA build, ~4 GB of it NVIDIA libraries that
 # the CPU never loads but torch needs to import). Say so up front rather than let pip fail half-way.
@@ -64,6 +64,11 @@ docs: $(DOCS_STAMP)
 # Every page of the built site and a `pyrobnn report` page in headless Chromium (Debian: chromium chromium-driver).
 docs-check: docs
 	$(BIN)/python -m pytest -q -m browser tests/test_browser.py
+
+# Pyro's own AutoGuide tests with pyrobnn's MeanField and AdditiveNoise added next to AutoNormal (the test
+# module is fetched at run time for the installed pyro-ppl release; see tests/pyro_compat/run.py).
+pyro-compat: $(STAMP)
+	$(BIN)/python tests/pyro_compat/run.py
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/step_cost.py

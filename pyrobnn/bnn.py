@@ -20,6 +20,7 @@ from . import priors as _priors  # noqa: F401  (registers the built-in priors)
 from .guides.base import FlatGaussianGuide
 from .guides.pyro_autoguides import PYRO_PREFIX, build_pyro_guide, is_pyro_autoguide, pyro_guide_spec
 from .inputs import Signature
+from .lrt import needs_placeholders
 from .likelihoods import Likelihood
 from .randomize import RandomModule, build_prior
 from .registry import GUIDES, LIKELIHOODS, PRIORS, spec_of
@@ -138,6 +139,13 @@ class BNN(nn.Module):
                 built = guide(self._model_for_guide)
         else:
             raise TypeError(f"guide must be a name, a mapping or a factory, got {guide!r}")
+        if not isinstance(built, FlatGaussianGuide):
+            for site, prior in self.site_priors.items():
+                if needs_placeholders(prior):
+                    raise ValueError(f"site {site!r}: its prior ({type(prior).__name__}, empirical-Bayes ARD) has a "
+                                     f"density only with pyrobnn's guides; {type(built).__name__} cannot use it. "
+                                     "Use guide='mean-field' or 'additive-noise', or prior={'name': 'ard', "
+                                     "'mode': 'hierarchical'}")
         if isinstance(built, PyroModule) and not isinstance(built, FlatGaussianGuide):
             # Pyro's AutoGuides name their parameters "<class name>.<site>" in the global param store, and a
             # PyroModule prefers the store's tensor over its own: two BNNs (or a BNN and its saved-and-loaded

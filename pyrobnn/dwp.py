@@ -376,8 +376,8 @@ def _bnn_site_shape(bnn, site):
 
 def _set_guide_mean(guide, site, value):
     flat = guide.flat
-    offset, n = guide._layout[site][:2]
-    if guide._layout[site][4] is not None:
+    offset, n = guide._layout[site].offset, guide._layout[site].size
+    if guide._layout[site].transform is not None:
         raise ValueError(f"site {site!r} is constrained; init_from_prior sets real-valued kernels only")
     for pname in ("loc", "theta"):
         if hasattr(flat, pname):

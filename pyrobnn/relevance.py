@@ -138,7 +138,7 @@ def _inverse_alpha_mean(guide, site, samples):
     if samples is not None:
         return (1.0 / samples[site].double()).mean(0)
     layout = getattr(guide, "_layout", {}).get(site)
-    c = _exp_scale(layout[4]) if layout is not None and layout[4] is not None else None
+    c = _exp_scale(layout.transform) if layout is not None and layout.transform is not None else None
     if c is not None and hasattr(guide, "site_params"):
         # α = c·exp(z), z ~ N(m, s²): E[1/α] = exp(−m + s²/2) / c exactly
         loc, scale = guide.site_params(site)
@@ -151,7 +151,7 @@ def _geometric_inverse_alpha(guide, site, samples):
     if samples is not None:
         return (-samples[site].double().log().mean(0)).exp()
     layout = getattr(guide, "_layout", {}).get(site)
-    c = _exp_scale(layout[4]) if layout is not None and layout[4] is not None else None
+    c = _exp_scale(layout.transform) if layout is not None and layout.transform is not None else None
     if c is not None and hasattr(guide, "site_params"):
         loc, _ = guide.site_params(site)  # α = c·exp(z), z ~ N(m, s²): exp(−E[log α]) = exp(−m) / c
         return (-loc.double()).exp() / c
@@ -163,7 +163,7 @@ def _squared_mean(guide, site, samples):
     if samples is not None:
         return samples[site].double().mean(0) ** 2
     layout = getattr(guide, "_layout", {}).get(site)
-    if layout is not None and layout[4] is None and hasattr(guide, "site_params"):
+    if layout is not None and layout.transform is None and hasattr(guide, "site_params"):
         loc, _ = guide.site_params(site)
         return loc.double() ** 2
     draws = guide.sample_latents(512)[site]
@@ -174,7 +174,7 @@ def _second_moment(guide, site, samples):
     if samples is not None:
         return (samples[site].double() ** 2).mean(0)
     layout = getattr(guide, "_layout", {}).get(site)
-    if layout is not None and layout[4] is None and hasattr(guide, "site_params"):
+    if layout is not None and layout.transform is None and hasattr(guide, "site_params"):
         loc, scale = guide.site_params(site)
         return loc.double() ** 2 + scale.double() ** 2
     draws = guide.sample_latents(512)[site]

@@ -57,7 +57,7 @@ def _prunable_sites(bnn, sites=None) -> List[str]:
     """Real-valued sites of the BNN's layers that the guide covers, in layer order."""
     guide = _guide(bnn)
     layout = guide._layout
-    names = [s for s in bnn.site_priors if s in layout and layout[s][4] is None]
+    names = [s for s in bnn.site_priors if s in layout and layout[s].transform is None]
     if sites is not None:
         pats = [sites] if isinstance(sites, str) else list(sites)
         names = [s for s in names if any(fnmatch.fnmatchcase(s, p) for p in pats)]

@@ -41,6 +41,7 @@ import torch
 from pyro.distributions.util import sum_rightmost
 from pyro.infer.autoguide import AutoGuide
 from pyro.infer.autoguide.guides import prototype_hide_fn
+from pyro.infer.autoguide.utils import helpful_support_errors
 from pyro.infer.autoguide.initialization import (InitMessenger, init_to_feasible, init_to_mean, init_to_median,
                                                  init_to_sample, init_to_uniform)
 from torch.distributions import biject_to, constraints
@@ -533,9 +534,8 @@ class FlatGaussianGuide(AutoGuide):
         inits, networks, offset = [], [], 0
         for name, site in self.prototype_trace.iter_stochastic_nodes():
             support = site["fn"].support
-            if support.is_discrete:
-                raise ValueError(f"{type(self).__name__} needs continuous latent sites; site {name!r} is discrete")
-            transform = biject_to(support)
+            with helpful_support_errors(site):  # Pyro's messages: enumerate a discrete site, reparameterise a sphere
+                transform = biject_to(support)
             init = transform.inv(site["value"].detach()).detach()
             event_dim = site["fn"].event_dim + init.dim() - site["value"].dim()
             full_shape = list(init.shape)

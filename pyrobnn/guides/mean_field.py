@@ -64,8 +64,9 @@ class _Softplus(torch.autograd.Function):
 def softplus(rho: torch.Tensor) -> torch.Tensor:
     """``F.softplus(rho)`` (β = 1, threshold 20), by :class:`_Softplus` for a CPU tensor whose every ρ ≤ 20
     — the usual case for a guide's scales, σ ≤ 20 — and by ``F.softplus`` otherwise (on an accelerator the
-    range check would synchronise the device every step, and the exp/exp2 difference is a CPU one)."""
-    if (rho.device.type == "cpu" and rho.numel() and rho.is_floating_point()
+    range check would synchronise the device every step, and the exp/exp2 difference is a CPU one) and under
+    ``torch.jit.trace`` (a Python autograd function cannot be exported)."""
+    if (not torch.jit.is_tracing() and rho.device.type == "cpu" and rho.numel() and rho.is_floating_point()
             and float(rho.detach().amax()) <= _SOFTPLUS_THRESHOLD):
         return _Softplus.apply(rho)
     return F.softplus(rho)

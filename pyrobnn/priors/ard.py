@@ -70,10 +70,10 @@ _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 _NO_DENSITY = (
     "empirical-Bayes ARD has no fixed density: its variance δ² = μ² + σ² is set from the variational "
-    "posterior q(w) = N(μ, σ²), so it is only defined inside a variational ELBO: with pyrobnn's guides "
-    "(MeanField, AdditiveNoise) under any of Pyro's ELBOs, or with another Normal guide (e.g. Pyro's "
-    "AutoNormal) under pyro.infer.TraceMeanField_ELBO, which uses its closed-form KL. For MCMC/SG-MCMC "
-    "samplers use ARD(mode='hierarchical'), whose precisions α are real latent sites."
+    "posterior q(w) = N(μ, σ²), so it is only defined with pyrobnn's guides (pyrobnn.guides.MeanField or "
+    "AdditiveNoise, under any of Pyro's ELBOs), which hand its sites a placeholder carrying q; other guides "
+    "(e.g. Pyro's AutoNormal) cannot use it. For other guides and for MCMC/SG-MCMC samplers use "
+    "ARD(mode='hierarchical'), whose precisions α are real latent sites."
 )
 
 
