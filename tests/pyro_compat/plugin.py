@@ -15,8 +15,6 @@ import pytest
 import torch
 from pyro.infer.autoguide import AutoNormal
 
-torch.set_default_dtype(getattr(torch, os.environ.get("PYRO_DTYPE", "float64")))
-
 #: the guides added next to AutoNormal
 ADDED = ()
 
@@ -30,6 +28,8 @@ def _added():
 
 
 def pytest_configure(config):
+    # Pyro's test set-up runs in float64 (only when loaded as the plugin, never on import)
+    torch.set_default_dtype(getattr(torch, os.environ.get("PYRO_DTYPE", "float64")))
     for line in ("init(rng_seed): initialize the RNG using the seed provided.",
                  "stage(NAME): mark test to run when testing stage matches NAME.",
                  "disable_validation: disable all validation on this test."):
