@@ -188,13 +188,15 @@ def run_sgld(models, model, data, samples, warmup, thin, step_size, batch, seed,
 def arviz_view(mcmc, data, scalar_sites):
     """LOO of the training data and a summary of the scalar sites, through pyrobnn.to_inference_data."""
     import arviz as az
+
+    from pyrobnn import arviz_compat
     idata = pyrobnn.to_inference_data(mcmc, data=None, posterior_predictive=False)
     view = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # az.loo warns on high Pareto k; the share of them is reported
-        loo = az.loo(idata, pointwise=True)
-    view["elpd_loo"] = float(loo.elpd_loo)
-    view["pareto_k_above_0.7"] = float((np.asarray(loo.pareto_k) > 0.7).mean())
+        loo = arviz_compat.loo(idata)   # az.loo on either ArviZ line
+    view["elpd_loo"] = loo["elpd_loo"]
+    view["pareto_k_above_0.7"] = float((loo["pareto_k"] > 0.7).mean())
     names = [s for s in scalar_sites if s in idata.posterior]
     if names:
         summ = az.summary(idata, var_names=names, kind="stats")

@@ -206,6 +206,9 @@ def _log_lik(idata, var_name: Optional[str]) -> np.ndarray:
 def loo(idata, var_name: Optional[str] = None) -> Dict[str, object]:
     """PSIS-LOO (Vehtari, Gelman and Gabry 2017) of the stored log-likelihood, by the line's ``az.loo``:
     ``{"elpd_loo", "se", "p_loo", "n_data_points", "pareto_k" (array), "warning"}``."""
+    draws = _log_lik(idata, var_name).shape[0]
+    if is_datatree_line() and draws < 25:  # arviz_stats smooths floor(S/5) tail draws and needs 5 of them
+        raise ValueError(f"PSIS-LOO needs at least 25 draws on ArviZ 1.x; this run has {draws}")
     res = arviz().loo(idata, pointwise=True, var_name=var_name)
     elpd = getattr(res, "elpd_loo", None)
     if elpd is None:

@@ -510,7 +510,7 @@ def function_space_diagnostics(source, *, x=None, var_name: Optional[str] = None
     """R-hat and ESS of the network's predictions on held-out inputs — the convergence check that is
     invariant to weight-space symmetries (see the module docstring).
 
-    :param source: an ``InferenceData`` with a ``predictions`` group (``p_test``/``f_test``), a
+    :param source: ArviZ data (``InferenceData`` or ``DataTree``) with a ``predictions`` group (``p_test``/``f_test``), a
         ``SamplePosterior`` (its ``eval_outputs``, or outputs on ``x``), or an array ``[C, S, ...]`` of
         per-draw predictions.
     :returns: ``rhat_max``, ``rhat_median``, ``ess_bulk_min``, ``ess_bulk_median``, ``ess_tail_min``,

@@ -7,7 +7,7 @@ from _examples import load_example
 
 def test_custom_model_example_runs_end_to_end(tmp_path):
     ex = load_example("custom_model")
-    results = ex.main(["--out", str(tmp_path), "--hidden", "4", "--svi-steps", "3", "--samples", "3",
+    results = ex.main(["--out", str(tmp_path), "--hidden", "4", "--svi-steps", "3", "--samples", "25",
                        "--warmup", "3", "--thin", "1", "--batch", "16"])
     saved = json.loads((tmp_path / "results.json").read_text())
     keys = ["heteroscedastic/model", "heteroscedastic/baseline", "hierarchical/model", "hierarchical/baseline"]

@@ -24,8 +24,6 @@ import html
 import json
 from pathlib import Path
 
-import numpy as np
-
 
 def register(sub):
     from ._common import add_parser
@@ -71,12 +69,14 @@ def _scalar_vars(posterior, limit):
 
 def _var(groups, name, var):
     """``groups[name][var]`` as a numpy array, or None when the group or variable is absent."""
+    import numpy as np
     ds = groups.get(name)
     return None if ds is None or var not in ds.data_vars else np.asarray(ds[var].values)
 
 
 def _regression_coverage(groups):
     """(nominal, observed) coverage of central predictive intervals, or None."""
+    import numpy as np
     levels = np.linspace(0.1, 0.9, 9)
     f, y = _var(groups, "predictions", "f_test"), _var(groups, "predictions_constant_data", "y_test")
     if f is not None and y is not None:
@@ -108,6 +108,7 @@ def render(idata_path, out_dir, max_vars: int = 6) -> Path:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
     import torch
 
     from pyrobnn import arviz_compat as compat
