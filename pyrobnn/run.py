@@ -316,15 +316,9 @@ def _held_out(ds, limit=256):
 
 
 def write_inference_data(idata, path) -> None:
-    """Write ArviZ data (InferenceData or DataTree) to ``path`` atomically."""
-    path = Path(path)
-    tmp = path.parent / f".{path.stem}.{os.getpid()}.tmp.nc"
-    try:
-        idata.to_netcdf(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """Write ArviZ data (InferenceData on ArviZ 0.x, DataTree on 1.x) to ``path`` atomically."""
+    from .arviz_compat import write
+    write(idata, path)
 
 
 # -- fit ---------------------------------------------------------------------------------------------------
