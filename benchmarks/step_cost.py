@@ -7,6 +7,8 @@ Measured in one process with interleaved rounds (medians):
     2-core AMD EPYC with AVX-512, torch 2.14.1): the ratio to this row is pyrobnn's overhead with softplus's cost equal on both sides,
   * pyrobnn the way a Pyro user runs it: ``SVI(bnn.model, bnn.guide, pyro.optim.Adam, TraceMeanField_ELBO()).step``,
   * pyrobnn through ``fit``'s step (``pyrobnn.inference.fit.SVIStep``: same ELBO, one torch Adam),
+  * a user's own Pyro model around ``pyrobnn.random_module`` (own plate and ``Categorical`` likelihood),
+    ``SVI(model, MeanField(model), ...).step``,
   * plain Pyro: ``PyroModule`` + ``PyroSample`` priors + ``AutoNormal`` (weights sampled, no LRT),
   * a deterministic PyTorch step (what the Bayesian machinery costs on top of plain training).
 Each Pyro route is timed with Pyro's validation on (its default) and off. Before timing, one step of
@@ -169,6 +171,25 @@ def check_same_update():
     return results
 
 
+def build_random_module_svi():
+    """``SVI.step`` on a user's own Pyro model built around ``pyrobnn.random_module``: the network's weights
+    are sample sites ``"net.fc1.weight"``..., the user writes the plate and the likelihood, the guide is
+    ``pyrobnn.guides.MeanField`` started at the network's initial weights (as ``bayesian()`` does)."""
+    from pyro.infer.autoguide.initialization import init_to_value
+    net = build("lenet300")
+    rnet = pyrobnn.random_module("net", net, prior="gaussian")
+
+    def model(x, y=None):
+        logits = rnet(x)
+        with pyro.plate("data", N, subsample=torch.arange(x.shape[0])):
+            pyro.sample("obs", dist.Categorical(logits=logits), obs=y)
+        return logits
+
+    init = {f"net.{k}": v.detach().clone() for k, v in net.named_parameters()}
+    guide = pyrobnn.guides.MeanField(model, init_scale=INIT_SCALE, init_loc_fn=init_to_value(values=init))
+    return SVI(model, guide, pyro.optim.Adam({"lr": 1e-3}), TraceMeanField_ELBO())
+
+
 def build_steps():
     torch.manual_seed(0)
     pyro.set_rng_seed(0)
@@ -212,6 +233,11 @@ def build_steps():
     def pyrobnn_fit_step():
         step(x, y)
 
+    svi_random_module = build_random_module_svi()
+
+    def random_module_svi():
+        svi_random_module.step(x, y)
+
     plain = PlainPyroLeNet()
     guide = AutoNormal(plain, init_scale=INIT_SCALE)
     svi_plain = SVI(plain, guide, pyro.optim.Adam({"lr": 1e-3}), TraceMeanField_ELBO())
@@ -221,7 +247,8 @@ def build_steps():
 
     return {"hand-written BBB+LRT": hand_written, HAND_ONE_LOG: hand_written_one_log,
             "pyrobnn SVI.step": pyrobnn_svi,
-            "pyrobnn fit step": pyrobnn_fit_step, "plain Pyro AutoNormal": plain_pyro,
+            "pyrobnn fit step": pyrobnn_fit_step, "random_module SVI.step": random_module_svi,
+            "plain Pyro AutoNormal": plain_pyro,
             "deterministic PyTorch": deterministic}
 
 
