@@ -68,7 +68,7 @@ docs-check: docs
 # Pyro's own AutoGuide tests with pyrobnn's MeanField and AdditiveNoise added next to AutoNormal (the test
 # module is fetched at run time for the installed pyro-ppl release; see tests/pyro_compat/run.py).
 pyro-compat: $(STAMP)
-	$(BIN)/python tests/pyro_compat/run.py
+	$(BIN)/python tests/pyro_compat/run.py $(PYRO_COMPAT_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/step_cost.py

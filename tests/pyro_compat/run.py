@@ -6,7 +6,7 @@ Pyro's ``tests/infer/test_autoguide.py`` (and the ``tests/common.py`` helpers it
 the installed ``pyro-ppl`` is not part of this repository; it is obtained at run time, in this order:
 
 1. ``--source DIR`` (or ``PYROBNN_PYRO_SOURCE``): a Pyro source tree (a git checkout of that release);
-2. the cache ``.cache/pyro-compat/<version>/`` a previous run filled;
+2. the cache ``~/.cache/pyrobnn/pyro-compat/<version>/`` (``$XDG_CACHE_HOME`` if set) a previous run filled;
 3. the release's sdist on PyPI (``pip download --no-deps --no-binary :all: pyro-ppl==<version>``), used if
    it contains the test files (the 1.9.x sdists do not);
 4. the release's source archive on GitHub (``https://codeload.github.com/pyro-ppl/pyro/tar.gz/refs/tags/<version>``).
@@ -106,9 +106,9 @@ def _from_github(version: str):
         return None
 
 
-def obtain(version: str, source=None) -> Path:
+def obtain(version: str, source=None, optional: bool = False) -> Path:
     """A folder holding FILES for Pyro ``version`` (see the module doc for where they come from)."""
-    cache = REPO / ".cache" / "pyro-compat" / version
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pyrobnn" / "pyro-compat" / version
     if source:
         src = Path(source)
         missing = [f for f in FILES if not (src / f).is_file()]
@@ -119,6 +119,10 @@ def obtain(version: str, source=None) -> Path:
         return cache
     else:
         found = _from_pypi(version) or _from_github(version)
+        if not found and optional:
+            print(f"pyro-compat: skipped: Pyro {version}'s {FILES[0]} could not be obtained here (no --source, "
+                  f"no cache in {cache}, not in the PyPI sdist, no route to GitHub)")
+            sys.exit(0)
         if not found:
             sys.exit(f"pyro-compat: could not obtain Pyro {version}'s {FILES[0]}; pass --source with a checkout of "
                      f"the {version} release (git clone -b {version} https://github.com/pyro-ppl/pyro)")
@@ -152,13 +156,16 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--source", default=os.environ.get("PYROBNN_PYRO_SOURCE"),
                     help="a Pyro source tree at the installed release")
+    ap.add_argument("--optional", action="store_true",
+                    help="exit 0 with a one-line notice when Pyro's test module cannot be obtained (CI on a machine "
+                         "without a route to GitHub and no cache)")
     ap.add_argument("-k", dest="keyword", default=DEFAULT_SELECTION,
                     help=f"pytest -k expression (default {DEFAULT_SELECTION!r}: the tests the comparison needs; "
                          "'' for the whole module)")
     ap.add_argument("--jobs", type=int, default=1, help="pytest-xdist workers (needs pytest-xdist)")
     args = ap.parse_args(argv)
     version = _pyro_version()
-    tree = obtain(version, args.source)
+    tree = obtain(version, args.source, args.optional)
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
         for rel in FILES:
