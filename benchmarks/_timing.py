@@ -79,3 +79,18 @@ def median_round_ratios(times: dict, reference: str) -> dict:
     load that drifts between rounds cancels."""
     ref = times[reference]
     return {k: statistics.median(a / b for a, b in zip(v, ref)) for k, v in times.items()}
+
+
+def add_pyro_lenet300_layers(module) -> None:
+    """Give a ``PyroModule`` LeNet-300-100's layers ``fc1``–``fc3``, written the Pyro way: every weight and
+    bias a ``PyroSample`` with an N(0, 1) prior (the contender both step benchmarks time)."""
+    import pyro.distributions as dist
+    import torch.nn as nn
+    from pyro.nn import PyroModule, PyroSample
+
+    module.fc1 = PyroModule[nn.Linear](784, 300)
+    module.fc2 = PyroModule[nn.Linear](300, 100)
+    module.fc3 = PyroModule[nn.Linear](100, 10)
+    for layer in (module.fc1, module.fc2, module.fc3):
+        layer.weight = PyroSample(dist.Normal(0.0, 1.0).expand(layer.weight.shape).to_event(2))
+        layer.bias = PyroSample(dist.Normal(0.0, 1.0).expand(layer.bias.shape).to_event(1))

@@ -58,6 +58,8 @@ from pyrobnn.data import load_mnist5k
 from pyrobnn.inference import SGLD
 from pyrobnn.models import build
 
+from _timing import add_pyro_lenet300_layers  # benchmarks/ is the script directory
+
 N_BATCH = 128
 ETA = 1e-6
 
@@ -113,12 +115,7 @@ class PyroLeNet300(PyroModule):
     def __init__(self, dataset_size, subsample_size):
         super().__init__()
         self.dataset_size, self.subsample_size = dataset_size, subsample_size
-        self.fc1 = PyroModule[nn.Linear](784, 300)
-        self.fc2 = PyroModule[nn.Linear](300, 100)
-        self.fc3 = PyroModule[nn.Linear](100, 10)
-        for layer in (self.fc1, self.fc2, self.fc3):
-            layer.weight = PyroSample(dist.Normal(0.0, 1.0).expand(layer.weight.shape).to_event(2))
-            layer.bias = PyroSample(dist.Normal(0.0, 1.0).expand(layer.bias.shape).to_event(1))
+        add_pyro_lenet300_layers(self)
 
     def forward(self, x, y):
         with pyro.plate("data", self.dataset_size, subsample_size=self.subsample_size) as idx:
