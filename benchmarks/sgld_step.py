@@ -98,7 +98,12 @@ def make_bnn(x, y):
 
 def make_kernel(bnn, x, y, params0):
     bnn.subsample_size = N_BATCH
-    k = SGLD(bnn.model, step_size=ETA)
+    return _kernel_step(bnn.model, x, y, params0)
+
+
+def _kernel_step(model, x, y, params0):
+    """One ``SGLD(model).sample`` per call, from ``params0`` (in the order of the kernel's sites)."""
+    k = SGLD(model, step_size=ETA)
     k.setup(0, x, y)
     names = [n for n, _ in k._sites]
     holder = {"p": dict(zip(names, [p.detach().clone() for p in params0]))}
@@ -126,15 +131,7 @@ class PyroLeNet300(PyroModule):
 
 
 def make_pyro_module_kernel(x, y, params0):
-    k = SGLD(PyroLeNet300(x.shape[0], N_BATCH), step_size=ETA)
-    k.setup(0, x, y)
-    names = [n for n, _ in k._sites]
-    holder = {"p": dict(zip(names, [p.detach().clone() for p in params0]))}
-
-    def step():
-        holder["p"] = k.sample(holder["p"])
-
-    return step, holder, names
+    return _kernel_step(PyroLeNet300(x.shape[0], N_BATCH), x, y, params0)
 
 
 def make_stream(bnn, x, y, params0):
