@@ -16,12 +16,14 @@ added test is compared with AutoNormal's in the same parametrisation: the run fa
 that passes for AutoNormal does not pass for MeanField or AdditiveNoise, and prints every such test.
 
 ``test_exact_tree`` branches on AutoNormal's identity rather than on what the guide does: it expects exact
-posterior standard deviations from every guide not in its list of mean-field classes. MeanField and
-AdditiveNoise are mean-field guides, so the list gains them (the adaptation is printed, and the run stops if
-the text it replaces is not found). ``test_scores`` asserts AutoNormal's internal sites (an auxiliary
-``<site>_unconstrained`` sample and a ``Delta`` at the site, whose guide log-density is 0); pyrobnn's guides
-sample each site from its Normal directly (so ``TraceMeanField_ELBO`` can use closed-form KLs), so that test
-does not apply to them: it is reported as not applicable, not hidden.
+posterior standard deviations from every guide not in its list of mean-field classes. MeanField and AdditiveNoise
+are mean-field guides, so the list gains them (the adaptation is printed, and the run stops if the text it replaces
+is not found). ``test_scores`` checks where each guide keeps its density: AutoContinuous guides at an auxiliary
+``_<Guide>_latent`` site, AutoNormal at ``z_unconstrained``; both put a ``Delta`` at ``z``, whose guide log-density
+is 0. MeanField and AdditiveNoise sample ``z`` from its Normal directly (so ``TraceMeanField_ELBO`` can use
+closed-form KLs), so for them the same test asserts the same fact at their site: no auxiliary site in the guide (``z`` is
+its only sample site), the model's log-density at ``z`` non-zero, and the guide's log-density at ``z`` equal to its
+Normal's at the drawn value (the adaptation is printed, like the one above).
 """
 from __future__ import annotations
 
@@ -47,11 +49,20 @@ ARCHIVE = "https://codeload.github.com/pyro-ppl/pyro/tar.gz/refs/tags/{version}"
 ADAPTATIONS = (
     ("test_exact_tree", "    is_exact = Guide not in (\n        AutoNormal,\n",
      "    is_exact = Guide not in (\n        AutoNormal,\n        MeanField,\n        AdditiveNoise,\n"),
+    ("test_scores", '    prefix = auto_class.__name__\n    if prefix != "AutoNormal":\n',
+     '    prefix = auto_class.__name__\n'
+     '    if prefix in ("MeanField", "AdditiveNoise"):\n'
+     '        assert [n for n, s in guide_trace.nodes.items() if s["type"] == "sample"] == ["z"]\n'
+     '        assert model_trace.nodes["z"]["log_prob_sum"].item() != 0.0\n'
+     '        site = guide_trace.nodes["z"]\n'
+     '        assert site["log_prob_sum"].item() == site["fn"].log_prob(site["value"]).sum().item() != 0.0\n'
+     '        return\n'
+     '    if prefix != "AutoNormal":\n'),
 )
 #: the tests the comparison reads: AutoNormal's and the added guides' (the module has ~1000 tests in all)
 DEFAULT_SELECTION = "AutoNormal or MeanField or AdditiveNoise"
 #: tests about AutoNormal's implementation rather than its behaviour (module doc), with the reason
-NOT_APPLICABLE = {"test_scores": "asserts AutoNormal's auxiliary '<site>_unconstrained' site and Delta at the site"}
+NOT_APPLICABLE: dict = {}
 _IMPORT = "from pyrobnn.guides import AdditiveNoise, MeanField  # added by pyrobnn's tests/pyro_compat/run.py\n"
 
 
