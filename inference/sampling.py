@@ -210,7 +210,7 @@ class SamplePosterior:
     # -- persistence -----------------------------------------------------------------------------------
     def save(self, path) -> None:
         """Write draws, statistics, held-out outputs, the BNN's deterministic parameters and its spec to
-        one safetensors file (atomic, checksummed; :func:`pyrobnn.io.write_state`)."""
+        one safetensors file (atomic, checksummed; :func:`pyrobnn.state_io.write_state`)."""
         if self.bnn.input_signature is None:
             raise ValueError("the BNN has never run on data; nothing to describe its inputs")
         tensors = {f"draw/{k}": v for k, v in self.draws.items()}

@@ -9,7 +9,7 @@ The pipeline of Atanov et al. (2019), as library functions (the CLI ``pyrobnn dw
 3. :func:`fit_kernel_vae` — fit a small convolutional VAE (:class:`~pyrobnn.priors.deep_weight.KernelVAE`,
    latent 2–4) per layer;
 4. save the VAEs as safetensors + JSON provenance (source data, K, epochs, kernel counts, held-out bound)
-   through :func:`pyrobnn.io.write_state`; :class:`~pyrobnn.priors.DeepWeightPrior` reads the file.
+   through :func:`pyrobnn.state_io.write_state`; :class:`~pyrobnn.priors.DeepWeightPrior` reads the file.
 
 :func:`init_from_prior` initialises a network's (or a BNN guide's) kernels with prior samples — the
 paper's faster-convergence result.

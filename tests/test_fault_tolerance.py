@@ -171,14 +171,14 @@ def test_all_checkpoints_torn_starts_over(tmp_path):
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
-    import pyrobnn.io as io
+    import pyrobnn.state_io as state_io
     target = tmp_path / "state.safetensors"
     write_state(target, {"a": torch.ones(3)}, {"kind": "checkpoint", "n": 1})
 
     def crash(src, dst):                  # the process "dies" between writing the temp file and renaming it
         raise OSError("simulated crash before rename")
 
-    monkeypatch.setattr(io.os, "replace", crash)
+    monkeypatch.setattr(state_io.os, "replace", crash)
     with pytest.raises(OSError, match="simulated"):
         write_state(target, {"a": torch.zeros(3)}, {"kind": "checkpoint", "n": 2})
     monkeypatch.undo()

@@ -343,7 +343,7 @@ def _write_raw(path, tensors, meta):
     """Like write_state, but keeps a mutated format ``version``; the checksum is recomputed, so the
     file passes the torn-file check and reaches the spec validation."""
     from safetensors.torch import save_file
-    from pyrobnn.io import _digest
+    from pyrobnn.state_io import _digest
     save_file(tensors, str(path), metadata={"pyrobnn": json.dumps({**meta, "sha256": _digest(tensors)})})
 
 

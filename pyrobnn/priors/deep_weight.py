@@ -48,6 +48,7 @@ from torch.distributions import constraints
 
 from ..guides.base import local_reparam_params
 from ..registry import PRIORS
+from ..state_io import read_state, write_state
 
 __all__ = ["KernelVAE", "DeepWeightPrior", "save_kernel_vaes", "load_kernel_vaes", "unit_kernels"]
 
@@ -188,7 +189,6 @@ class KernelVAE(nn.Module):
 # -- persistence ----------------------------------------------------------------------------------------------
 def save_kernel_vaes(path, vaes: Mapping[str, KernelVAE], provenance: Optional[Dict[str, Any]] = None) -> None:
     """Write VAEs (``{name: KernelVAE}``, e.g. one per source layer) as one safetensors file + JSON."""
-    from ..io import write_state
     if not vaes:
         raise ValueError("save_kernel_vaes needs at least one VAE")
     tensors, configs = {}, {}
@@ -212,7 +212,6 @@ def load_kernel_vaes(path) -> Tuple[Dict[str, KernelVAE], Dict[str, Any]]:
     Loads are cached by (path, mtime, size): a BNN whose pattern builds one prior per site shares one
     frozen copy of the VAEs.
     """
-    from ..io import read_state
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"deep weight prior file not found: {path}")
