@@ -422,7 +422,7 @@ def train_sparse_vd(a, out_dir: Path):
     if a.init_from:
         tensors, _ = read_state(Path(a.init_from))
         net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
-    bnn = pyrobnn.guides.AdditiveNoise.from_pretrained(net, dataset_size=len(x_tr), init_log_sigma2=a.init_log_sigma2,
+    bnn = pyrobnn.sparsity.sparse_vd_from_pretrained(net, dataset_size=len(x_tr), init_log_sigma2=a.init_log_sigma2,
                                                       log_alpha_clip=(a.clip_low, a.clip))
     svd_epochs = a.epochs - a.finetune_epochs
     log_path = out_dir / "epochs.jsonl"

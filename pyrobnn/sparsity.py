@@ -32,15 +32,33 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .bnn import BNN, bayesian
 from .guides.additive_noise import AdditiveNoise
 from .guides.base import FlatGaussianGuide
 from .layers import BayesianConv, BayesianLinear, BayesianModule, BayesianParams
 
-__all__ = ["log_alpha", "snr", "masks", "threshold_for_compression", "masked_means", "masked_mean_forward", "report", "SparsityReport",
-           "export", "SparseLinear", "ShrunkLinear", "ShrunkConv", "DEFAULT_THRESHOLDS"]
+__all__ = ["sparse_vd_from_pretrained", "log_alpha", "snr", "masks", "threshold_for_compression", "masked_means",
+           "masked_mean_forward", "report", "SparsityReport", "export", "SparseLinear", "ShrunkLinear", "ShrunkConv",
+           "DEFAULT_THRESHOLDS"]
 
 DEFAULT_THRESHOLDS = {"log-alpha": 3.0, "snr": math.exp(-1.5), "density": math.exp(-math.exp(-3.0) / 2)}
 _EPS = 1e-16
+
+
+def sparse_vd_from_pretrained(net: nn.Module, *, dataset_size: Optional[int] = None, likelihood="categorical",
+                              prior="log-uniform", init_log_sigma2: float = -10.0, log_alpha_clip=(None, 8.0),
+                              **bayesian_kwargs) -> BNN:
+    """Sparse VD started from a trained deterministic ``net``: a :class:`pyrobnn.BNN` with the
+    :class:`~pyrobnn.guides.AdditiveNoise` guide whose θ are ``net``'s weights and biases and whose
+    log σ² are ``init_log_sigma2``.
+
+    Same as ``pyrobnn.bayesian(net, prior="log-uniform", guide={"name": "additive-noise", ...})``;
+    ``bayesian_kwargs`` (``layers``, ``params``, ``local_reparameterization``, ...) pass through.
+    """
+    guide = {"name": "additive-noise", "init_log_sigma2": init_log_sigma2,
+             "log_alpha_clip": None if log_alpha_clip is None else list(log_alpha_clip)}
+    return bayesian(net, prior=prior, guide=guide, likelihood=likelihood, dataset_size=dataset_size,
+                    **bayesian_kwargs)
 
 
 def _guide(bnn) -> FlatGaussianGuide:

@@ -128,7 +128,7 @@ def test_invalid_arguments():
 
 def test_from_pretrained_and_save_load_roundtrip(tmp_path):
     net = _net()
-    bnn = AdditiveNoise.from_pretrained(net, dataset_size=50, init_log_sigma2=-8.0, log_alpha_clip=(-6, 6))
+    bnn = sparsity.sparse_vd_from_pretrained(net, dataset_size=50, init_log_sigma2=-8.0, log_alpha_clip=(-6, 6))
     bnn.initialize(torch.rand(2, 5))
     assert isinstance(bnn.autoguide, AdditiveNoise) and bnn.autoguide.log_alpha_clip == (-6.0, 6.0)
     assert all(isinstance(p, LogUniform) for p in bnn.site_priors.values())
@@ -141,7 +141,7 @@ def test_from_pretrained_and_save_load_roundtrip(tmp_path):
     for s in bnn.site_priors:
         torch.testing.assert_close(loaded.autoguide.log_alpha(s), bnn.autoguide.log_alpha(s))
     # the default one-sided clip survives save/load too
-    default = AdditiveNoise.from_pretrained(_net(), dataset_size=50)
+    default = sparsity.sparse_vd_from_pretrained(_net(), dataset_size=50)
     default.initialize(torch.rand(2, 5))
     pyrobnn.save(default, tmp_path / "default.safetensors")
     assert pyrobnn.load(tmp_path / "default.safetensors", net=_net()).autoguide.log_alpha_clip == (None, 8.0)

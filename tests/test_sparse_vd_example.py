@@ -82,7 +82,7 @@ def test_distilled_frozen_mask_phase_keeps_the_mask_and_the_data_order(svd, tmp_
     torch.manual_seed(0)
     net = nn.Sequential(nn.Flatten(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
     x, y = torch.randn(40, 6), torch.randint(0, 3, (40,))
-    bnn = pyrobnn.guides.AdditiveNoise.from_pretrained(net, dataset_size=40, init_log_sigma2=-10.0)
+    bnn = pyrobnn.sparsity.sparse_vd_from_pretrained(net, dataset_size=40, init_log_sigma2=-10.0)
     bnn.initialize(x[:2])
     g = bnn.autoguide
     with torch.no_grad():
@@ -140,7 +140,7 @@ def _small_sparse_vd(seed=0):
     torch.manual_seed(seed)
     net = nn.Sequential(nn.Flatten(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
     x, y = torch.randn(40, 6), torch.randint(0, 3, (40,))
-    bnn = pyrobnn.guides.AdditiveNoise.from_pretrained(net, dataset_size=40, init_log_sigma2=-10.0)
+    bnn = pyrobnn.sparsity.sparse_vd_from_pretrained(net, dataset_size=40, init_log_sigma2=-10.0)
     bnn.initialize(x[:2])
     with torch.no_grad():
         bnn.autoguide.flat.log_sigma2.uniform_(-6.0, 6.0)

@@ -155,7 +155,8 @@ class AdditiveNoise(FlatGaussianGuide):
         the KL; module docstring), or None for no clip. σ² is never clipped.
     :param init_loc_fn: initial θ per site. ``bayesian()`` passes one that copies the converted
         network's weights, so ``bayesian(pretrained_net, prior="log-uniform", guide="additive-noise")``
-        starts sparse VD from a pretrained deterministic network (see also :meth:`from_pretrained`).
+        starts sparse VD from a pretrained deterministic network (see also
+        :func:`pyrobnn.sparsity.sparse_vd_from_pretrained`).
         The default works with improper priors (:func:`init_to_median_or_fan_in`).
     :param local_reparameterization: let Linear/Conv layers sample pre-activations
         b ~ N(xθ, x²σ²) instead of weights (see :mod:`pyrobnn.guides.base`).
@@ -226,19 +227,3 @@ class AdditiveNoise(FlatGaussianGuide):
         if clip and self.log_alpha_clip is not None:
             la = la.clamp(*self.log_alpha_clip)  # min may be None
         return la.clone()
-
-    @staticmethod
-    def from_pretrained(net: torch.nn.Module, *, dataset_size: Optional[int] = None, likelihood="categorical",
-                        prior="log-uniform", init_log_sigma2: float = -10.0, log_alpha_clip=(None, 8.0),
-                        **bayesian_kwargs):
-        """Sparse VD started from a trained deterministic ``net``: a :class:`pyrobnn.BNN` whose θ are
-        ``net``'s weights and biases and whose log σ² are ``init_log_sigma2``.
-
-        Same as ``pyrobnn.bayesian(net, prior="log-uniform", guide={"name": "additive-noise", ...})``;
-        ``bayesian_kwargs`` (``layers``, ``params``, ``local_reparameterization``, ...) pass through.
-        """
-        from ..bnn import bayesian  # bnn imports guides; import lazily to keep the dependency one-way
-        guide = {"name": "additive-noise", "init_log_sigma2": init_log_sigma2,
-                 "log_alpha_clip": None if log_alpha_clip is None else list(log_alpha_clip)}
-        return bayesian(net, prior=prior, guide=guide, likelihood=likelihood, dataset_size=dataset_size,
-                        **bayesian_kwargs)
