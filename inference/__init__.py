@@ -1,7 +1,8 @@
 """How a posterior is reached and used: the SVI loop, SG-MCMC kernels, distillation, TTA, ..."""
+from .elbo import MeanFieldELBO
 from .fit import History, TrainingDiverged, fit, latest_checkpoint, load_checkpoint
 
-__all__ = ["History", "TrainingDiverged", "fit", "latest_checkpoint", "load_checkpoint"]
+__all__ = ["MeanFieldELBO", "History", "TrainingDiverged", "fit", "latest_checkpoint", "load_checkpoint"]
 from .complexity import (complexity_loss, complexity_weight, fit_complexity, prune, pruning_curve,  # noqa: E402
                          removable_fraction, sample_lams, with_guide)
 __all__ += ["complexity_loss", "complexity_weight", "fit_complexity", "prune", "pruning_curve",

@@ -2,8 +2,8 @@
 schedule, tqdm progress with the running ELBO, validation metrics, atomic checkpoints, exact resume,
 and a NaN guard that stops without touching the last good parameters or checkpoint.
 
-The loss is ``pyro.infer.TraceMeanField_ELBO().differentiable_loss(bnn.model, bnn.guide, x, y)`` —
-the same ELBO ``pyro.infer.SVI`` optimises — stepped with an ordinary ``torch.optim`` optimiser over
+The loss is ``MeanFieldELBO().differentiable_loss(bnn.model, bnn.guide, x, y)`` (:mod:`pyrobnn.inference.elbo`:
+``pyro.infer.TraceMeanField_ELBO``'s loss and gradients with less per-step bookkeeping) — stepped with an ordinary ``torch.optim`` optimiser over
 ``bnn.parameters()`` (one optimiser for all parameters; its state is checkpointed as tensors).
 """
 from __future__ import annotations
@@ -23,12 +23,13 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import pyro
 import torch
-from pyro.infer import TraceMeanField_ELBO
 
 from pyrobnn import inputs
 from pyrobnn.bnn import BNN
 from pyrobnn.data import ArrayLoader
 from pyrobnn.io import flatten_state, read_state, unflatten_state, write_state
+
+from .elbo import MeanFieldELBO
 
 __all__ = ["fit", "SVIStep", "History", "TrainingDiverged", "TrainingInterrupted", "kl_warmup_schedule",
            "lr_factor_schedule", "latest_checkpoint", "load_checkpoint", "auto_kl_warmup"]
@@ -356,7 +357,7 @@ class SVIStep:
 
     def __init__(self, bnn: BNN, optimizer: torch.optim.Optimizer, grad_clip: Optional[float] = None):
         self.bnn, self.opt, self.grad_clip = bnn, optimizer, grad_clip
-        self.elbo = TraceMeanField_ELBO()
+        self.elbo = MeanFieldELBO()
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         self._validated = False
 
