@@ -34,7 +34,9 @@ from pyrobnn.guides.base import FlatGaussianGuide
 from pyrobnn.guides.hyper import HyperMeanField, mean_field_like
 from pyrobnn.guides.mean_field import MeanField
 
-from .fit import History, TrainingDiverged, _Batches, lr_factor_schedule
+from .batches import Batches
+from .loop import History, Loop, OnRecord, Progress, check_finite, make_optimizer
+from .schedules import LRFactor, lr_factor_schedule
 
 __all__ = ["complexity_weight", "sample_lams", "complexity_loss", "fit_complexity", "with_guide", "prune",
            "pruning_curve", "removable_fraction"]
@@ -110,9 +112,6 @@ def complexity_loss(bnn: BNN, x, y, lams: Iterable[float], elbo=None) -> torch.T
     return torch.stack(losses).mean()
 
 
-_OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
-
-
 def fit_complexity(bnn: BNN, train, epochs: int, lr: float = 1e-3, *, lams_per_batch: int = 5,
                    lam_distribution: str = "uniform", stratified: bool = False, batch_size: int = 128,
                    optimizer: Union[str, Callable] = "adam", optimizer_kwargs: Optional[dict] = None,
@@ -143,7 +142,7 @@ def fit_complexity(bnn: BNN, train, epochs: int, lr: float = 1e-3, *, lams_per_b
     if seed is not None:
         pyro.set_rng_seed(seed)
     lam_gen = torch.Generator().manual_seed(0 if seed is None else int(seed))
-    data = _Batches(train, batch_size, seed or 0)
+    data = Batches(train, batch_size, seed or 0)
     n = data.dataset_size
     if bnn.dataset_size is None:
         bnn.dataset_size = n
@@ -152,56 +151,46 @@ def fit_complexity(bnn: BNN, train, epochs: int, lr: float = 1e-3, *, lams_per_b
     x0, _ = data.first()
     bnn.initialize(x0)
     params = [p for p in bnn.parameters() if p.requires_grad]
-    if isinstance(optimizer, str):
-        if optimizer.lower() not in _OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {optimizer!r}; known: {', '.join(_OPTIMIZERS)}")
-        opt = _OPTIMIZERS[optimizer.lower()](params, lr=lr, **(optimizer_kwargs or {}))
-    else:
-        opt = optimizer(params)
-    lr_of = lr_factor_schedule(lr_schedule, epochs)
-    elbo = TraceMeanField_ELBO()
-    steps_per_epoch = len(data)
-    history = History()
-    tqdm = None
-    if progress:
-        try:
-            from tqdm.auto import tqdm
-        except ImportError:  # pragma: no cover
-            tqdm = None
-    bnn.train()
-    for epoch in range(epochs):
-        t0 = time.perf_counter()
-        total, count = 0.0, 0
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{epochs}", leave=False) if tqdm else None
-        for step, (xb, yb) in enumerate(data.epoch(epoch)):
-            factor = lr_of(epoch + step / steps_per_epoch)
-            for g in opt.param_groups:
-                g["lr"] = lr * factor
-            lams = sample_lams(guide.lam_range, lams_per_batch, lam_distribution, stratified, lam_gen)
-            loss = complexity_loss(bnn, xb, yb, lams, elbo)
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(f"the λ-averaged loss became {loss.item()} at epoch {epoch + 1}, step "
-                                       f"{step + 1} (λ = {lams}); parameters are those of the previous step. "
-                                       "Lower the learning rate or the initial scale.")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(params, grad_clip)
-            opt.step()
-            total += loss.item()
-            count += 1
-            if bar is not None:
-                bar.update(1)
-        if bar is not None:
-            bar.close()
-        record = {"epoch": epoch + 1, "loss": total / max(count, 1),
-                  "elbo_per_datum": -total / max(count, 1) / bnn.dataset_size,
-                  "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
-        history.records.append(record)
-        if any(cb(bnn, record) for cb in callbacks):
-            break
+    opt = make_optimizer(optimizer, params, lr, optimizer_kwargs)
+    step = LambdaSweepStep(bnn, opt, params, lams_per_batch, lam_distribution, stratified, lam_gen, grad_clip)
+
+    def summarize(loop):
+        total, count = loop.sums.get("loss", 0.0), loop.count
+        return {"epoch": loop.position.epoch + 1, "loss": total / max(count, 1),
+                "elbo_per_datum": -total / max(count, 1) / bnn.dataset_size,
+                "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - loop.epoch_started}
+
+    history = Loop(step, data, epochs=epochs, model=bnn,
+                   schedules=[LRFactor(opt, lr, lr_factor_schedule(lr_schedule, epochs))],
+                   callbacks=[OnRecord(cb, bnn) for cb in callbacks], summarize=summarize,
+                   progress=Progress(dynamic_ncols=False) if progress else None).run()
     bnn.eval()
     return history
+
+
+class LambdaSweepStep:
+    """One step of :func:`fit_complexity`: draw ``lams_per_batch`` values of λ over the guide's Λ,
+    descend the mean of their negative generalised ELBOs on the minibatch (the NaN guard first)."""
+
+    def __init__(self, bnn: BNN, optimizer, params, lams_per_batch: int, distribution: str, stratified: bool,
+                 generator: torch.Generator, grad_clip: Optional[float] = None):
+        self.bnn, self.opt, self.params = bnn, optimizer, params
+        self.guide = _hyper_guide(bnn)
+        self.lams_per_batch, self.distribution, self.stratified = lams_per_batch, distribution, stratified
+        self.generator, self.grad_clip = generator, grad_clip
+        self.elbo = TraceMeanField_ELBO()
+
+    def __call__(self, x, y):
+        lams = sample_lams(self.guide.lam_range, self.lams_per_batch, self.distribution, self.stratified,
+                           self.generator)
+        loss = complexity_loss(self.bnn, x, y, lams, self.elbo)
+        check_finite(loss, f"the λ-averaged loss (λ = {lams})")
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+        self.opt.step()
+        return loss.detach()
 
 
 # -- fixed guides inside a BNN -------------------------------------------------------------------------

@@ -32,7 +32,7 @@ WORKER = textwrap.dedent(r'''
     from pyrobnn.inference import DataParallel, fit_distributed, sample, sample_chains, chain_seed
     from pyrobnn.io import write_state
 
-    fit_module = sys.modules["pyrobnn.inference.fit"]   # the module (pyrobnn.inference.fit is the function)
+    fit_module = sys.modules["pyrobnn.inference.checkpoint"]   # where the loop writes checkpoints
     out = sys.argv[1]
     N, EPOCHS, LR, SEED = {N}, {EPOCHS}, {LR}, {SEED}
     dp = DataParallel.from_env(seed=SEED, noise="shared")
