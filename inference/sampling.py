@@ -34,6 +34,8 @@ from pyrobnn.diagnostics import PRECISION_SITE as _PRECISION
 from pyrobnn.diagnostics import mcmc_sample_stats, outputs_under_draws, per_draw_log_prob
 from pyrobnn.io import bnn_from_spec, read_state, write_state
 
+from .batches import ShuffledBatches, Stream
+from .loop import Loop, Progress
 from .sgld import PSGLD, SGLD
 
 __all__ = ["sample", "SamplePosterior"]
@@ -45,29 +47,6 @@ _DEFAULT_STEP = {"sgld": 1e-5, "psgld": 1e-3}
 # ----------------------------------------------------------------------------------------------------
 # data
 # ----------------------------------------------------------------------------------------------------
-class _TensorBatches:
-    """Shuffled minibatches of (x, y) without replacement within an epoch, reproducible via ``generator``."""
-
-    def __init__(self, x, y, batch_size, generator):
-        x = inputs.as_inputs(x)
-        n = inputs.batch_size(x)
-        if n != y.shape[0]:
-            raise ValueError(f"x has {n} examples but y has {y.shape[0]}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        self.x, self.y, self.n, self.batch_size = x, y, n, min(batch_size, n)
-        self.generator = generator
-
-    def __len__(self):
-        return self.n // self.batch_size
-
-    def __iter__(self):
-        perm = torch.randperm(self.n, generator=self.generator)
-        for i in range(len(self)):
-            idx = perm[i * self.batch_size:(i + 1) * self.batch_size]
-            yield inputs.index(self.x, idx), self.y[idx]
-
-
 def _forever(batches):
     epoch = 0
     while True:
@@ -321,7 +300,7 @@ def sample(bnn: BNN, data: Union[Tuple[torch.Tensor, torch.Tensor], Iterable], k
     if isinstance(data, (tuple, list)) and len(data) == 2 and inputs.is_inputs(data[0]) \
             and isinstance(data[1], torch.Tensor):
         x_y = (data[0], torch.as_tensor(data[1]))
-        batches = _TensorBatches(x_y[0], x_y[1], batch_size, generator)
+        batches = ShuffledBatches(inputs.as_inputs(x_y[0]), x_y[1], batch_size, generator)
     elif hasattr(data, "__iter__"):
         batches = data
     else:
@@ -373,66 +352,84 @@ def _make_kernel(bnn, kernel, step_size, kernel_kwargs) -> SGLD:
     return _KERNELS[name](bnn.model, _DEFAULT_STEP[name] if step_size is None else step_size, **kernel_kwargs)
 
 
+class SGLDStep:
+    """One update of an SG-MCMC kernel (set up, with its state in ``params``) on a minibatch."""
+
+    def __init__(self, kernel: SGLD, params: Dict[str, torch.Tensor]):
+        self.kernel, self.params = kernel, params
+
+    def __call__(self, x, y):
+        self.params = self.kernel.step(self.params, x, y)
+
+
+class _DrawKeeper:
+    """After each update: keep the state every ``thin`` updates after ``warmup_steps`` (outside a cyclical
+    schedule's exploration stage), with its sampler statistics and outputs on ``eval_x``; halve the kept
+    set and double the thinning beyond ``max_draws``; mark a kept draw diverging when the update after
+    it was not finite."""
+
+    def __init__(self, bnn, step: SGLDStep, kept, warmup_steps, thin, max_draws, store_dtype, eval_x):
+        self.bnn, self.step, self.kept = bnn, step, kept
+        self.inv = {n: t for n, t in step.kernel._sites}
+        self.warmup_steps, self.every, self.max_draws = warmup_steps, thin, max_draws
+        self.store_dtype, self.eval_x = store_dtype, eval_x
+        self.out = {"draws": {n: [] for n in kept},
+                    "stats": {"potential_energy": [], "step_size": [], "diverging": []}, "eval": []}
+        self.since = 0
+        self.recorded_at = -2
+
+    def on_step_end(self, loop, position, logs):
+        k, params, out, inv = self.step.kernel, self.step.params, self.out, self.inv
+        t = position.global_step
+        if not math.isfinite(k._last_potential) and self.recorded_at == t - 1:
+            out["stats"]["diverging"][-1] = True   # the draw kept after the last update was that state
+        if t < self.warmup_steps:
+            return
+        self.since += 1
+        if self.since < self.every:
+            return
+        self.since = 0
+        if k.schedule.is_exploring(k._t - 1):
+            return
+        store_dtype = self.store_dtype
+        for n in self.kept:
+            v = params[n].detach()
+            v = v if inv[n] is None else inv[n](v)
+            out["draws"][n].append(v.to(store_dtype, copy=True) if store_dtype is not None else v.clone())
+        out["stats"]["potential_energy"].append(k._last_potential)
+        out["stats"]["step_size"].append(k._last_step_size)
+        out["stats"]["diverging"].append(False)
+        self.recorded_at = t
+        if self.eval_x is not None:
+            draw = {n: (params[n] if inv[n] is None else inv[n](params[n])).detach() for n in inv}
+            with torch.no_grad():
+                out["eval"].append(outputs_under_draws(self.bnn, {n: v[None] for n, v in draw.items()},
+                                                       self.eval_x)[0])
+        count = len(out["stats"]["step_size"])
+        if self.max_draws is not None and count > self.max_draws:
+            # keep every second draw counting back from the newest, so that with the doubled
+            # thinning the next draw continues the same even spacing
+            start = (count - 1) % 2
+            for n in self.kept:
+                out["draws"][n] = out["draws"][n][start::2]
+            for key in out["stats"]:
+                out["stats"][key] = out["stats"][key][start::2]
+            out["eval"] = out["eval"][start::2]
+            self.every *= 2
+
+
 def _run_chain(bnn, k: SGLD, stream, num_samples, warmup_steps, thin, max_draws, patterns, store_dtype, eval_x,
                progress, chain_id):
     xb, yb = next(stream)
     k.setup(0, xb, yb)
-    params = k.initial_params
     kept = [n for n, _ in k._sites if patterns is None or any(fnmatch.fnmatchcase(n, p) for p in patterns)]
     if not kept:
         raise ValueError(f"keep_sites {patterns} match no site of {[n for n, _ in k._sites]}")
-    inv = {n: t for n, t in k._sites}
-    out = {"draws": {n: [] for n in kept}, "stats": {"potential_energy": [], "step_size": [], "diverging": []},
-           "eval": []}
-    every = thin
-    total = warmup_steps + num_samples * thin
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=total, desc=f"chain {chain_id}", leave=False)
-    since = 0
-    recorded_at = -2
+    step = SGLDStep(k, k.initial_params)
+    keeper = _DrawKeeper(bnn, step, kept, warmup_steps, thin, max_draws, store_dtype, eval_x)
+    bar = Progress(desc=lambda e, n: f"chain {chain_id}", dynamic_ncols=False) if progress else None
     try:
-        for t in range(total):
-            xb, yb = next(stream)
-            params = k.step(params, xb, yb)
-            if not math.isfinite(k._last_potential) and recorded_at == t - 1:
-                out["stats"]["diverging"][-1] = True   # the draw kept after the last update was that state
-            if bar is not None:
-                bar.update(1)
-            if t < warmup_steps:
-                continue
-            since += 1
-            if since < every:
-                continue
-            since = 0
-            if k.schedule.is_exploring(k._t - 1):
-                continue
-            for n in kept:
-                v = params[n].detach()
-                v = v if inv[n] is None else inv[n](v)
-                out["draws"][n].append(v.to(store_dtype, copy=True) if store_dtype is not None else v.clone())
-            out["stats"]["potential_energy"].append(k._last_potential)
-            out["stats"]["step_size"].append(k._last_step_size)
-            out["stats"]["diverging"].append(False)
-            recorded_at = t
-            if eval_x is not None:
-                draw = {n: (params[n] if inv[n] is None else inv[n](params[n])).detach() for n in inv}
-                with torch.no_grad():
-                    out["eval"].append(outputs_under_draws(bnn, {n: v[None] for n, v in draw.items()}, eval_x)[0])
-            count = len(out["stats"]["step_size"])
-            if max_draws is not None and count > max_draws:
-                # keep every second draw counting back from the newest, so that with the doubled
-                # thinning the next draw continues the same even spacing
-                start = (count - 1) % 2
-                for n in kept:
-                    out["draws"][n] = out["draws"][n][start::2]
-                for key in out["stats"]:
-                    out["stats"][key] = out["stats"][key][start::2]
-                out["eval"] = out["eval"][start::2]
-                every *= 2
+        Loop(step, Stream(stream, warmup_steps + num_samples * thin), callbacks=[keeper], progress=bar).run()
     finally:
-        if bar is not None:
-            bar.close()
         k.cleanup()
-    return out
+    return keeper.out
