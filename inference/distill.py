@@ -77,6 +77,10 @@ from pyrobnn import inputs as _inputs
 from pyrobnn.bnn import BNN
 from pyrobnn.io import read_state, write_state
 
+from .batches import Stream
+from .loop import Loop, Progress, check_finite
+from .schedules import LRFactor
+
 __all__ = ["distill", "distillation_loss", "DistillRecord", "Teacher", "SGLDChain", "MCDropout", "Deterministic",
            "SampleTeacher", "GuideTeacher", "as_teacher", "Adversarial", "Discriminator", "evaluate_distillation",
            "train_deterministic", "save_student", "load_student", "student_predictive"]
@@ -978,93 +982,114 @@ def distill(teacher, student: nn.Module, inputs, *, task: Optional[str] = None, 
     cached = _cache_targets(t, stream.x, num_samples, temperature) if cache_teacher else None
     if t.online and hasattr(t, "burn"):
         t.burn()
-    disc = d_opt = None
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=steps, desc="distill", leave=False)
-    sums: Dict[str, float] = {}
-    count = 0
+    step = DistillStep(t, student, opt, task, temperature=temperature, num_samples=num_samples,
+                       input_noise=input_noise, generator=generator, cached=cached, hidden=(hidden_t, hidden_s),
+                       label_weight=label_weight, adversarial=adv, grad_clip=grad_clip, teacher_steps=teacher_steps)
+
+    def summarize(loop):
+        return {"step": loop.position.global_step + 1, **{k: v / loop.count for k, v in loop.sums.items()},
+                "teacher_updates": getattr(t, "updates", 0), "teacher_state_bytes": t.state_bytes(),
+                "seconds": time.perf_counter() - t0}
+
+    bar = Progress(desc=lambda e, n: "distill", postfix=lambda loop: {"loss": f"{loop.history[-1]['loss']:.4g}"},
+                   postfix_every=None, dynamic_ncols=False) if progress else None
     was_training = student.training
-    student.train()
     try:
-        for step in range(1, steps + 1):
-            for _ in range(teacher_steps if t.online else 0):
-                t.advance()
-            idx, xb, yb = next(stream)
-            if input_noise > 0:
-                xb = _inputs.map_leaves(xb, lambda v: v + input_noise * torch.randn(
-                    v.shape, generator=generator, dtype=v.dtype) if v.is_floating_point() else v)
-            if cached is not None:
-                target, th = _index_target(cached, idx, task), None
-            else:
-                with torch.no_grad():
-                    d = t.draws(xb, num_samples, hidden_t)
-                    target, th = _aggregate(d, task, temperature), d.hidden
-            for g in opt.param_groups:
-                g["lr"] = lr * _lr_factor(lr_schedule, step - 1, steps)
-            with _capture(hidden_s) as store:
-                out = _inputs.call(student, xb)
-            loss = _loss_to_target(target, out, task, temperature).mean()
-            total = loss
-            logs = {"loss": loss.item()}
-            if label_weight > 0:
-                if yb is None:
-                    raise ValueError("label_weight > 0 but a batch came without labels")
-                lab = _label_loss(out, yb, task)
-                total = total + label_weight * lab
-                logs["label_loss"] = lab.item()
-            if adv is not None:
-                sh = store[0] if store else None
-                ft, fs = _adv_features(target, out, task, temperature, None if th is None else (th, sh))
-                if disc is None:
-                    disc = Discriminator(ft.shape[-1], adv.width, adv.spectral_norm)
-                    d_opt = torch.optim.Adam(disc.parameters(), lr=adv.lr, betas=(0.5, 0.999))
-                ones = torch.full((ft.shape[0],), 1.0 - adv.label_smoothing)
-                zeros = torch.zeros(fs.shape[0])
-                for _ in range(adv.d_steps):
-                    d_loss = F.binary_cross_entropy_with_logits(disc(ft.detach()), ones) + \
-                        F.binary_cross_entropy_with_logits(disc(fs.detach()), zeros)
-                    d_opt.zero_grad(set_to_none=True)
-                    d_loss.backward()
-                    d_opt.step()
-                for p in disc.parameters():
-                    p.requires_grad_(False)
-                g_loss = F.binary_cross_entropy_with_logits(disc(fs), torch.ones(fs.shape[0]))
-                for p in disc.parameters():
-                    p.requires_grad_(True)
-                total = total + adv.weight * g_loss
-                logs["d_loss"], logs["g_loss"] = d_loss.item(), g_loss.item()
-            if not torch.isfinite(total):
-                raise FloatingPointError(f"the distillation loss became {total.item()} at step {step}")
-            opt.zero_grad(set_to_none=True)
-            total.backward()
-            if grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(params, grad_clip)
-            opt.step()
-            for k, v in logs.items():
-                sums[k] = sums.get(k, 0.0) + v
-            count += 1
-            if step % log_every == 0 or step == steps:
-                rec = {"step": step, **{k: v / count for k, v in sums.items()},
-                       "teacher_updates": getattr(t, "updates", 0), "teacher_state_bytes": t.state_bytes(),
-                       "seconds": time.perf_counter() - t0}
-                record.records.append(rec)
-                sums, count = {}, 0
-                if bar is not None:
-                    bar.set_postfix(loss=f"{rec['loss']:.4g}")
-            if bar is not None:
-                bar.update(1)
-            for cb in callbacks:
-                cb(step, t, student, record)
+        Loop(step, Stream(stream, steps), model=student,
+             schedules=[LRFactor(opt, lr, lambda k: _lr_factor(lr_schedule, k, steps), per="step")],
+             callbacks=[_OnStep(cb, t, student, record) for cb in callbacks], summarize=summarize,
+             record_every=log_every, progress=bar, history=record, diverged_at="step").run()
     finally:
-        if bar is not None:
-            bar.close()
         student.train(was_training)
     student.eval()
     record.seconds = time.perf_counter() - t0
-    record.discriminator = disc
+    record.discriminator = step.disc
     return student, record
+
+
+class _OnStep:
+    """``cb(step, teacher, student, record)`` after every student step (``step`` counts from 1)."""
+
+    def __init__(self, cb, teacher, student, record):
+        self.cb, self.teacher, self.student, self.record = cb, teacher, student, record
+
+    def on_step_end(self, loop, position, logs):
+        self.cb(position.global_step + 1, self.teacher, self.student, self.record)
+
+
+class DistillStep:
+    """One student update of :func:`distill`: advance a running teacher (``begin``, before the batch is
+    drawn), perturb the batch (``input_noise``), the teacher's predictive on it (cached or fresh), the
+    student's divergence to it plus the label and adversarial terms, the NaN guard, one optimiser step.
+    Returns the logged numbers (``loss``, ``label_loss``, ``d_loss``, ``g_loss``)."""
+
+    def __init__(self, teacher: Teacher, student: nn.Module, optimizer, task: str, *, temperature: float,
+                 num_samples: Optional[int], input_noise: float, generator: torch.Generator, cached=None,
+                 hidden=(None, None), label_weight: float = 0.0, adversarial: Optional[Adversarial] = None,
+                 grad_clip: Optional[float] = None, teacher_steps: int = 1):
+        self.teacher, self.student, self.opt, self.task = teacher, student, optimizer, task
+        self.params = [p for g in optimizer.param_groups for p in g["params"]]
+        self.temperature, self.num_samples, self.input_noise = temperature, num_samples, input_noise
+        self.generator, self.cached, (self.hidden_t, self.hidden_s) = generator, cached, hidden
+        self.label_weight, self.adv, self.grad_clip = label_weight, adversarial, grad_clip
+        self.teacher_steps = teacher_steps
+        self.disc = self.d_opt = None
+
+    def begin(self, position):
+        for _ in range(self.teacher_steps if self.teacher.online else 0):
+            self.teacher.advance()
+
+    def __call__(self, idx, xb, yb):
+        t, task, temperature, adv = self.teacher, self.task, self.temperature, self.adv
+        if self.input_noise > 0:
+            xb = _inputs.map_leaves(xb, lambda v: v + self.input_noise * torch.randn(
+                v.shape, generator=self.generator, dtype=v.dtype) if v.is_floating_point() else v)
+        if self.cached is not None:
+            target, th = _index_target(self.cached, idx, task), None
+        else:
+            with torch.no_grad():
+                d = t.draws(xb, self.num_samples, self.hidden_t)
+                target, th = _aggregate(d, task, temperature), d.hidden
+        with _capture(self.hidden_s) as store:
+            out = _inputs.call(self.student, xb)
+        loss = _loss_to_target(target, out, task, temperature).mean()
+        total = loss
+        logs = {"loss": loss.item()}
+        if self.label_weight > 0:
+            if yb is None:
+                raise ValueError("label_weight > 0 but a batch came without labels")
+            lab = _label_loss(out, yb, task)
+            total = total + self.label_weight * lab
+            logs["label_loss"] = lab.item()
+        if adv is not None:
+            sh = store[0] if store else None
+            ft, fs = _adv_features(target, out, task, temperature, None if th is None else (th, sh))
+            if self.disc is None:
+                self.disc = Discriminator(ft.shape[-1], adv.width, adv.spectral_norm)
+                self.d_opt = torch.optim.Adam(self.disc.parameters(), lr=adv.lr, betas=(0.5, 0.999))
+            disc = self.disc
+            ones = torch.full((ft.shape[0],), 1.0 - adv.label_smoothing)
+            zeros = torch.zeros(fs.shape[0])
+            for _ in range(adv.d_steps):
+                d_loss = F.binary_cross_entropy_with_logits(disc(ft.detach()), ones) + \
+                    F.binary_cross_entropy_with_logits(disc(fs.detach()), zeros)
+                self.d_opt.zero_grad(set_to_none=True)
+                d_loss.backward()
+                self.d_opt.step()
+            for p in disc.parameters():
+                p.requires_grad_(False)
+            g_loss = F.binary_cross_entropy_with_logits(disc(fs), torch.ones(fs.shape[0]))
+            for p in disc.parameters():
+                p.requires_grad_(True)
+            total = total + adv.weight * g_loss
+            logs["d_loss"], logs["g_loss"] = d_loss.item(), g_loss.item()
+        check_finite(total, "the distillation loss")
+        self.opt.zero_grad(set_to_none=True)
+        total.backward()
+        if self.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+        self.opt.step()
+        return logs
 
 
 # ----------------------------------------------------------------------------------------------------
