@@ -95,8 +95,9 @@ import torch.nn.functional as F
 import pyrobnn
 from pyrobnn import sparsity
 from pyrobnn.data import ArrayLoader, load_fashion_mnist, load_mnist5k
-from pyrobnn.inference import fit
-from pyrobnn.inference.fit import lr_factor_schedule
+from pyrobnn.inference import History, fit
+from pyrobnn.inference import train_deterministic as train_baseline
+from pyrobnn.inference.schedules import lr_factor_schedule
 from pyrobnn.io import flatten_state, read_state, unflatten_state, write_state
 from pyrobnn.models import build
 
@@ -283,43 +284,48 @@ def _error(net, x, y, batch=2000):
 
 
 # -- deterministic baseline ----------------------------------------------------------------------------------
+class _DetCheckpoint:
+    """The baseline's checkpoint: one file rewritten after every epoch (net, optimiser, RNG, history)."""
+
+    def __init__(self, path: Path, net, opt):
+        self.path, self.net, self.opt = path, net, opt
+
+    def prepare(self):
+        pass
+
+    def save(self, history, epoch, step, data_seed=None):
+        skel, tensors = flatten_state({"optimizer": self.opt.state_dict()}, prefix="opt")
+        tensors.update({f"net.{k}": v for k, v in self.net.state_dict().items()})
+        tensors["rng"] = torch.get_rng_state()
+        write_state(self.path, tensors, {"opt": skel, "history": history.records, "epoch": epoch})
+        return self.path
+
+    def restore(self, history, batches):
+        if not self.path.exists():
+            return None
+        tensors, meta = read_state(self.path)
+        self.net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
+        self.opt.load_state_dict(unflatten_state(meta["opt"], tensors)["optimizer"])
+        torch.set_rng_state(tensors["rng"])
+        history.records = list(meta["history"])
+        print(f"resumed at epoch {meta['epoch']}", flush=True)
+        return self.path, int(meta["epoch"]), 0
+
+
 def train_deterministic(a, out_dir: Path):
     torch.manual_seed(a.seed)
     x_tr, y_tr, x_te, y_te = _data(a)
     net = build(a.model)
-    opt = torch.optim.Adam(net.parameters(), lr=a.lr)
-    loader = ArrayLoader(x_tr, y_tr, batch_size=a.batch_size, seed=a.seed)
-    lr_of = lr_factor_schedule(("linear-decay", a.epochs * a.decay_start), a.epochs)
-    ckpt = out_dir / "det-ckpt.safetensors"
-    history, start = [], 0
-    if ckpt.exists():
-        tensors, meta = read_state(ckpt)
-        net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
-        opt.load_state_dict(unflatten_state(meta["opt"], tensors)["optimizer"])
-        torch.set_rng_state(tensors["rng"])
-        history, start = meta["history"], meta["epoch"]
-        print(f"resumed at epoch {start}", flush=True)
-    steps = len(loader)
-    for epoch in range(start, a.epochs):
-        net.train()
-        loader.set_epoch(epoch)
-        t0, total = time.perf_counter(), 0.0
-        for step, (xb, yb) in enumerate(loader.batches()):
-            for g in opt.param_groups:
-                g["lr"] = a.lr * lr_of(epoch + step / steps)
-            loss = F.cross_entropy(net(xb), yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.item()
-        rec = {"epoch": epoch + 1, "loss": total / steps, "seconds": time.perf_counter() - t0,
-               "test_error": _error(net, x_te, y_te)}
-        history.append(rec)
+    history = History()
+
+    def on_epoch(net, rec):
+        rec["test_error"] = _error(net, x_te, y_te)
         print(json.dumps(rec), flush=True)
-        skel, tensors = flatten_state({"optimizer": opt.state_dict()}, prefix="opt")
-        tensors.update({f"net.{k}": v for k, v in net.state_dict().items()})
-        tensors["rng"] = torch.get_rng_state()
-        write_state(ckpt, tensors, {"opt": skel, "history": history, "epoch": epoch + 1})
+
+    train_baseline(net, ArrayLoader(x_tr, y_tr, batch_size=a.batch_size, seed=a.seed), epochs=a.epochs, lr=a.lr,
+                   lr_schedule=("linear-decay", a.epochs * a.decay_start), callbacks=[on_epoch], history=history,
+                   checkpoints=lambda net, opt: _DetCheckpoint(out_dir / "det-ckpt.safetensors", net, opt), resume=True)
+    history = history.records
     n_weights = sum(m.weight.numel() for m in net.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)))
     return net, {"test_error": history[-1]["test_error"], "train_seconds": sum(r["seconds"] for r in history),
                  "compression": 1.0, "weights": n_weights, "weights_kept": n_weights, "history": history}

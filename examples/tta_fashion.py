@@ -27,25 +27,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import time
 
 import torch
-import torch.nn.functional as F
 
 import pyrobnn
 import pyrobnn.models as models
 from pyrobnn.data import load_fashion_mnist
 from pyrobnn.inference import fit
+from pyrobnn.inference import train_deterministic as train_baseline
 from pyrobnn.inference.tta import (AugmentedLoader, Draws, Policy, default_policy, embeddings, evaluate_tta,
                                    greedy_policy_search, linear_probe, sample_pool, tta_predict)
 from pyrobnn.io import flatten_state, read_state, unflatten_state, write_state
-
-
-def _lr_factor(schedule, epochs, e):
-    """Learning-rate multiplier at fractional epoch ``e``: 1 or ½(1 + cos(π e/E))."""
-    return 0.5 * (1 + math.cos(math.pi * e / epochs)) if schedule == "cosine" else 1.0
 
 
 @torch.no_grad()
@@ -55,41 +49,47 @@ def _accuracy(net, x, y, chunk=1000):
     return correct / len(x)
 
 
-def train_deterministic(net, loader, epochs, lr, seed, schedule=None, checkpoint=None, val=None, tag=""):
-    """Adam on cross-entropy for ``epochs`` epochs; with ``checkpoint`` (a path) the net and optimiser
-    state are written atomically after every epoch and a re-run resumes from the last one (the loader's
-    order and augmentations depend only on (seed, epoch, batch), so the resumed run is the same run)."""
-    torch.manual_seed(seed)
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
-    start = 0
-    if checkpoint and os.path.exists(checkpoint):
-        tensors, meta = read_state(checkpoint)
-        net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
-        opt.load_state_dict(unflatten_state(meta["state"], tensors))
+class _EpochCheckpoint:
+    """One file, rewritten after every epoch: the net and the optimiser state."""
+
+    def __init__(self, path, net, opt, tag):
+        self.path, self.net, self.opt, self.tag = path, net, opt, tag
+
+    def prepare(self):
+        pass
+
+    def save(self, history, epoch, step, data_seed=None):
+        skel, tensors = flatten_state(self.opt.state_dict(), prefix="opt")
+        tensors.update({f"net.{k}": v for k, v in self.net.state_dict().items()})
+        write_state(self.path, tensors, {"kind": "tta-deterministic", "epoch": epoch, "state": skel})
+        return self.path
+
+    def restore(self, history, batches):
+        if not os.path.exists(self.path):
+            return None
+        tensors, meta = read_state(self.path)
+        self.net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
+        self.opt.load_state_dict(unflatten_state(meta["state"], tensors))
         start = int(meta["epoch"])
-        print(f"  {tag} resumed at epoch {start} from {checkpoint}", flush=True)
-    steps = len(loader)
-    for e in range(start, epochs):
-        net.train()
-        loader.set_epoch(e)
-        t, total = time.time(), 0.0
-        for b, (xb, yb) in enumerate(loader.batches()):
-            for g in opt.param_groups:
-                g["lr"] = lr * _lr_factor(schedule, epochs, e + b / steps)
-            loss = F.cross_entropy(net(xb), yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.item()
-        msg = f"  {tag} epoch {e + 1}/{epochs} loss {total / steps:.4f} ({time.time() - t:.0f}s)"
+        print(f"  {self.tag} resumed at epoch {start} from {self.path}", flush=True)
+        return self.path, start, 0
+
+
+def train_deterministic(net, loader, epochs, lr, seed, schedule=None, checkpoint=None, val=None, tag=""):
+    """Adam on cross-entropy for ``epochs`` epochs (:func:`pyrobnn.inference.train_deterministic`); with
+    ``checkpoint`` (a path) the net and optimiser state are written atomically after every epoch and a
+    re-run resumes from the last one (the loader's order and augmentations depend only on (seed, epoch,
+    batch), so the resumed run is the same run)."""
+
+    def report(net, rec):
+        msg = f"  {tag} epoch {rec['epoch']}/{epochs} loss {rec['loss']:.4f} ({rec['seconds']:.0f}s)"
         if val is not None:
             msg += f" val acc {_accuracy(net, *val):.4f}"
         print(msg, flush=True)
-        if checkpoint:
-            skel, tensors = flatten_state(opt.state_dict(), prefix="opt")
-            tensors.update({f"net.{k}": v for k, v in net.state_dict().items()})
-            write_state(checkpoint, tensors, {"kind": "tta-deterministic", "epoch": e + 1, "state": skel})
-    return net.eval()
+
+    store = (lambda net, opt: _EpochCheckpoint(checkpoint, net, opt, tag)) if checkpoint else None
+    return train_baseline(net, loader, epochs=epochs, lr=lr, seed=seed, lr_schedule=schedule, callbacks=[report],
+                          checkpoints=store, resume=store is not None)
 
 
 def gen(seed):

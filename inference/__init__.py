@@ -13,7 +13,8 @@ from .sgld import PSGLD, SGLD, ConstantStepSize, CyclicalStepSize, PolynomialDec
 __all__ += ["SGLD", "PSGLD", "StepSize", "ConstantStepSize", "PolynomialDecay", "CyclicalStepSize", "sample",
             "SamplePosterior"]
 from .distill import (Adversarial, Deterministic, DistillRecord, MCDropout, SGLDChain, distill,  # noqa: E402
-                      distillation_loss, evaluate_distillation, load_student, save_student, train_deterministic)
+                      distillation_loss, evaluate_distillation, load_student, save_student)
+from .supervised import train_deterministic  # noqa: E402
 
 __all__ += ["distill", "distillation_loss", "DistillRecord", "SGLDChain", "MCDropout", "Deterministic", "Adversarial",
             "evaluate_distillation", "train_deterministic", "save_student", "load_student"]

@@ -80,6 +80,7 @@ from pyrobnn.io import read_state, write_state
 from .batches import Stream
 from .loop import Loop, Progress, check_finite
 from .schedules import LRFactor
+from .supervised import label_loss, train_deterministic  # noqa: F401  (train_deterministic: re-exported)
 
 __all__ = ["distill", "distillation_loss", "DistillRecord", "Teacher", "SGLDChain", "MCDropout", "Deterministic",
            "SampleTeacher", "GuideTeacher", "as_teacher", "Adversarial", "Discriminator", "evaluate_distillation",
@@ -852,16 +853,6 @@ def _index_target(target, idx, task):
     return target[idx] if task == "classification" else (target[0][idx], target[1][idx])
 
 
-def _label_loss(out, y, task):
-    if task == "classification":
-        if out.dim() == 1 or out.shape[-1] == 1:
-            return F.binary_cross_entropy_with_logits(out.reshape(-1), y.reshape(-1).to(out.dtype))
-        return F.cross_entropy(out, y.long())
-    D = out.shape[-1] // 2
-    mu, log_var = out[:, :D].reshape(y.shape), out[:, D:].reshape(y.shape)
-    return (0.5 * (log_var + (y - mu) ** 2 * torch.exp(-log_var) + math.log(2 * math.pi))).mean()
-
-
 def _lr_factor(schedule, step, total):
     if schedule is None:
         return 1.0
@@ -1058,7 +1049,7 @@ class DistillStep:
         if self.label_weight > 0:
             if yb is None:
                 raise ValueError("label_weight > 0 but a batch came without labels")
-            lab = _label_loss(out, yb, task)
+            lab = label_loss(out, yb, task)
             total = total + self.label_weight * lab
             logs["label_loss"] = lab.item()
         if adv is not None:
@@ -1114,34 +1105,6 @@ def student_predictive(student: nn.Module, x: torch.Tensor, task: str = "classif
     if D == 1:
         mean, log_var = mean.squeeze(-1), log_var.squeeze(-1)
     return mean, log_var.exp()
-
-
-def train_deterministic(net: nn.Module, x: torch.Tensor, y: torch.Tensor, *, task: str = "classification",
-                        epochs: int = 20, batch_size: int = 128, lr: float = 1e-3, weight_decay: float = 0.0,
-                        seed: Optional[int] = None) -> nn.Module:
-    """The deterministic baseline: train ``net`` on the labels with Adam (cross-entropy; regression:
-    Gaussian NLL of a ``[B, 2]`` mean / log-variance output). Trained in place, returned in eval mode."""
-    task = _check_task(task)
-    x = _inputs.as_inputs(x)
-    n = _inputs.batch_size(x)
-    if n != y.shape[0]:
-        raise ValueError(f"x has {n} examples but y has {y.shape[0]}")
-    g = torch.Generator().manual_seed(0 if seed is None else seed)
-    if seed is not None:
-        torch.manual_seed(seed)
-    opt = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=weight_decay)
-    net.train()
-    bs = min(batch_size, n)
-    for _ in range(epochs):
-        perm = torch.randperm(n, generator=g)
-        for i in range(0, n - bs + 1, bs):
-            idx = perm[i:i + bs]
-            loss = _label_loss(_inputs.call(net, _inputs.index(x, idx)), y[idx], task)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    net.eval()
-    return net
 
 
 def _classification_metrics(probs, y):

@@ -317,13 +317,11 @@ class Loop:
                 start_step = 0
                 if self.summarize is not None and not self.record_every:
                     record = self._make_record()
-                    if saving:
-                        self._save(epoch + 1, 0)
                     if self.progress is not None and self.progress.write_records and tqdm is not None:
                         shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in record.items()}
                         tqdm.write(" ".join(f"{k}={v}" for k, v in shown.items()))
                     stop = self._on_record(record)
-                elif saving:
+                if saving:  # after the callbacks: what they add to the record, and the RNG they drew, is saved
                     self._save(epoch + 1, 0)
                 if self.distributed is not None:
                     stop = self.distributed.any(stop)

@@ -54,34 +54,14 @@ def kl_schedule(kl_weight: float, ramp_epochs: float = 10.0):
     return lambda epoch: kl_weight * min(1.0, epoch / ramp_epochs)
 
 
-def train_deterministic(net, x, y, epochs, lr=1e-3, batch_size=64, seed=0, weight_decay=0.0):
-    """Plain maximum-likelihood training (Adam, cross-entropy) — the baseline a user would write.
-
-    :param x: ``[N, D]`` inputs; :param y: ``[N]`` integer labels. Returns ``net`` in eval mode.
-    """
-    import torch
-    from pyrobnn.data import ArrayLoader
-    torch.manual_seed(seed)
-    opt = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=weight_decay)
-    loader = ArrayLoader(x, y, batch_size=batch_size, seed=seed)
-    for epoch in range(epochs):
-        loader.set_epoch(epoch)
-        for xb, yb in loader:
-            loss = torch.nn.functional.cross_entropy(net(xb), yb)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return net.eval()
-
-
 def run(args):
     import pyro
     import torch
     import pyrobnn
     from pyrobnn import metrics
-    from pyrobnn.data import load_digits
+    from pyrobnn.data import ArrayLoader, load_digits
     from pyrobnn.guides import MeanField
-    from pyrobnn.inference import fit
+    from pyrobnn.inference import fit, train_deterministic
     from pyrobnn.models import build
 
     _check_args(args)
@@ -106,7 +86,8 @@ def run(args):
     p_bnn = bnn.predict(ds.x_test, num_samples=64)
     t0 = time.perf_counter()
     torch.manual_seed(args.seed)  # the baseline's initial weights do not depend on the Bayesian run
-    det = train_deterministic(build("mlp", **arch), ds.x_train, ds.y_train, args.epochs, seed=args.seed,
+    loader = ArrayLoader(ds.x_train, ds.y_train, batch_size=64, seed=args.seed)
+    det = train_deterministic(build("mlp", **arch), loader, epochs=args.epochs, lr=1e-3, seed=args.seed,
                               weight_decay=args.det_weight_decay)
     t_det = time.perf_counter() - t0
     with torch.no_grad():
