@@ -1,4 +1,4 @@
-"""Distillation (inference/distill.py) and the ``pyrobnn distill`` command."""
+"""Distillation (inference/distill/) and the ``pyrobnn distill`` command."""
 import copy
 import gc
 import json

@@ -1,0 +1,463 @@
+"""Teachers: every posterior predictive that :func:`~pyrobnn.inference.distill` can compress, behind
+one protocol (:class:`Teacher`): kept draws, a guide, a running SGLD chain, MC dropout, a fixed network.
+
+Hidden layers are read with forward hooks (:func:`_capture`; torch functions are never patched)."""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Dict, List, Optional, Tuple
+
+import pyro
+import pyro.poutine as poutine
+import torch
+import torch.nn as nn
+
+from pyrobnn import inputs as _inputs
+from pyrobnn.bnn import BNN
+
+from .loss import TeacherDraws, _binary_to_two_class, _check_task
+
+__all__ = ["Teacher", "SampleTeacher", "GuideTeacher", "MCDropout", "Deterministic", "SGLDChain", "as_teacher"]
+
+_PRECISION = "likelihood.precision"
+
+
+# ----------------------------------------------------------------------------------------------------
+# hidden-layer capture (forward hooks; never patches torch functions)
+# ----------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _capture(module: Optional[nn.Module]):
+    store: List[torch.Tensor] = []
+    if module is None:
+        yield store
+        return
+    handle = module.register_forward_hook(lambda m, i, o: store.append(o.reshape(o.shape[0], -1)))
+    try:
+        yield store
+    finally:
+        handle.remove()
+
+
+def _submodule(net: nn.Module, name: str, who: str) -> nn.Module:
+    try:
+        return net.get_submodule(name)
+    except AttributeError:
+        names = [n for n, _ in net.named_modules() if n]
+        raise ValueError(f"the {who} has no module {name!r}; its modules: {names}") from None
+
+
+class Teacher:
+    """The protocol every teacher follows.
+
+    :ivar task: ``"classification"`` or ``"regression"``.
+    :ivar online: True for a running chain (:meth:`advance` moves it; one draw at a time).
+    """
+    task: str = "classification"
+    online: bool = False
+
+    def draws(self, x: torch.Tensor, num_samples: Optional[int], hidden: Optional[str] = None) -> TeacherDraws:
+        """Outputs on ``x`` ``[B, ...]`` under ``num_samples`` draws (see :class:`TeacherDraws`)."""
+        raise NotImplementedError
+
+    def advance(self) -> None:
+        """Move a running teacher one update (no-op for a fixed posterior)."""
+
+    def state_bytes(self) -> int:
+        """Bytes of tensors a running teacher holds (constant for :class:`SGLDChain`)."""
+        return 0
+
+    @property
+    def stored_draws(self) -> int:
+        """How many posterior draws the teacher keeps in memory (0 for a running chain)."""
+        return 0
+
+    def network(self) -> nn.Module:
+        """The network whose hidden layers ``hidden=`` names refer to."""
+        raise NotImplementedError
+
+
+def _bnn_task(bnn: BNN) -> str:
+    return "regression" if bnn.likelihood.task == "regression" else "classification"
+
+
+def _bnn_logits(bnn: BNN, outs: torch.Tensor) -> torch.Tensor:
+    from pyrobnn.likelihoods import Bernoulli
+    if isinstance(bnn.likelihood, Bernoulli):
+        return _binary_to_two_class(bnn.likelihood._logit(outs))
+    return outs
+
+
+def _bnn_noise_var(bnn: BNN, precision: Optional[torch.Tensor], mean: torch.Tensor):
+    lik = bnn.likelihood
+    if precision is not None:
+        return precision.to(mean.dtype).reciprocal().reshape((-1,) + (1,) * (mean.dim() - 1))
+    if getattr(lik, "scale_mode", None) == "latent":
+        raise ValueError("the teacher's likelihood has a latent noise precision but no draws of it")
+    return (lik.sigma().detach().to(mean.dtype) ** 2)
+
+
+def _bnn_draws(bnn: BNN, outs: torch.Tensor, precision: Optional[torch.Tensor], hidden) -> TeacherDraws:
+    if _bnn_task(bnn) == "classification":
+        return TeacherDraws(logits=_bnn_logits(bnn, outs), hidden=hidden)
+    mean = bnn.likelihood._mean(outs)
+    return TeacherDraws(mean=mean, noise_var=_bnn_noise_var(bnn, precision, mean), hidden=hidden)
+
+
+def _hidden_mean(store: List[torch.Tensor], S: int, B: int) -> torch.Tensor:
+    h = torch.cat(store, 0)
+    if h.shape[0] != S * B:
+        raise ValueError(f"captured {h.shape[0]} rows of the hidden layer for {S} draws × {B} examples")
+    return h.reshape(S, B, -1).mean(0)
+
+
+class _NetUnder:
+    """Run a BNN's network with its latent sites fixed to one draw (no Pyro trace kept)."""
+
+    def __init__(self, bnn: BNN):
+        self.bnn = bnn
+
+    def __call__(self, draw: Dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        bnn = self.bnn
+        saved = getattr(bnn.likelihood, "_precision", None)
+        was_training = bnn.training
+        bnn.eval()
+        try:
+            with torch.no_grad(), poutine.block():
+                return poutine.condition(bnn._net_only, data=draw)(x)
+        finally:
+            bnn.train(was_training)
+            if hasattr(bnn.likelihood, "_precision"):
+                bnn.likelihood._precision = saved
+
+
+class SampleTeacher(Teacher):
+    """Kept posterior draws: a :class:`pyrobnn.inference.SamplePosterior` (or ``pyro.infer.MCMC`` via
+    :meth:`SamplePosterior.from_mcmc`). Each call uses ``num_samples`` draws picked at random without
+    replacement (all of them when None or larger), an unbiased estimate of the full ensemble's loss."""
+
+    def __init__(self, posterior, generator: Optional[torch.Generator] = None):
+        from ..sampling import SamplePosterior
+        if not isinstance(posterior, SamplePosterior):
+            raise TypeError(f"SampleTeacher needs a SamplePosterior, got {type(posterior).__name__}")
+        missing = posterior.missing_sites()
+        if missing:
+            raise ValueError(f"the posterior kept no draws of sites {missing}; it cannot teach")
+        self.posterior = posterior
+        self.bnn = posterior.bnn
+        self.task = _bnn_task(self.bnn)
+        self.flat = posterior.get_samples()
+        self.total = next(iter(self.flat.values())).shape[0]
+        self.generator = generator
+        self._net = _NetUnder(self.bnn)
+
+    @property
+    def stored_draws(self):
+        return self.total
+
+    def network(self):
+        return self.bnn.net
+
+    def draws(self, x, num_samples, hidden=None):
+        from pyrobnn.diagnostics import outputs_under_draws
+        if num_samples is None or num_samples >= self.total:
+            sel = self.flat
+        else:
+            idx = torch.randperm(self.total, generator=self.generator)[:num_samples]
+            sel = {k: v[idx] for k, v in self.flat.items()}
+        S = next(iter(sel.values())).shape[0]
+        dtype = torch.get_default_dtype()
+        h = None
+        if hidden is None:
+            outs = outputs_under_draws(self.bnn, sel, x)
+        else:   # hooks cannot see inside vmap: one forward per draw
+            with _capture(_submodule(self.bnn.net, hidden, "teacher")) as store:
+                outs = torch.stack([self._net({k: v[i].to(dtype) for k, v in sel.items() if k != _PRECISION}, x)
+                                    for i in range(S)])
+            h = _hidden_mean(store, S, _inputs.batch_size(x))
+        return _bnn_draws(self.bnn, outs, sel.get(_PRECISION), h)
+
+
+class GuideTeacher(Teacher):
+    """A :class:`pyrobnn.BNN` with its guide: draws from ``bnn.sample_outputs(x, S)``; a latent noise
+    precision is drawn from the guide alongside."""
+
+    def __init__(self, bnn: BNN):
+        if not isinstance(bnn, BNN):
+            raise TypeError(f"GuideTeacher needs a pyrobnn BNN, got {type(bnn).__name__}")
+        self.bnn = bnn
+        self.task = _bnn_task(bnn)
+
+    def network(self):
+        return self.bnn.net
+
+    def _precisions(self, x, S):
+        if getattr(self.bnn.likelihood, "scale_mode", None) != "latent":
+            return None
+        with torch.no_grad(), poutine.block():
+            return torch.stack([poutine.trace(self.bnn.autoguide).get_trace(_inputs.rows(x, 0, 1)).nodes[_PRECISION]["value"]
+                                for _ in range(S)])
+
+    def draws(self, x, num_samples, hidden=None):
+        S = 32 if num_samples is None else num_samples
+        module = None if hidden is None else _submodule(self.bnn.net, hidden, "teacher")
+        with _capture(module) as store:
+            outs = self.bnn.sample_outputs(x, S, max_rows=max(16384, S * _inputs.batch_size(x)))
+        h = _hidden_mean(store, S, _inputs.batch_size(x)) if hidden is not None else None
+        return _bnn_draws(self.bnn, outs, self._precisions(x, S), h)
+
+
+def _dropout_modules(net: nn.Module) -> List[nn.Module]:
+    return [m for m in net.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
+
+
+def _plain_draws(outs: torch.Tensor, task: str, noise_variance, hidden) -> TeacherDraws:
+    """Outputs of a plain network ``[S, B, ...]`` → draws. Regression: ``[S, B]``/``[S, B, 1]`` are
+    means (noise ``noise_variance``); ``[S, B, 2]`` are (mean, log-variance) per draw."""
+    if task == "classification":
+        if outs.dim() == 2 or (outs.dim() == 3 and outs.shape[-1] == 1):
+            outs = _binary_to_two_class(outs.reshape(outs.shape[:2]))
+        return TeacherDraws(logits=outs, hidden=hidden)
+    if outs.dim() == 3 and outs.shape[-1] == 2 and noise_variance is None:
+        return TeacherDraws(mean=outs[..., 0], noise_var=outs[..., 1].exp(), hidden=hidden)
+    mean = outs.squeeze(-1) if outs.dim() == 3 and outs.shape[-1] == 1 else outs
+    var = None if noise_variance is None else torch.as_tensor(float(noise_variance), dtype=mean.dtype)
+    return TeacherDraws(mean=mean, noise_var=var, hidden=hidden)
+
+
+class MCDropout(Teacher):
+    """A network with dropout as a posterior (Gal & Ghahramani 2016): S passes with dropout on and every
+    other layer in eval mode. The S passes run as one batched forward of the input repeated S times
+    (dropout masks are drawn per row, so each example's S rows are independent draws).
+
+    :param task: ``"classification"`` (logits ``[B, C]``, or one Bernoulli logit) or ``"regression"``
+        (``[B]``/``[B, 1]`` means with ``noise_variance``, or ``[B, 2]`` mean and log-variance).
+    :param noise_variance: regression: the homoscedastic noise variance (τ⁻¹ in Gal's notation).
+    """
+
+    def __init__(self, net: nn.Module, task: str = "classification", noise_variance: Optional[float] = None,
+                 max_rows: int = 65536):
+        if not isinstance(net, nn.Module):
+            raise TypeError(f"MCDropout needs a torch.nn.Module, got {type(net).__name__}")
+        if not _dropout_modules(net):
+            raise ValueError("the network has no dropout module; use Deterministic for a fixed network")
+        self.net, self.task, self.noise_variance = net, _check_task(task), noise_variance
+        self.max_rows = max_rows
+
+    def network(self):
+        return self.net
+
+    @contextlib.contextmanager
+    def _mode(self):
+        was = self.net.training
+        self.net.eval()
+        for m in _dropout_modules(self.net):
+            m.train()
+        try:
+            yield
+        finally:
+            self.net.train(was)
+
+    @torch.no_grad()
+    def sample(self, x, num_samples: int, hidden: Optional[str] = None):
+        """Raw outputs ``[S, B, ...]`` (and the hidden layer's ``[S, B, H]`` when asked)."""
+        S, B = num_samples, _inputs.batch_size(x)
+        module = None if hidden is None else _submodule(self.net, hidden, "teacher")
+        per = max(1, self.max_rows // B)
+        outs, hs = [], []
+        with self._mode():
+            for s0 in range(0, S, per):
+                n = min(per, S - s0)
+                with _capture(module) as store:
+                    o = _inputs.call(self.net, _inputs.repeat(x, n))
+                outs.append(o.reshape((n, B) + o.shape[1:]))
+                if store:
+                    hs.append(store[0].reshape(n, B, -1))
+        return torch.cat(outs, 0), (torch.cat(hs, 0) if hs else None)
+
+    def draws(self, x, num_samples, hidden=None):
+        outs, h = self.sample(x, 16 if num_samples is None else num_samples, hidden)
+        return _plain_draws(outs, self.task, self.noise_variance, None if h is None else h.mean(0))
+
+
+class Deterministic(Teacher):
+    """A fixed network (or any callable ``x -> outputs``) as a one-draw teacher."""
+
+    def __init__(self, net: Callable, task: str = "classification", noise_variance: Optional[float] = None):
+        if not callable(net):
+            raise TypeError(f"Deterministic needs a network or callable, got {type(net).__name__}")
+        self.net, self.task, self.noise_variance = net, _check_task(task), noise_variance
+
+    def network(self):
+        if not isinstance(self.net, nn.Module):
+            raise ValueError("hidden= needs a teacher that is a torch.nn.Module")
+        return self.net
+
+    @torch.no_grad()
+    def draws(self, x, num_samples, hidden=None):
+        module = None if hidden is None else _submodule(self.network(), hidden, "teacher")
+        was = getattr(self.net, "training", None)
+        if was is not None:
+            self.net.eval()
+        try:
+            with _capture(module) as store:
+                out = self.net(x)
+        finally:
+            if was:
+                self.net.train()
+        return _plain_draws(out[None], self.task, self.noise_variance, store[0] if store else None)
+
+
+class SGLDChain(Teacher):
+    """A running SGLD / pSGLD chain over a BNN: the online teacher of Bayesian dark knowledge.
+
+    :meth:`advance` makes one kernel update on the next minibatch of ``data`` (the model sees a batch
+    of ``batch_size`` rows and scales its log-likelihood by N/M, as :func:`pyrobnn.inference.sample`
+    drives the kernel); :meth:`draws` gives the network's outputs at the chain's *current* state
+    (S = 1). Only the current state (and the kernel's own constant-size state: the last finite state,
+    pSGLD's second moments) is held, so memory is flat in the number of updates.
+
+    :param bnn: a :class:`pyrobnn.BNN` (its ``dataset_size`` defaults to ``len(data)``).
+    :param data: ``(x, y)`` training tensors.
+    :param kernel: ``"sgld"``, ``"psgld"`` or an :class:`~pyrobnn.inference.SGLD` / ``PSGLD`` instance on
+        ``bnn.model``.
+    :param step_size: a float, schedule or callable (kernel name only).
+    :param burn_in: updates made before the first draw is used (run at the first :meth:`draws`, or by
+        :meth:`burn`).
+    :param seed: seeds the minibatch order (Pyro's RNG drives the noise; ``distill(seed=...)`` sets it).
+    """
+    online = True
+
+    def __init__(self, bnn: BNN, data: Tuple[torch.Tensor, torch.Tensor], kernel="sgld", *, step_size=None,
+                 batch_size: int = 32, burn_in: int = 0, seed: Optional[int] = None, **kernel_kwargs):
+        from ..sgld import PSGLD, SGLD
+        if not isinstance(bnn, BNN):
+            raise TypeError(f"SGLDChain needs a pyrobnn BNN, got {type(bnn).__name__}")
+        if not (isinstance(data, (tuple, list)) and len(data) == 2 and _inputs.is_inputs(data[0])
+                and isinstance(data[1], torch.Tensor)):
+            raise TypeError("data must be an (x, y) pair of tensors (x: a tensor, a tuple or a dict of tensors)")
+        x, y = bnn._check_x(data[0]), data[1]
+        if _inputs.batch_size(x) != y.shape[0]:
+            raise ValueError(f"x has {_inputs.batch_size(x)} examples but y has {y.shape[0]}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if isinstance(burn_in, bool) or not isinstance(burn_in, int) or burn_in < 0:
+            raise ValueError(f"burn_in must be an integer ≥ 0, got {burn_in!r}")
+        self.bnn, self.x, self.y = bnn, x, y
+        self.task = _bnn_task(bnn)
+        self.batch_size = min(batch_size, _inputs.batch_size(x))
+        self.burn_in = burn_in
+        if bnn.dataset_size is None:
+            bnn.dataset_size = _inputs.batch_size(x)
+        if isinstance(kernel, SGLD):
+            if step_size is not None or kernel_kwargs:
+                raise ValueError("pass step_size and kernel options to the kernel instance")
+            if getattr(kernel.model, "__self__", None) is not bnn:
+                raise ValueError("the kernel must be built on this BNN's model (SGLD(bnn.model, ...))")
+            self.kernel = kernel
+        elif isinstance(kernel, str) and kernel.lower() in ("sgld", "psgld"):
+            cls = SGLD if kernel.lower() == "sgld" else PSGLD
+            default = 1e-5 if cls is SGLD else 1e-3
+            self.kernel = cls(bnn.model, default if step_size is None else step_size, **kernel_kwargs)
+        else:
+            raise ValueError(f"kernel must be 'sgld', 'psgld' or an SGLD/PSGLD instance, got {kernel!r}")
+        self.generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ())) if seed is None else seed)
+        self._perm = torch.empty(0, dtype=torch.long)
+        self._pos = 0
+        self.params: Optional[Dict[str, torch.Tensor]] = None
+        self.updates = 0
+        self._net = _NetUnder(bnn)
+
+    def network(self):
+        return self.bnn.net
+
+    def _batch(self):
+        if self._pos + self.batch_size > self._perm.shape[0]:
+            self._perm = torch.randperm(_inputs.batch_size(self.x), generator=self.generator)
+            self._pos = 0
+        idx = self._perm[self._pos:self._pos + self.batch_size]
+        self._pos += self.batch_size
+        return _inputs.index(self.x, idx), self.y[idx]
+
+    @contextlib.contextmanager
+    def _stepping(self):
+        saved = self.bnn.subsample_size
+        self.bnn.subsample_size = None     # this chain supplies the minibatch
+        try:
+            with pyro.validation_enabled(False), poutine.block():
+                yield
+        finally:
+            self.bnn.subsample_size = saved
+
+    def _start(self):
+        xb, yb = self._batch()
+        with self._stepping():
+            self.kernel.setup(0, xb, yb)
+        self.params = self.kernel.initial_params
+
+    def advance(self):
+        if self.params is None:
+            self._start()
+        xb, yb = self._batch()
+        with self._stepping():
+            self.params = self.kernel.step(self.params, xb, yb)
+        self.updates += 1
+
+    def burn(self):
+        """Run the remaining burn-in updates."""
+        while self.updates < self.burn_in:
+            self.advance()
+
+    def current(self) -> Dict[str, torch.Tensor]:
+        """The current state in constrained space ``{site: tensor}`` (a view, not a copy)."""
+        if self.params is None:
+            self._start()
+        out = {}
+        for name, transform in self.kernel._sites:
+            v = self.params[name].detach()
+            out[name] = v if transform is None else transform(v)
+        return out
+
+    def state_bytes(self):
+        seen, total = set(), 0
+        tensors = list((self.params or {}).values()) + self.kernel.kept_tensors()
+        for t in tensors:
+            if id(t) not in seen:
+                seen.add(id(t))
+                total += t.numel() * t.element_size()
+        return total
+
+    def draws(self, x, num_samples=None, hidden=None):
+        self.burn()
+        state = self.current()
+        precision = state.pop(_PRECISION, None)
+        module = None if hidden is None else _submodule(self.bnn.net, hidden, "teacher")
+        with _capture(module) as store:
+            out = self._net(state, x)
+        return _bnn_draws(self.bnn, out[None], None if precision is None else precision.reshape(1),
+                          store[0] if store else None)
+
+
+def as_teacher(obj, task: Optional[str] = None, generator: Optional[torch.Generator] = None) -> Teacher:
+    """Wrap a posterior predictive as a :class:`Teacher`: a Teacher passes through; a SamplePosterior,
+    a ``pyro.infer.MCMC`` run, a BNN (its guide), a network with dropout (:class:`MCDropout`), or any
+    other network or callable (:class:`Deterministic`, ``task`` defaulting to classification)."""
+    from pyro.infer import MCMC
+
+    from ..sampling import SamplePosterior
+    from ..sgld import SGLD
+    if isinstance(obj, Teacher):
+        return obj
+    if isinstance(obj, SamplePosterior):
+        return SampleTeacher(obj, generator)
+    if isinstance(obj, MCMC):
+        return SampleTeacher(SamplePosterior.from_mcmc(obj), generator)
+    if isinstance(obj, BNN):
+        return GuideTeacher(obj)
+    if isinstance(obj, SGLD):
+        raise TypeError("a bare SGLD kernel has no data to run on: wrap it as SGLDChain(bnn, (x, y), kernel=k)")
+    if isinstance(obj, nn.Module):
+        task = task or "classification"
+        return MCDropout(obj, task) if _dropout_modules(obj) else Deterministic(obj, task)
+    if callable(obj):
+        return Deterministic(obj, task or "classification")
+    raise TypeError(f"cannot use a {type(obj).__name__} as a teacher")
