@@ -196,12 +196,13 @@ class Loop:
         self.last_checkpoint = self.checkpoints.save(self.history, epoch, step, getattr(self.batches, "seed", None))
         return self.last_checkpoint
 
-    def _diverged(self, err, pos):
+    def _diverged(self, err, pos, updated=False):
         where = (f"at epoch {pos.epoch + 1}, step {pos.step + 1}" if self.diverged_at == "epoch"
                  else f"at step {pos.global_step + 1}")
+        params = ("the step had already updated the parameters" if updated
+                  else "parameters are those of the previous step")
         ckpt = f" Last good checkpoint: {self.last_checkpoint}." if self.last_checkpoint else ""
-        return TrainingDiverged(f"{err} {where}; parameters are those of the previous step.{ckpt} "
-                                "Lower the learning rate or the initial scale.")
+        return TrainingDiverged(f"{err} {where}; {params}.{ckpt} Lower the learning rate or the initial scale.")
 
     def _log(self, out) -> Dict[str, float]:
         if out is None:
@@ -254,7 +255,8 @@ class Loop:
                 if self.model is not None:
                     self.model.train()
                 self.epoch_started = time.perf_counter()
-                self.sums, self.count = {}, 0
+                if not self.record_every:   # records every n steps run across epoch boundaries
+                    self.sums, self.count = {}, 0
                 if tqdm is not None:
                     bar = tqdm(total=spe, initial=start_step, desc=self.progress.desc(epoch, self.epochs),
                                leave=False, dynamic_ncols=self.progress.dynamic_ncols)
@@ -280,7 +282,7 @@ class Loop:
                         raise self._diverged(e, pos) from None
                     logs = self._log(out)
                     if "loss" in logs and not math.isfinite(logs["loss"]):
-                        raise self._diverged(TrainingDiverged(f"the loss became {logs['loss']}"), pos)
+                        raise self._diverged(TrainingDiverged(f"the loss became {logs['loss']}"), pos, updated=True)
                     for k, v in logs.items():
                         self.sums[k] = self.sums.get(k, 0.0) + v
                     self.count += 1
