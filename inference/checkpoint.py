@@ -2,10 +2,10 @@
 
 One file per save, ``ckpt-eEEEEE-sSSSSSSS.safetensors`` in the checkpoint directory (the newest
 ``keep`` are kept): the model's ``state_dict`` under ``model.``, the optimiser's state and the torch /
-NumPy / Python RNG states flattened under ``state`` (:func:`pyrobnn.io.flatten_state`), and in the JSON
-header ``kind = "checkpoint"``, the position (epoch, step), the history so far, the model's spec and
-the data order's seed. Written by :func:`pyrobnn.io.write_state` (temporary file, then rename); read
-without unpickling.
+NumPy / Python RNG states flattened under ``state`` (:func:`pyrobnn.state_io.flatten_state`), and in
+the JSON header ``kind = "checkpoint"``, the position (epoch, step), the history so far, the model's
+spec and the data order's seed. Written by :func:`pyrobnn.state_io.write_state` (temporary file, then
+rename); read without unpickling.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from typing import Callable, Dict, Optional, Tuple
 import numpy as np
 import torch
 
-from pyrobnn.io import flatten_state, read_state, unflatten_state, write_state
+from pyrobnn.state_io import flatten_state, read_state, unflatten_state, write_state
 
 __all__ = ["Checkpoints", "latest_checkpoint", "load_checkpoint"]
 

@@ -6,7 +6,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch.nn as nn
 
-from pyrobnn.io import read_state, write_state
+from pyrobnn.state_io import read_state, write_state
 
 __all__ = ["save_student", "load_student"]
 
