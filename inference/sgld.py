@@ -61,6 +61,8 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.subsample_messenger import _Subsample
 from torch.distributions import Independent, Normal, biject_to, constraints
 
+from pyrobnn.fastpath import sum_scaled_squared_norms
+
 __all__ = ["StepSize", "ConstantStepSize", "PolynomialDecay", "CyclicalStepSize", "as_schedule",
            "SGLD", "PSGLD", "init_to_network_default"]
 
@@ -232,7 +234,7 @@ class _LogJoint(Messenger):
     weight of a BNN with a Gaussian prior, and ``PyroSample(dist.Normal(0., 1.).expand(shape).to_event(k))``
     in a hand-written ``PyroModule``) are not evaluated one by one: their values are collected and
     :meth:`log_joint` adds all their log-densities with one fused autograd node
-    (:class:`_SumScaledSquaredNorms`). The same number as ``log_prob(value).sum()``, fewer passes."""
+    (:func:`pyrobnn.fastpath.sum_scaled_squared_norms`). The same number as ``log_prob(value).sum()``, fewer passes."""
 
     def __init__(self, values: Dict[str, torch.Tensor]):
         super().__init__()
@@ -285,7 +287,7 @@ class _LogJoint(Messenger):
     def log_joint(self) -> torch.Tensor:
         terms = list(self.terms)
         if self.sq_values:
-            terms.append(_SumScaledSquaredNorms.apply(self.sq_coefs, self.constant, *self.sq_values))
+            terms.append(sum_scaled_squared_norms(self.sq_coefs, self.constant, self.sq_values))
         if not terms:
             raise ValueError("the model has no sample sites")
         total = terms[0]
@@ -346,40 +348,6 @@ def _scalar_normal_plan(fn):
     except (AttributeError, TypeError):
         pass
     return plan
-
-
-_COEFS: Dict[tuple, torch.Tensor] = {}
-
-
-def _coef_tensor(coefs: List[float], like: torch.Tensor) -> torch.Tensor:
-    """The coefficients as a tensor, reused across steps (a kernel asks for the same ones every step)."""
-    key = (tuple(coefs), like.dtype, like.device)
-    t = _COEFS.get(key)
-    if t is None:
-        if len(_COEFS) > 256:
-            _COEFS.clear()
-        t = _COEFS[key] = torch.tensor(coefs, dtype=like.dtype, device=like.device)
-    return t
-
-
-class _SumScaledSquaredNorms(torch.autograd.Function):
-    """k + Σ_i c_i ‖z_i‖² over several tensors: one ``_foreach_norm`` forward, one ``_foreach_mul``
-    backward (g·2c_i)·z_i. Autograd's generic rule for z·z takes three passes per tensor (two products
-    and their sum) and one graph node per operation and site."""
-
-    @staticmethod
-    def forward(ctx, coefs: List[float], constant: float, *zs):
-        ctx.save_for_backward(*zs)
-        ctx.coefs = coefs
-        norms = torch.stack(torch._foreach_norm(zs))
-        total = torch.dot(norms * norms, _coef_tensor(coefs, norms))
-        return total.add_(constant) if constant else total
-
-    @staticmethod
-    def backward(ctx, grad):
-        zs = ctx.saved_tensors
-        g = float(grad)
-        return (None, None, *torch._foreach_mul(zs, [2.0 * c * g for c in ctx.coefs]))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -221,7 +221,8 @@ def test_fused_mean_field_kl_matches_elementwise_formula_and_gradients(prior_loc
     """The fused (μ, ρ) KL — one autograd node for Σμ², Σσ², Σ log σ with a hand-written backward —
     equals the elementwise closed form Σ[log s − log σ + (σ² + (μ − m)²)/(2s²) − ½] and its gradients
     w.r.t. μ and ρ (σ = softplus(ρ)), in float64 to rounding; gradcheck on the fused node itself."""
-    from pyrobnn.guides.base import _GaussianSums, mean_field_kl
+    from pyrobnn.fastpath import _GaussianSums
+    from pyrobnn.guides.base import mean_field_kl
     from pyrobnn.priors.gaussian import ScalarNormal
     torch.manual_seed(3)
     s = 0.7
@@ -282,7 +283,7 @@ def test_svi_steps_only_its_own_guide_parameters():
 def test_fused_variance_and_sums_node_matches_autograd():
     """The layer's σ² and the KL's reductions from one node (what a locally reparameterised site uses
     while training): values and gradients equal the elementwise computation; gradcheck on the node."""
-    from pyrobnn.guides.base import _GaussianVarianceSums
+    from pyrobnn.fastpath import _GaussianVarianceSums
     from pyrobnn.priors.gaussian import ScalarNormal
     torch.manual_seed(5)
     loc = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
@@ -312,7 +313,7 @@ def test_fused_variance_and_sums_node_matches_autograd():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_fast_softplus_matches_torch_softplus_values_and_gradients(dtype):
-    from pyrobnn.guides.mean_field import _Softplus, softplus
+    from pyrobnn.fastpath import _Softplus, softplus
     torch.manual_seed(0)
     rho = torch.cat([torch.linspace(-20, 20, 401), torch.randn(1000) * 3 - 4.6]).to(dtype).requires_grad_()
     ref = torch.nn.functional.softplus(rho)
@@ -335,7 +336,7 @@ def test_fast_softplus_matches_torch_softplus_values_and_gradients(dtype):
 def test_log1p_from_one_log_matches_float64_log1p(dtype):
     """The softplus's log(1 + t) without torch's (slow on CPU) log1p: a few ulps from a float64 log1p for
     t from 0 through the smallest normal numbers to e^20, where a plain log(1 + t) is off by ~100 %."""
-    from pyrobnn.guides.mean_field import _log1p_nonneg
+    from pyrobnn.fastpath import log1p_nonneg as _log1p_nonneg
     t = torch.cat([torch.tensor([0.0, 1e-38, 1e-30, 1e-12, 1e-8, 3e-8, 6e-8, 1e-7, 1e-4]),
                    torch.logspace(-30, 8.6, 2001), torch.rand(1000)]).to(dtype)
     ref = torch.log1p(t.double())
@@ -352,7 +353,7 @@ def test_grouped_log_sum_matches_float64_and_falls_back_outside_its_range():
     """Σ log σ from products of four (the fused KL's log term) equals the float64 log-sum to float32
     accuracy over the scales a guide meets, and takes the plain path where products could under- or
     overflow, or the input is not a large float32 CPU tensor (so 0, inf and NaN stay visible)."""
-    from pyrobnn.guides.base import _log_sum
+    from pyrobnn.fastpath import log_sum as _log_sum
     torch.manual_seed(0)
     for lo, hi in [(1e-4, 1.0), (1e-8, 20.0), (0.5, 2.0)]:
         for n in (4096, 4099, 30001, 235200):

@@ -45,9 +45,9 @@ from pyro.infer.autoguide.utils import helpful_support_errors
 from pyro.infer.autoguide.initialization import (InitMessenger, init_to_feasible, init_to_mean, init_to_median,
                                                  init_to_sample, init_to_uniform)
 from torch.distributions import biject_to, constraints
-from torch.autograd.function import once_differentiable
 from torch.distributions.kl import _kl_independent_independent, kl_divergence, register_kl
 
+from ..fastpath import gaussian_sums, gaussian_variance_sums
 from ..lrt import (LOCAL_REPARAM_KEY, NETWORK_KEY, expects_placeholders, make_placeholder, placeholder_of,
                    wants_placeholder)
 from ..site_dist import SiteIndependent, to_site_event
@@ -100,15 +100,15 @@ class GuideNormal(dist.Normal):
         return v
 
     def fused_sums(self) -> torch.Tensor:
-        """``[Σμ², Σσ², Σ log σ, 1]`` (shape ``[4]``) from one autograd node (:class:`_GaussianSums`),
+        """``[Σμ², Σσ², Σ log σ, 1]`` (shape ``[4]``) from one autograd node (:func:`pyrobnn.fastpath.gaussian_sums`),
         cached: the closed-form KL to a scalar Normal prior is one dot product with it, and the
         log-densities at a local-reparameterisation placeholder read entries of it."""
         v = self._sums.get("fused")
         if v is None:
             if self._var is None and self._fuse_variance():
-                self._var, v = _GaussianVarianceSums.apply(self.loc, self.scale)
+                self._var, v = gaussian_variance_sums(self.loc, self.scale)
             else:
-                v = _GaussianSums.apply(self.loc, self.scale)
+                v = gaussian_sums(self.loc, self.scale)
             self._sums["fused"] = v
         return v
 
@@ -214,110 +214,12 @@ def expected_normal_log_prob(q, loc, scale) -> torch.Tensor:
     return (q.variance + diff2).mul(-0.5 / scale ** 2).sub_(math.log(scale) + _HALF_LOG_2PI)
 
 
-#: below this many scales a plain log-sum is as cheap
-_GROUPED_LOG_MIN = 4096
-#: scales in [lo, hi] multiply four at a time without leaving float32's normal range
-_GROUPED_LOG_RANGE = (1.2e-9, 1e9)
-
-
-def _log_sum(scale: torch.Tensor) -> torch.Tensor:
-    """Σ log σ of a 1-d tensor of positive scales, with a quarter of the logarithms: Σ log σ = Σ log(σ_a σ_b
-    σ_c σ_d) over groups of four. torch's CPU ``log`` is an order of magnitude slower than a multiply here;
-    three multiplies on a quarter of the elements and one log of that quarter cost about half. Each group's
-    product carries at most three roundings (≈ 2e-7 relative, the same order as one ``log``'s), and it is
-    used only where every σ lies in :data:`_GROUPED_LOG_RANGE` (no under/overflow; checked, and otherwise
-    — zeros, infinities, NaN, tiny tensors, float64 — the plain log-sum, which keeps NaN/inf visible)."""
-    n = scale.numel()
-    m = n - n % 4
-    if m >= _GROUPED_LOG_MIN and scale.dtype == torch.float32 and scale.device.type == "cpu":
-        head = scale[:m]
-        lo, hi = torch.aminmax(head)
-        if float(lo) >= _GROUPED_LOG_RANGE[0] and float(hi) <= _GROUPED_LOG_RANGE[1]:
-            v = head.view(4, m // 4)
-            prod = v[0] * v[1]
-            total = prod.mul_(v[2]).mul_(v[3]).log_().sum()
-            return total if m == n else total + scale[m:].log().sum()
-    return scale.log().sum()
-
-
-class _GaussianSums(torch.autograd.Function):
-    """``[Σμ², Σσ², Σ log σ, 1]`` of one site's mean-field Normal in one autograd node.
-
-    Forward: two dot products and one log-sum. Backward (g = the incoming ``[4]`` gradient):
-    ∂/∂μ = 2·g₀·μ, ∂/∂σ = 2·g₁·σ + g₂/σ — two tensor passes for σ, one for μ, and no per-reduction
-    graph nodes (autograd's generic rules for dot, σ·σ, log and sum take about three times as many
-    passes and nodes). The constant last entry lets a KL with a constant term be one dot product."""
-
-    @staticmethod
-    def forward(ctx, loc, scale):
-        fl, fs = loc.reshape(-1), scale.reshape(-1)
-        ctx.save_for_backward(loc, scale)
-        return torch.stack([torch.dot(fl, fl), torch.dot(fs, fs), _log_sum(fs), fl.new_ones(())])
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):
-        loc, scale = ctx.saved_tensors
-        g0, g1, g2, _ = grad.tolist()
-        grad_loc = grad_scale = None
-        if ctx.needs_input_grad[0]:
-            grad_loc = loc.mul(2.0 * g0)
-        if ctx.needs_input_grad[1]:
-            if g2 != 0.0:
-                grad_scale = torch.reciprocal(scale).mul_(g2)
-                if g1 != 0.0:
-                    grad_scale.add_(scale, alpha=2.0 * g1)
-            else:
-                grad_scale = scale.mul(2.0 * g1)
-        return grad_loc, grad_scale
-
-
-class _GaussianVarianceSums(torch.autograd.Function):
-    """(σ², ``[Σμ², Σσ², Σ log σ, 1]``) of one site in one autograd node: the layer's pre-activation
-    variance and the KL's reductions. Backward (g_v the gradient of σ², g the ``[4]`` one):
-    ∂/∂μ = 2·g₀·μ, ∂/∂σ = 2σ·g_v + 2·g₁·σ + g₂/σ in four tensor passes (σ·σ's generic backward, the
-    reductions' and the accumulation of the two take seven)."""
-
-    @staticmethod
-    def forward(ctx, loc, scale):
-        ctx.set_materialize_grads(False)
-        fl, fs = loc.reshape(-1), scale.reshape(-1)
-        ctx.save_for_backward(loc, scale)
-        var = scale * scale
-        sums = torch.stack([torch.dot(fl, fl), torch.dot(fs, fs), _log_sum(fs), fl.new_ones(())])
-        return var, sums
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_var, grad_sums):
-        loc, scale = ctx.saved_tensors
-        g0, g1, g2, _ = grad_sums.tolist() if grad_sums is not None else (0.0, 0.0, 0.0, 0.0)
-        grad_loc = grad_scale = None
-        if ctx.needs_input_grad[0] and g0 != 0.0:
-            grad_loc = loc.mul(2.0 * g0)
-        if ctx.needs_input_grad[1]:
-            if grad_var is not None:
-                grad_scale = scale * grad_var if g2 == 0.0 else \
-                    torch.addcmul(torch.reciprocal(scale).mul_(g2), scale, grad_var, value=2.0)
-                if g2 == 0.0:
-                    grad_scale.mul_(2.0)
-                if g1 != 0.0:
-                    grad_scale.add_(scale, alpha=2.0 * g1)
-            elif g2 != 0.0:
-                grad_scale = torch.reciprocal(scale).mul_(g2)
-                if g1 != 0.0:
-                    grad_scale.add_(scale, alpha=2.0 * g1)
-            elif g1 != 0.0:
-                grad_scale = scale.mul(2.0 * g1)
-        return grad_loc, grad_scale
-
-
 def mean_field_kl(loc: torch.Tensor, scale: torch.Tensor, prior_scale: float, prior_loc: float = 0.0) -> torch.Tensor:
     """Σ KL(N(μ, σ²) ‖ N(m, s²)) over all elements of ``loc``/``scale`` (same shape), a 0-d tensor,
-    with one :class:`_GaussianSums` node: c·(Σσ² + Σμ²) − Σ log σ + n(log s − ½) with c = 1/(2s²)
+    with one :func:`pyrobnn.fastpath.gaussian_sums` node: c·(Σσ² + Σμ²) − Σ log σ + n(log s − ½) with c = 1/(2s²)
     (for m ≠ 0, Σ(μ − m)² = Σμ² − 2mΣμ + n·m²)."""
     prior_loc = float(prior_loc)
-    return _kl_from_sums(_GaussianSums.apply(loc, scale), loc.sum() if prior_loc != 0.0 else None, loc.numel(),
+    return _kl_from_sums(gaussian_sums(loc, scale), loc.sum() if prior_loc != 0.0 else None, loc.numel(),
                          float(prior_scale), prior_loc)
 
 

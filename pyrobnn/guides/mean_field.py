@@ -5,10 +5,10 @@ import math
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from pyro.infer.autoguide.initialization import init_to_median
 
 from ..registry import GUIDES
+from ..fastpath import softplus
 from .base import FlatGaussianGuide
 
 __all__ = ["MeanField"]
@@ -16,60 +16,6 @@ __all__ = ["MeanField"]
 
 def _softplus_inv(y: float) -> float:
     return y + math.log(-math.expm1(-y))
-
-
-_LOG2_E = 1.0 / math.log(2.0)
-_SOFTPLUS_THRESHOLD = 20.0  # torch's: softplus(x) = x above it
-
-
-def _log1p_nonneg(t: torch.Tensor) -> torch.Tensor:
-    """log(1 + t) for finite t ≥ 0, within a few float ulps of ``torch.log1p``, from one ``log``.
-
-    torch's CPU ``log1p`` is not vectorised on some hosts: on one AVX-512 machine it takes ~10 ns per
-    element against ~0.8 ns for ``log`` — 2.5 ms per step for LeNet-300-100's 266,610 scales, a quarter
-    of a whole SVI step. Where ``log1p`` is fast (a 2-core AMD EPYC with AVX-512: 0.8 ns, ``log`` 1.0 ns)
-    this detour costs a few elementwise passes, ~0.1 ms per LeNet step: the robust choice across hosts,
-    so it is taken everywhere (no per-host switch, the same numbers on every host). With w = fl(1 + t) and
-    its rounding error c = (w − 1) − t (exact in floating point), log1p(t) = log(w) − c/w to second
-    order in c/w ≤ 2⁻²⁴; at t below the rounding of 1 (w = 1) this gives t itself, as it should.
-    Measured relative error ≤ 1.2e-7 against a float64 log1p. Two full-size temporaries (w, c), the
-    rest in place."""
-    w = t + 1.0
-    c = torch.sub(w, 1.0).sub_(t).div_(w)
-    return w.log_().sub_(c)
-
-
-class _Softplus(torch.autograd.Function):
-    """σ = softplus(ρ) = log(1 + e^ρ), the same values as ``F.softplus`` to float rounding, faster on CPU.
-
-    e^ρ is taken as 2^(ρ·log₂e): torch's CPU ``exp2`` is about 3–4× faster than its ``exp``, and the
-    product adds at most one rounding (≈ 1e-7 relative for |ρ| ≤ 20); log(1 + e^ρ) by
-    :func:`_log1p_nonneg` (one ``log``, not torch's slow CPU ``log1p``). e^ρ is kept for the backward,
-    dσ/dρ = e^ρ / (1 + e^ρ), so the backward needs no exponential (``softplus_backward`` recomputes one).
-    Callers use it only where every ρ ≤ 20 (see :func:`softplus`)."""
-
-    @staticmethod
-    def forward(ctx, rho):
-        t = torch.mul(rho, _LOG2_E).exp2_()
-        ctx.save_for_backward(t)
-        return _log1p_nonneg(t)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (t,) = ctx.saved_tensors
-        s = t + 1.0
-        return torch.div(t, s, out=s).mul_(grad)
-
-
-def softplus(rho: torch.Tensor) -> torch.Tensor:
-    """``F.softplus(rho)`` (β = 1, threshold 20), by :class:`_Softplus` for a CPU tensor whose every ρ ≤ 20
-    — the usual case for a guide's scales, σ ≤ 20 — and by ``F.softplus`` otherwise (on an accelerator the
-    range check would synchronise the device every step, and the exp/exp2 difference is a CPU one) and under
-    ``torch.jit.trace`` (a Python autograd function cannot be exported)."""
-    if (not torch.jit.is_tracing() and rho.device.type == "cpu" and rho.numel() and rho.is_floating_point()
-            and float(rho.detach().amax()) <= _SOFTPLUS_THRESHOLD):
-        return _Softplus.apply(rho)
-    return F.softplus(rho)
 
 
 def _shaped(chunk, shape):

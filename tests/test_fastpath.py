@@ -1,0 +1,87 @@
+"""Every CPU speed trick in pyrobnn.fastpath agrees with its plain-PyTorch reference path (values and gradients),
+the switch selects the reference path, and a tensor off the CPU never takes the fast path."""
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pyrobnn import fastpath
+
+
+def _value_and_grads(fn, inputs, weights=None):
+    inputs = [t.detach().clone().requires_grad_() for t in inputs]
+    out = fn(*inputs)
+    outs = out if isinstance(out, tuple) else (out,)
+    total = sum((o * (w if w is not None else 1.0)).sum() for o, w in zip(outs, weights or [None] * len(outs)))
+    grads = torch.autograd.grad(total, inputs)
+    return [o.detach() for o in outs], grads
+
+
+def _agree(fn, inputs, rtol, weights=None):
+    fast = _value_and_grads(fn, inputs, weights)
+    with fastpath.disabled():
+        assert not fastpath.enabled()
+        ref = _value_and_grads(fn, inputs, weights)
+    assert fastpath.enabled()
+    for a, b in zip(fast[0] + list(fast[1]), ref[0] + list(ref[1])):
+        assert a.shape == b.shape
+        assert torch.allclose(a, b, rtol=rtol, atol=1e-6 * rtol), (a - b).abs().max()
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float32, 2e-5), (torch.float64, 1e-10)])
+def test_gaussian_sums_fast_and_reference_agree(dtype, rtol):
+    torch.manual_seed(0)
+    loc = torch.randn(300, 50, dtype=dtype)          # 15,000 scales: the grouped log-sum is used in float32
+    scale = torch.rand(300, 50, dtype=dtype) * 0.1 + 1e-3
+    w = torch.tensor([0.3, -1.2, 0.7, 2.0], dtype=dtype)  # a KL-like combination of the four sums
+    _agree(fastpath.gaussian_sums, [loc, scale], rtol, weights=[w])
+    _agree(fastpath.gaussian_variance_sums, [loc, scale], rtol, weights=[torch.randn(300, 50, dtype=dtype), w])
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float32, 2e-6), (torch.float64, 1e-12)])
+def test_softplus_and_its_fused_path_agree_with_torch(dtype, rtol):
+    torch.manual_seed(1)
+    rho = torch.cat([torch.linspace(-20, 30, 501), torch.randn(5000) * 3 - 4.6]).to(dtype)
+    _agree(fastpath.softplus, [rho], rtol)
+    # the fused path itself (taken where log1p is slow), against F.softplus, on ρ ≤ 20
+    small = rho[rho <= 20]
+    a = _value_and_grads(fastpath._Softplus.apply, [small])
+    b = _value_and_grads(F.softplus, [small])
+    assert torch.allclose(a[0][0], b[0][0], rtol=rtol) and torch.allclose(a[1][0], b[1][0], rtol=rtol, atol=1e-30)
+
+
+def test_log_sum_fast_and_reference_agree():
+    torch.manual_seed(2)
+    x = torch.exp(torch.empty(20001).uniform_(math.log(1e-6), math.log(5.0)))
+    _agree(fastpath.log_sum, [x], 1e-6)
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float32, 2e-5), (torch.float64, 1e-10)])
+def test_sum_scaled_squared_norms_fast_and_reference_agree(dtype, rtol):
+    torch.manual_seed(3)
+    zs = [torch.randn(40, 30, dtype=dtype), torch.randn(30, dtype=dtype), torch.randn(10, 40, dtype=dtype)]
+    coefs, constant = [-0.5, -2.0, -0.125], -17.25
+    _agree(lambda *z: fastpath.sum_scaled_squared_norms(coefs, constant, list(z)), zs, rtol)
+    ref = sum(c * (z.double() ** 2).sum() for c, z in zip(coefs, zs)) + constant
+    assert fastpath.sum_scaled_squared_norms(coefs, constant, zs).item() == pytest.approx(ref.item(), rel=rtol)
+
+
+def test_tensors_off_the_cpu_take_the_reference_path():
+    meta = torch.empty(8, device="meta")
+    assert fastpath.enabled() and not fastpath.enabled(meta)
+    var, sums = fastpath.gaussian_variance_sums(meta, meta)  # the fast path would need host values (fails on meta)
+    assert var.device.type == "meta" and sums.shape == (4,)
+    assert fastpath.softplus(meta).device.type == "meta"
+    assert fastpath.sum_scaled_squared_norms([1.0], 0.0, [meta]).device.type == "meta"
+
+
+def test_environment_switch():
+    code = "import pyrobnn.fastpath as f; import torch; print(f.enabled(), f.enabled(torch.zeros(1)))"
+    for value, expected in (("0", ["False", "False"]), ("1", ["True", "True"])):
+        env = dict(os.environ, PYROBNN_FASTPATH=value)
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.split() == expected
