@@ -40,7 +40,7 @@ def malloc_mode() -> str:
 
 
 def interleaved(fns: dict, rounds: int = 15, steps: int = 10, warmup: int = 10, clock: str = "wall",
-                samples: bool = False, faults: dict = None):
+                samples: bool = False, faults: dict = None, sync=None):
     """Median seconds per call of each function, measured round-robin so drift hits all alike.
 
     Each round runs every function ``steps`` times; the order is rotated from round to round, so no
@@ -48,10 +48,18 @@ def interleaved(fns: dict, rounds: int = 15, steps: int = 10, warmup: int = 10, 
     ``clock="thread"`` counts the CPU time of the calling thread: with ``torch.set_num_threads(1)`` all
     the work runs there, so the numbers hold up on a machine that other jobs keep busy.
     ``faults``, if given a dict, receives per function the median minor page faults per call.
+    ``sync`` (e.g. ``torch.cuda.synchronize``) is called before each clock reading, so that work queued on an
+    accelerator is counted in the round that queued it.
 
     :returns: ``{name: median seconds}``; with ``samples=True`` also ``{name: [seconds per call, per round]}``
         (for ratios taken within each round, see :func:`median_round_ratios`)."""
-    now = CLOCKS[clock]
+    clock_now = CLOCKS[clock]
+
+    def now():
+        if sync is not None:
+            sync()
+        return clock_now()
+
     for f in fns.values():
         for _ in range(warmup):
             f()

@@ -22,7 +22,10 @@ Reported: per contender the median over rounds, the ratio of medians to hand-wri
 per-round ratios (load drifting between rounds cancels in the latter).
 
     python benchmarks/step_cost.py [--rounds 15] [--clock thread|process] [--threads 1|2] [--runs 3]
-                                   [--malloc fixed] [--json out.json]
+                                   [--malloc fixed] [--device cpu|cuda] [--json out.json]
+
+``--device cuda`` runs every contender on the GPU (wall clock, synchronised before each reading); the plain-Pyro
+and Pyro-floor rows, whose priors are built on the CPU, are left out there.
 
 Each row also shows the median minor page faults per step. ``--malloc fixed`` re-runs the script with
 glibc's trim/mmap thresholds fixed (see ``_timing.py``), so that freed tensors are not handed back to the
@@ -134,19 +137,25 @@ def _hand_as_flat(hw, bnn):
     return loc, rho
 
 
+DEVICE = torch.device("cpu")
+
+
 def check_same_update():
     """One step of each pyrobnn route and of the hand-written step, from the same parameters and RNG state,
     give the same updated parameters (same loss, same noise, same gradients, same Adam): the contenders
     compute the same thing. Returns the largest |difference| relative to the largest |parameter|."""
     torch.manual_seed(1)
-    x, y = torch.rand(B, 1, 28, 28), torch.randint(0, 10, (B,))
+    x, y = torch.rand(B, 1, 28, 28, device=DEVICE), torch.randint(0, 10, (B,), device=DEVICE)
     results = {}
     for route in ("SVI.step", "SVI.step, MeanFieldELBO", "fit step"):
         hw = HandWrittenBBB()
         hw_opt = torch.optim.Adam(hw.parameters(), lr=1e-3)
         bnn = pyrobnn.bayesian(build("lenet300"), dataset_size=N,
                                guide={"name": "mean-field", "init_scale": INIT_SCALE})
-        bnn.initialize(x)
+        bnn.initialize(x.cpu())
+        hw.to(DEVICE)
+        bnn.to(DEVICE)
+        hw_opt = torch.optim.Adam(hw.parameters(), lr=1e-3)
         _copy_hand_into_guide(hw, bnn)
         if route.startswith("SVI.step"):
             elbo = MeanFieldELBO() if route.endswith("MeanFieldELBO") else TraceMeanField_ELBO()
@@ -218,9 +227,11 @@ def build_steps():
     torch.manual_seed(0)
     pyro.set_rng_seed(0)
     x, y = torch.rand(B, 1, 28, 28), torch.randint(0, 10, (B,))
+    x_init = x
+    x, y = x.to(DEVICE), y.to(DEVICE)
 
     def hand_written_step(softplus):
-        hw = HandWrittenBBB(softplus=softplus)
+        hw = HandWrittenBBB(softplus=softplus).to(DEVICE)
         hw_opt = torch.optim.Adam(hw.parameters(), lr=1e-3)
 
         def step():
@@ -234,7 +245,7 @@ def build_steps():
     hand_written = hand_written_step(F.softplus)
     hand_written_one_log = hand_written_step(softplus_one_log)
 
-    det = build("lenet300")
+    det = build("lenet300").to(DEVICE)
     det_opt = torch.optim.Adam(det.parameters(), lr=1e-3)
 
     def deterministic():
@@ -244,32 +255,39 @@ def build_steps():
         det_opt.step()
 
     bnn = pyrobnn.bayesian(build("lenet300"), dataset_size=N, guide={"name": "mean-field", "init_scale": INIT_SCALE})
-    bnn.initialize(x)
+    bnn.initialize(x_init)
+    bnn.to(DEVICE)
     svi = SVI(bnn.model, bnn.guide, pyro.optim.Adam({"lr": 1e-3}), TraceMeanField_ELBO())
 
     def pyrobnn_svi():
         svi.step(x, y)
 
     bnn3 = pyrobnn.bayesian(build("lenet300"), dataset_size=N, guide={"name": "mean-field", "init_scale": INIT_SCALE})
-    bnn3.initialize(x)
+    bnn3.initialize(x_init)
+    bnn3.to(DEVICE)
     svi_fast = SVI(bnn3.model, bnn3.guide, pyro.optim.Adam({"lr": 1e-3}), MeanFieldELBO())
 
     def pyrobnn_svi_fast():
         svi_fast.step(x, y)
 
     bnn2 = pyrobnn.bayesian(build("lenet300"), dataset_size=N, guide={"name": "mean-field", "init_scale": INIT_SCALE})
-    bnn2.initialize(x)
+    bnn2.initialize(x_init)
+    bnn2.to(DEVICE)
     step = SVIStep(bnn2, torch.optim.Adam(bnn2.parameters(), lr=1e-3))
 
     def pyrobnn_fit_step():
         step(x, y)
 
     svi_random_module = build_random_module_svi()
+    svi_random_module.guide(x_init, y.cpu())  # the guide's parameters, made on the CPU
+    svi_random_module.guide.to(DEVICE)
 
     def random_module_svi():
         svi_random_module.step(x, y)
 
     svi_random_module_fast = build_random_module_svi(MeanFieldELBO)
+    svi_random_module_fast.guide(x_init, y.cpu())
+    svi_random_module_fast.guide.to(DEVICE)
 
     def random_module_svi_fast():
         svi_random_module_fast.step(x, y)
@@ -287,12 +305,15 @@ def build_steps():
     def plain_pyro():
         svi_plain.step(x, y)
 
-    return {"hand-written BBB+LRT": hand_written, HAND_ONE_LOG: hand_written_one_log,
+    if DEVICE.type != "cpu":  # priors and guides of these two are built on the CPU
+        plain_pyro = pyro_floor = None
+    steps = {"hand-written BBB+LRT": hand_written, HAND_ONE_LOG: hand_written_one_log,
             "pyrobnn SVI.step": pyrobnn_svi, "pyrobnn SVI.step, MeanFieldELBO": pyrobnn_svi_fast,
             "pyrobnn fit step": pyrobnn_fit_step, "random_module SVI.step": random_module_svi,
             "random_module SVI.step, MFELBO": random_module_svi_fast,
             "plain Pyro AutoNormal": plain_pyro, "Pyro floor (7 sites, 2-elt)": pyro_floor,
             "deterministic PyTorch": deterministic}
+    return {k: f for k, f in steps.items() if f is not None}
 
 
 def main(argv=None):
@@ -307,9 +328,19 @@ def main(argv=None):
                          "the machine; needs --threads 1); process: CPU time of all the process's threads")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (default: 1 with --clock thread, else torch's default)")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda (wall clock, synchronised)")
     ap.add_argument("--malloc", choices=["default", "fixed"], default="default",
                     help="fixed: re-run with glibc's dynamic trim/mmap thresholds off (no page-fault noise)")
     args = ap.parse_args(argv)
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    sync = None
+    if DEVICE.type == "cuda":
+        if not torch.cuda.is_available():
+            ap.error("--device cuda: no CUDA device here")
+        if args.clock != "wall":
+            ap.error("--device cuda measures with --clock wall")
+        sync = torch.cuda.synchronize
     if args.malloc == "fixed":
         reexec_with_fixed_malloc()
     threads = args.threads if args.threads is not None else (1 if args.clock == "thread" else None)
@@ -327,7 +358,7 @@ def main(argv=None):
             fns = build_steps()
             faults = {}
             med, times = interleaved(fns, rounds=args.rounds, steps=args.steps, clock=args.clock, samples=True,
-                                     faults=faults)
+                                     faults=faults, sync=sync)
             ref = med[ref_name]
             round_ratios = median_round_ratios(times, ref_name)
             ref2 = med[HAND_ONE_LOG]
