@@ -213,7 +213,7 @@ def check_same_update(x, y, params0):
 def forward_breakdown(x, y, params0, repeats=300):
     """Thread CPU time of the forward pass alone (potential, no backward): hand-written, a plain Pyro model
     with the same sites, and ``bnn.model`` — both Pyro models under the kernel's log-joint handler."""
-    from pyrobnn.inference.sgld import _LogJoint
+    from pyrobnn.inference.log_joint import LogJoint as _LogJoint
     n = x.shape[0]
     bnn = make_bnn(x, y)
     bnn.subsample_size = N_BATCH

@@ -529,7 +529,7 @@ def test_fast_potential_equals_trace_and_condition_on_hand_written_models(which)
 
 
 def test_fused_normal_plan_applies_to_constant_scalar_normals_only():
-    from pyrobnn.inference.sgld import _scalar_normal_plan
+    from pyrobnn.inference.log_joint import scalar_normal_plan as _scalar_normal_plan
     plan = _scalar_normal_plan(dist.Normal(0.5, 2.0).expand([3, 4]).to_event(2))
     assert plan[0] == (3, 4) and plan[1] == 0.5 and plan[2] == pytest.approx(-0.125)
     assert plan[3] == pytest.approx(-12 * (math.log(2.0) + 0.5 * math.log(2 * math.pi)))
