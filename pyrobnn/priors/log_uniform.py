@@ -42,7 +42,8 @@ from pyro.distributions.util import sum_rightmost
 from torch.distributions import constraints
 from torch.distributions.kl import register_kl
 
-from ..guides.base import GuideNormal, _scalar, local_reparam_params
+from ..guides.base import local_reparam_params
+from ..guides.normal import GuideNormal, _scalar
 from ..registry import PRIORS
 
 __all__ = ["LogUniform", "kl_log_uniform", "neg_kl_log_uniform", "log_alpha_of_normal", "sparse_vd_terms",
