@@ -17,7 +17,7 @@ endif
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.pyrobnn-installed
 
-.PHONY: install demo test test-slow bench data clean env-info docs docs-check pyro-compat
+.PHONY: install demo test test-slow test-grid bench data clean env-info docs docs-check pyro-compat
 
 # A new environment takes about 6 GB (torch 2.14.1 is a CUDA build, ~4 GB of it NVIDIA libraries that
 # the CPU never loads but torch needs to import). Say so up front rather than let pip fail half-way.
@@ -50,6 +50,10 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
+
+# Every prior × {MeanField, AdditiveNoise} × {TraceMeanField, Trace, TraceGraph} ELBO on a hand-written model (≈2 min)
+test-grid: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow tests/test_handwritten_models.py
 
 # The documentation site (Sphinx + MyST), warnings and broken cross-references are errors.
 DOCS_STAMP := $(VENV)/.pyrobnn-docs-installed
