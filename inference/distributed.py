@@ -86,10 +86,11 @@ class DataParallel:
     :param device: where the data and the BNN live (default ``cuda:LOCAL_RANK`` with the nccl backend,
         else CPU).
 
-    What ``fit`` calls: :meth:`synchronize` once (broadcast from rank 0, resume-position check,
-    gradient hooks), :meth:`begin_step` before every step (re-seed, arm the gradient all-reduce),
-    :meth:`mean` of the epoch's loss and :meth:`any` of the callbacks' stop votes; ``is_main`` decides
-    who writes checkpoints and shows progress.
+    What the training loop (:class:`pyrobnn.inference.loop.Loop`, under ``fit``) calls:
+    :meth:`synchronize` once (broadcast from rank 0, resume-position check, gradient hooks),
+    :meth:`begin_step` before every step (re-seed, arm the gradient all-reduce), :meth:`mean` of the
+    logged sums (the epoch's loss) and :meth:`any` of the callbacks' stop votes; ``is_main`` decides who
+    writes checkpoints and shows progress.
     """
 
     def __init__(self, seed: int = 0, noise: str = "independent", group=None, device=None):
@@ -160,7 +161,7 @@ class DataParallel:
         return ArrayLoader(x, y, batch_size=batch_size, shuffle=shuffle, seed=self.seed if seed is None else seed,
                            drop_last=drop_last, rank=self.rank, world_size=self.world_size)
 
-    # -- what fit() calls ---------------------------------------------------------------------------
+    # -- what the loop calls -----------------------------------------------------------------------
     def synchronize(self, bnn: BNN, epoch: int = 0, step: int = 0) -> None:
         """Make every rank start from rank 0's parameters, check that all ranks resume at the same
         ``(epoch, step)``, and attach the gradient all-reduce to ``bnn``'s parameters."""
@@ -197,7 +198,7 @@ class DataParallel:
             self._armed[k] = True
 
     def _reduce_hook(self, p: torch.Tensor) -> None:
-        # once per armed step and parameter: a backward outside fit() never issues a collective
+        # once per armed step and parameter: a backward outside the loop never issues a collective
         if not self._armed.get(id(p)):
             return
         self._armed[id(p)] = False
