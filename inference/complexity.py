@@ -35,7 +35,7 @@ from pyrobnn.guides.hyper import HyperMeanField, mean_field_like
 from pyrobnn.guides.mean_field import MeanField
 
 from .batches import Batches
-from .loop import History, Loop, OnRecord, Progress, check_finite, make_optimizer
+from .loop import History, Loop, OnRecord, Progress, descend, make_optimizer
 from .schedules import LRFactor, lr_factor_schedule
 
 __all__ = ["complexity_weight", "sample_lams", "complexity_loss", "fit_complexity", "with_guide", "prune",
@@ -184,13 +184,7 @@ class LambdaSweepStep:
         lams = sample_lams(self.guide.lam_range, self.lams_per_batch, self.distribution, self.stratified,
                            self.generator)
         loss = complexity_loss(self.bnn, x, y, lams, self.elbo)
-        check_finite(loss, f"the λ-averaged loss (λ = {lams})")
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
-        self.opt.step()
-        return loss.detach()
+        return descend(loss, self.opt, self.params, self.grad_clip, f"the λ-averaged loss (λ = {lams})")
 
 
 # -- fixed guides inside a BNN -------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from pyrobnn.data import ArrayLoader
 
 from .batches import Batches, check_finite_rows
 from .checkpoint import Checkpoints, latest_checkpoint, load_checkpoint
-from .loop import (History, Loop, OnRecord, Progress, TrainingDiverged, TrainingInterrupted, check_finite,
+from .loop import (History, Loop, OnRecord, Progress, TrainingDiverged, TrainingInterrupted, descend,
                    make_optimizer)
 from .schedules import KLWarmup, LRFactor, auto_kl_warmup, kl_warmup_schedule, lr_factor_schedule
 
@@ -98,13 +98,7 @@ class SVIStep:
         else:
             loss = self.elbo.differentiable_loss(self.bnn.model, self.bnn.guide, x, y)
             self._validated = True
-        check_finite(loss, "the ELBO")
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
-        self.opt.step()
-        return loss.detach()
+        return descend(loss, self.opt, self.params, self.grad_clip, "the ELBO")
 
 
 def fit(bnn: BNN, train, epochs: int, lr: float = 1e-3, *, batch_size: int = 128,

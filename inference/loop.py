@@ -43,7 +43,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 
 __all__ = ["Loop", "Position", "Progress", "History", "TrainingDiverged", "TrainingInterrupted", "check_finite",
-           "make_optimizer", "OnRecord"]
+           "descend", "make_optimizer", "OnRecord"]
 
 
 class TrainingDiverged(FloatingPointError):
@@ -131,6 +131,20 @@ def check_finite(loss: torch.Tensor, what: str = "the loss") -> None:
     before the optimiser step, so the parameters stay those of the last good step)."""
     if not torch.isfinite(loss):
         raise TrainingDiverged(f"{what} became {loss.item()}")
+
+
+def descend(loss: torch.Tensor, optimizer: torch.optim.Optimizer, params=None, grad_clip: Optional[float] = None,
+            what: str = "the loss") -> torch.Tensor:
+    """The end of a gradient step: the NaN guard (:func:`check_finite`), zeroed gradients, backward,
+    optional clipping of the gradient norm of ``params`` to ``grad_clip``, the optimiser step; returns
+    the loss detached."""
+    check_finite(loss, what)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+    return loss.detach()
 
 
 _OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}

@@ -19,7 +19,7 @@ from pyrobnn import inputs as _inputs
 
 from .batches import Batches, ShuffledBatches
 from .checkpoint import Checkpoints
-from .loop import History, Loop, OnRecord, Progress, check_finite
+from .loop import History, Loop, OnRecord, Progress, descend
 from .schedules import LRFactor, lr_factor_schedule
 
 __all__ = ["train_deterministic", "SupervisedStep", "label_loss"]
@@ -48,11 +48,7 @@ class SupervisedStep:
 
     def __call__(self, x, y):
         loss = label_loss(_inputs.call(self.net, x), y, self.task)
-        check_finite(loss)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
-        return loss.detach()
+        return descend(loss, self.opt)
 
 
 def train_deterministic(net: nn.Module, x, y: Optional[torch.Tensor] = None, *, task: str = "classification",

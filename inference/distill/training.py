@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from pyrobnn import inputs as _inputs
 
 from ..batches import Stream
-from ..loop import History, Loop, Progress, check_finite
+from ..loop import History, Loop, Progress, descend
 from ..schedules import LRFactor
 from ..supervised import label_loss
 from .adversarial import Adversarial, Discriminator, _adv_features
@@ -263,10 +263,5 @@ class DistillStep:
                 p.requires_grad_(True)
             total = total + adv.weight * g_loss
             logs["d_loss"], logs["g_loss"] = d_loss.item(), g_loss.item()
-        check_finite(total, "the distillation loss")
-        self.opt.zero_grad(set_to_none=True)
-        total.backward()
-        if self.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
-        self.opt.step()
+        descend(total, self.opt, self.params, self.grad_clip, "the distillation loss")
         return logs
