@@ -15,7 +15,7 @@ from torch.distributions import Independent, Normal, constraints
 
 from pyrobnn.fastpath import sum_scaled_squared_norms
 
-__all__ = ["LogJoint", "is_real", "scalar_normal_plan"]
+__all__ = ["LogJoint", "scalar_normal_plan"]
 
 
 def _is_real(support) -> bool:
@@ -149,5 +149,4 @@ def _scalar_normal_plan(fn):
 
 #: public names of the same objects
 LogJoint = _LogJoint
-is_real = _is_real
 scalar_normal_plan = _scalar_normal_plan
