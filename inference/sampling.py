@@ -30,8 +30,8 @@ import torch
 
 from pyrobnn import inputs
 from pyrobnn.bnn import BNN, bayesian
-from pyrobnn.diagnostics import PRECISION_SITE as _PRECISION
-from pyrobnn.diagnostics import mcmc_sample_stats, outputs_under_draws, per_draw_log_prob
+from pyrobnn.diagnostics import mcmc_sample_stats, per_draw_log_prob
+from pyrobnn.posterior import DrawSet, outputs_under_draws
 from pyrobnn.io import bnn_from_spec, read_state, write_state
 
 from .batches import ShuffledBatches, Stream
@@ -79,8 +79,10 @@ def _dataset_size(data, x_y) -> Optional[int]:
 # ----------------------------------------------------------------------------------------------------
 # the posterior object
 # ----------------------------------------------------------------------------------------------------
-class SamplePosterior:
-    """An ensemble of posterior draws of a BNN's latent sites.
+class SamplePosterior(DrawSet):
+    """An ensemble of posterior draws of a BNN's latent sites, as an SG-MCMC run (or
+    ``pyro.infer.MCMC``) leaves them: a :class:`pyrobnn.posterior.DrawSet` (``outputs``, ``predict``,
+    ``parameter_draws``, ``run``) with the sampler's statistics, held-out outputs and persistence.
 
     :ivar bnn: the :class:`pyrobnn.BNN` whose ``model`` the draws belong to.
     :ivar draws: ``{site: Tensor[C, S, *site_shape]}`` (C chains, S draws each), constrained values.
@@ -93,84 +95,11 @@ class SamplePosterior:
     def __init__(self, bnn: BNN, draws: Dict[str, torch.Tensor], stats: Optional[Dict[str, torch.Tensor]] = None,
                  eval_x: Optional[torch.Tensor] = None, eval_outputs: Optional[torch.Tensor] = None,
                  config: Optional[Dict[str, Any]] = None):
-        if not isinstance(bnn, BNN):
-            raise TypeError(f"SamplePosterior needs a pyrobnn BNN, got {type(bnn).__name__}")
-        if not draws:
-            raise ValueError("a SamplePosterior needs at least one site's draws")
-        lead = None
-        for name, v in draws.items():
-            if not isinstance(v, torch.Tensor) or v.dim() < 2:
-                raise ValueError(f"draws[{name!r}] must be a tensor [chains, draws, ...]")
-            if lead is None:
-                lead = v.shape[:2]
-            elif v.shape[:2] != lead:
-                raise ValueError(f"draws[{name!r}] has leading shape {tuple(v.shape[:2])}, others {tuple(lead)}")
-        self.bnn = bnn
-        self.draws = dict(draws)
+        super().__init__(bnn, draws)
         self.stats = dict(stats or {})
         self.eval_x = eval_x
         self.eval_outputs = eval_outputs
         self.config = dict(config or {})
-
-    @property
-    def num_chains(self) -> int:
-        return next(iter(self.draws.values())).shape[0]
-
-    @property
-    def num_draws(self) -> int:
-        """Draws per chain."""
-        return next(iter(self.draws.values())).shape[1]
-
-    def __repr__(self):
-        return (f"SamplePosterior(chains={self.num_chains}, draws={self.num_draws}, sites={list(self.draws)}, "
-                f"MB={sum(v.numel() * v.element_size() for v in self.draws.values()) / 2**20:.1f})")
-
-    # -- access ----------------------------------------------------------------------------------------
-    def missing_sites(self) -> List[str]:
-        return [s for s in _latent_sites(self.bnn) if s not in self.draws]
-
-    def get_samples(self, group_by_chain: bool = False) -> Dict[str, torch.Tensor]:
-        """``{site: [C, S, ...]}`` or, flattened over chains, ``{site: [C·S, ...]}`` (as ``MCMC.get_samples``)."""
-        if group_by_chain:
-            return dict(self.draws)
-        return {k: v.reshape((-1,) + v.shape[2:]) for k, v in self.draws.items()}
-
-    # -- prediction ------------------------------------------------------------------------------------
-    def _selected(self, num_samples):
-        flat = self.get_samples()
-        total = next(iter(flat.values())).shape[0]
-        if num_samples is not None:
-            if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-                raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
-            idx = torch.linspace(0, total - 1, min(num_samples, total)).round().long()
-            flat = {k: v[idx] for k, v in flat.items()}
-        return flat
-
-    def _outputs_and_precision(self, x, num_samples):
-        missing = self.missing_sites()
-        if missing:
-            raise ValueError(f"this posterior kept no draws of sites {missing} (keep_sites); it cannot predict")
-        flat = self._selected(num_samples)
-        outs = outputs_under_draws(self.bnn, flat, self.bnn._check_x(x))
-        precision = flat.get(_PRECISION)
-        return outs, (None if precision is None else precision.to(outs.dtype))
-
-    @torch.no_grad()
-    def sample_outputs(self, x, num_samples: Optional[int] = None) -> torch.Tensor:
-        """Network outputs ``[S', B, ...]`` under the kept draws (all C·S of them, or ``num_samples``
-        evenly spaced ones); see :func:`outputs_under_draws`."""
-        return self._outputs_and_precision(x, num_samples)[0]
-
-    @torch.no_grad()
-    def predict(self, x, num_samples: Optional[int] = None):
-        """Predictive class probabilities ``[B, C]`` (classification) or ``(mean, variance)`` — with a
-        latent noise precision the variance is var(means) + mean over draws of 1/τ."""
-        outs, precision = self._outputs_and_precision(x, num_samples)
-        lik = self.bnn.likelihood
-        if precision is None:
-            return lik.aggregate(outs)
-        means = lik._mean(outs)
-        return means.mean(0), means.var(0, unbiased=False) + precision.reciprocal().mean()
 
     @torch.no_grad()
     def evaluate(self, x, y, num_samples: Optional[int] = None) -> Dict[str, float]:
@@ -232,20 +161,6 @@ class SamplePosterior:
 
 def _deterministic_state(bnn: BNN) -> Dict[str, torch.Tensor]:
     return {k: v for k, v in bnn.state_dict().items() if not k.startswith("autoguide.")}
-
-
-def _has_latent_likelihood(bnn) -> bool:
-    return getattr(bnn.likelihood, "scale_mode", None) == "latent"
-
-
-# ----------------------------------------------------------------------------------------------------
-# outputs under a set of draws
-# ----------------------------------------------------------------------------------------------------
-def _latent_sites(bnn: BNN) -> List[str]:
-    names = list(bnn.site_priors)
-    if _has_latent_likelihood(bnn):
-        names.append(_PRECISION)
-    return names
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ import itertools
 import math
 import weakref
 from contextlib import contextmanager
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 import pyro
 import pyro.poutine as poutine
@@ -332,16 +332,92 @@ class BNN(nn.Module):
         self.likelihood.sample_latents()
         return self._run_net(x)
 
-    @torch.no_grad()
+    @contextmanager
+    def _predicting(self):
+        """Eval mode, no trace escaping, and a latent noise precision set by a draw restored afterwards."""
+        saved = getattr(self.likelihood, "_precision", None)
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad(), poutine.block():
+                yield
+        finally:
+            self.train(was_training)
+            if hasattr(self.likelihood, "_precision"):
+                self.likelihood._precision = saved
+
+    @staticmethod
+    def _check_num_samples(num_samples):
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+
+    # -- the posterior protocol (pyrobnn.posterior.Posterior): the BNN with its guide -----------------
+    def parameter_draws(self, num_samples: int = 32, *,
+                        generator: Optional[torch.Generator] = None) -> List[Dict[str, torch.Tensor]]:
+        """``num_samples`` joint draws of the latent sites from the guide, each ``{site: tensor}``
+        (constrained values). pyrobnn's guides draw with ``generator``; other guides draw from Pyro's
+        global random state and refuse a generator."""
+        self._check_num_samples(num_samples)
+        guide = self.autoguide
+        if getattr(guide, "prototype_trace", None) is None:
+            raise ValueError("the BNN's guide has not been initialised; train it (or call bnn.initialize(x)) first")
+        if hasattr(guide, "sample_latents"):
+            stacked = guide.sample_latents(num_samples, generator=generator)
+        else:
+            if generator is not None:
+                raise ValueError(f"{type(guide).__name__} draws from Pyro's global random state; pass generator=None "
+                                 "(and seed with pyro.set_rng_seed)")
+            if self.input_signature is None:
+                raise ValueError("the BNN has never run on data; run it once (bnn.initialize(x)) first")
+            x = self.input_signature.example(2)
+            with torch.no_grad(), poutine.block():
+                traces = [poutine.trace(guide).get_trace(x) for _ in range(num_samples)]
+            names = [n for n, site in traces[0].nodes.items() if site["type"] == "sample"]
+            stacked = {n: torch.stack([t.nodes[n]["fn"].sample() for t in traces]) for n in names}
+        return [{k: v[s].detach() for k, v in stacked.items()} for s in range(num_samples)]
+
+    def run(self, draw: Mapping[str, torch.Tensor], x) -> torch.Tensor:
+        """The network's output on ``x`` ``[B, ...]`` with every latent site fixed to ``draw``
+        (``{site: tensor}``, as :meth:`parameter_draws` or a sampler gives): ``[B, ...]``, in eval mode,
+        without gradients. Works under ``torch.func.vmap`` over the draw's tensors."""
+        if not isinstance(draw, Mapping):
+            raise TypeError(f"a draw of a BNN is a mapping {{site: tensor}}, got {type(draw).__name__}")
+        missing = [s for s in self.site_priors if s not in draw]
+        if missing:
+            raise ValueError(f"the draw has no value for sites {missing}")
+        x = self._check_x(x)
+        with self._predicting():
+            return poutine.condition(self._net_only, data=draw)(x)
+
+    def outputs(self, x, num_samples: int = 32, *, batch_size: Optional[int] = None) -> torch.Tensor:
+        """Network outputs ``[S, B, ...]`` under ``num_samples`` draws of the guide (what :meth:`predict`
+        summarises), ``batch_size`` rows of ``x`` at a time (default: 16384 / S rows with local
+        reparameterisation, all rows otherwise). Without local reparameterisation each draw is one
+        weight sample used for every batch, so ``batch_size`` does not change the numbers; with it the
+        activations are sampled per row, and the batching changes which random numbers a row sees."""
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or
+                                       batch_size < 1):
+            raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
+        return self._sample_outputs(x, num_samples, batch_size, batch_size)
+
+    def network(self, draw=None) -> nn.Module:
+        """The module whose layers run every draw (``bnn.net``; where forward hooks attach)."""
+        return self.net
+
+    # -- prediction ---------------------------------------------------------------------------------
     def sample_outputs(self, x, num_samples: int = 32, max_rows: int = 16384) -> torch.Tensor:
         """Network outputs under ``num_samples`` posterior draws: ``[S, B, ...]``.
 
         With local reparameterisation on every site, the S draws of one example are independent rows
-        of a single batched forward (exact per-example marginals; no Python loop over draws).
-        Otherwise each draw runs the guide and the network once.
+        of a single batched forward (exact per-example marginals; no Python loop over draws), at most
+        ``max_rows`` rows at a time. Otherwise each draw runs the guide and the network once.
         """
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+        self._check_num_samples(num_samples)
+        return self._sample_outputs(x, num_samples, max(1, max_rows // num_samples), None)
+
+    @torch.no_grad()
+    def _sample_outputs(self, x, num_samples, local_rows, rows):
+        self._check_num_samples(num_samples)
         x = self._check_x(x)
         was_training = self.training
         self.eval()
@@ -350,10 +426,11 @@ class BNN(nn.Module):
                 if self.autoguide.prototype_trace is None:
                     self.initialize(x)
                     x = self._check_x(x)  # as the first run decided (integer inputs to a float network)
+                B = inputs.batch_size(x)
                 if self._all_local():
-                    chunk = max(1, max_rows // num_samples)
+                    chunk = local_rows or max(1, 16384 // num_samples)
                     outs = []
-                    for i in range(0, inputs.batch_size(x), chunk):
+                    for i in range(0, B, chunk):
                         xb = inputs.rows(x, i, i + chunk)
                         tr = poutine.trace(self.autoguide).get_trace(xb)
                         o = poutine.replay(self._net_only, tr)(inputs.repeat(xb, num_samples))
@@ -362,7 +439,11 @@ class BNN(nn.Module):
                 outs = []
                 for _ in range(num_samples):
                     tr = poutine.trace(self.autoguide).get_trace(x)
-                    outs.append(poutine.replay(self._net_only, tr)(x))
+                    net = poutine.replay(self._net_only, tr)
+                    if rows is None or rows >= B:
+                        outs.append(net(x))
+                    else:
+                        outs.append(torch.cat([net(inputs.rows(x, i, i + rows)) for i in range(0, B, rows)]))
                 return torch.stack(outs)
         finally:
             self.train(was_training)
@@ -370,13 +451,13 @@ class BNN(nn.Module):
     @torch.no_grad()
     def predict(self, x, num_samples: int = 32):
         """Posterior predictive summary: class probabilities (classification) or (mean, variance)."""
-        return self.likelihood.aggregate(self.sample_outputs(x, num_samples))
+        return self.likelihood.aggregate(self.outputs(x, num_samples))
 
     @torch.no_grad()
     def evaluate(self, x, y, num_samples: int = 32) -> Dict[str, float]:
         """Metrics of the posterior predictive on ``(x, y)`` (see :func:`pyrobnn.metrics.evaluate_outputs`)."""
         from .metrics import evaluate_outputs
-        outs = self.sample_outputs(x, num_samples)
+        outs = self.outputs(x, num_samples)
         y = self.likelihood.check_targets(outs[0], y)
         return evaluate_outputs(self.likelihood, outs, y)
 

@@ -44,58 +44,10 @@ import torch
 from . import arviz_compat as compat
 from . import inputs
 from .arviz_compat import from_groups, group, group_names, is_inference_data
+from .posterior import PRECISION_SITE, DrawSet, Posterior, outputs_under_draws
 
-__all__ = ["to_inference_data", "function_space_diagnostics", "outputs_under_draws", "per_draw_precision",
-           "per_draw_log_prob", "mcmc_sample_stats"]
-
-PRECISION_SITE = "likelihood.precision"
-
-
-# ----------------------------------------------------------------------------------------------------
-# network outputs under draws
-# ----------------------------------------------------------------------------------------------------
-def _net_under(bnn, draw: Dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    return poutine.condition(bnn._net_only, data=draw)(x)
-
-
-def outputs_under_draws(bnn, draws: Dict[str, torch.Tensor], x: torch.Tensor, chunk: int = 64,
-                        max_rows: int = 1 << 16) -> torch.Tensor:
-    """Network outputs ``[S, B, ...]`` of a BNN for draws ``{site: [S, *site_shape]}`` on ``x`` ``[B, ...]``.
-
-    Draws run ``chunk`` at a time through ``torch.func.vmap`` (one batched functional forward); a
-    Python loop over draws is the fallback for networks that cannot be vmapped. Inputs are split into
-    blocks of ``max_rows // chunk`` rows to bound the activations' memory.
-    """
-    draws = {k: v for k, v in draws.items() if k != PRECISION_SITE}  # the network does not read it
-    if not draws:
-        raise ValueError("no weight draws given")
-    S = next(iter(draws.values())).shape[0]
-    dtype = torch.get_default_dtype()
-    rows = max(1, max_rows // max(1, min(chunk, S)))
-    saved_precision = getattr(bnn.likelihood, "_precision", None)
-    was_training = bnn.training
-    bnn.eval()
-    outs = []
-    try:
-        with torch.no_grad(), poutine.block():
-            for s0 in range(0, S, chunk):
-                part = {k: v[s0:s0 + chunk].to(dtype) for k, v in draws.items()}
-                cols = []
-                for r0 in range(0, inputs.batch_size(x), rows):
-                    xb = inputs.rows(x, r0, r0 + rows)
-                    try:
-                        o = torch.func.vmap(lambda d: _net_under(bnn, d, xb))(part)
-                    except (RuntimeError, ValueError, NotImplementedError):
-                        n = next(iter(part.values())).shape[0]
-                        o = torch.stack([_net_under(bnn, {k: v[i] for k, v in part.items()}, xb) for i in range(n)])
-                    cols.append(o)
-                outs.append(torch.cat(cols, 1))
-    finally:
-        bnn.train(was_training)
-        if hasattr(bnn.likelihood, "_precision"):
-            bnn.likelihood._precision = saved_precision  # a value set inside vmap must not escape it
-    return torch.cat(outs, 0)
-
+__all__ = ["to_inference_data", "function_space_diagnostics", "per_draw_precision", "per_draw_log_prob",
+           "mcmc_sample_stats"]
 
 class per_draw_precision:
     """Context in which a ``Gaussian(scale="latent")`` likelihood evaluates ``log_prob(outs [S, B, ...])``
@@ -179,33 +131,29 @@ def _from_source(obj, bnn, data, num_samples, seed):
         if data is None and bnn is not None and len(args) >= 2 and args[1] is not None:
             data = (args[0], args[1])
         return draws, stats, bnn, data, (obj.kernel.model, args, kwargs), None
-    if hasattr(obj, "draws") and hasattr(obj, "bnn") and hasattr(obj, "eval_outputs"):  # a SamplePosterior
-        ev = None if obj.eval_outputs is None else (obj.eval_x, obj.eval_outputs)
-        return dict(obj.draws), dict(obj.stats), obj.bnn, data, None, ev
+    if isinstance(obj, DrawSet):  # stored draws (a SamplePosterior among them), chains kept apart
+        outs = getattr(obj, "eval_outputs", None)
+        ev = None if outs is None else (obj.eval_x, outs)
+        return dict(obj.draws), dict(getattr(obj, "stats", {})), obj.bnn, data, None, ev
     if _is_bnn(obj):
         return _guide_draws(obj, data, num_samples, seed), {}, obj, data, None, None
-    raise TypeError("to_inference_data takes a pyro.infer.MCMC run, a pyrobnn SamplePosterior or a BNN with "
-                    f"a trained guide; got {type(obj).__name__}")
+    if isinstance(obj, Posterior):
+        raise TypeError(f"to_inference_data needs draws of a BNN's latent sites; a {type(obj).__name__} has none "
+                        "(function_space_diagnostics takes its outputs)")
+    raise TypeError("to_inference_data takes a pyro.infer.MCMC run, a pyrobnn SamplePosterior or DrawSet, or a BNN "
+                    f"with a trained guide; got {type(obj).__name__}")
 
 
 def _guide_draws(bnn, data, num_samples, seed) -> Dict[str, torch.Tensor]:
+    """One chain of ``num_samples`` guide draws (:meth:`pyrobnn.BNN.parameter_draws`), seeded by ``seed``."""
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
-    guide = bnn.autoguide
-    if getattr(guide, "prototype_trace", None) is None:
-        raise ValueError("the BNN's guide has not been initialised; train it (or call bnn.initialize(x)) first")
-    generator = torch.Generator().manual_seed(seed)
-    if hasattr(guide, "sample_latents"):
-        draws = guide.sample_latents(num_samples, generator=generator)
+    if hasattr(bnn.autoguide, "sample_latents"):
+        draws = bnn.parameter_draws(num_samples, generator=torch.Generator().manual_seed(seed))
     else:
-        if data is None:
-            raise ValueError("pass data=(x, y) to draw from this guide")
         torch.manual_seed(seed)
-        with torch.no_grad(), poutine.block():
-            traces = [poutine.trace(guide).get_trace(data[0]) for _ in range(num_samples)]
-        names = [n for n, s in traces[0].nodes.items() if s["type"] == "sample"]
-        draws = {n: torch.stack([t.nodes[n]["fn"].sample() for t in traces]) for n in names}
-    return {k: v.detach()[None] for k, v in draws.items()}
+        draws = bnn.parameter_draws(num_samples)
+    return {k: torch.stack([d[k] for d in draws])[None] for k in draws[0]}
 
 
 def _thin(arrays: Dict[str, torch.Tensor], max_draws: Optional[int]) -> Dict[str, torch.Tensor]:
@@ -511,8 +459,10 @@ def function_space_diagnostics(source, *, x=None, var_name: Optional[str] = None
     invariant to weight-space symmetries (see the module docstring).
 
     :param source: ArviZ data (``InferenceData`` or ``DataTree``) with a ``predictions`` group (``p_test``/``f_test``), a
-        ``SamplePosterior`` (its ``eval_outputs``, or outputs on ``x``), or an array ``[C, S, ...]`` of
-        per-draw predictions.
+        ``SamplePosterior`` (its ``eval_outputs``, or outputs on ``x``), any other
+        :class:`pyrobnn.posterior.Posterior` (its outputs on ``x``, one chain; a BNN's likelihood turns
+        them into predictions, other posteriors' outputs are used as they are), or an array
+        ``[C, S, ...]`` of per-draw predictions.
     :returns: ``rhat_max``, ``rhat_median``, ``ess_bulk_min``, ``ess_bulk_median``, ``ess_tail_min``,
         ``num_quantities`` (rank-normalised split R-hat and ESS of ArviZ, over every predicted number).
     """
@@ -522,19 +472,21 @@ def function_space_diagnostics(source, *, x=None, var_name: Optional[str] = None
         ds = group(source, "predictions")
         name = var_name or next(iter(ds.data_vars))
         arr = np.asarray(ds[name].values)
-    elif hasattr(source, "draws") and hasattr(source, "eval_outputs"):
+    elif isinstance(source, Posterior):
         if x is not None:
-            C, S = source.num_chains, source.num_draws
-            outs = source.sample_outputs(x)
-            arr = outs.reshape((C, S) + outs.shape[1:])
-        elif source.eval_outputs is not None:
+            outs = source.outputs(x)
+            C = source.num_chains if isinstance(source, DrawSet) else 1
+            arr = outs.reshape((C, outs.shape[0] // C) + outs.shape[1:])
+        elif getattr(source, "eval_outputs", None) is not None:
             arr = source.eval_outputs
         else:
             raise ValueError("this posterior recorded no eval_outputs; pass x=held-out inputs")
-        lik = source.bnn.likelihood
+        bnn = source if _is_bnn(source) else getattr(source, "bnn", None)
         arr = torch.as_tensor(arr).float()
-        arr = arr.softmax(-1) if lik.task == "classification" and arr.shape[-1] > 1 else lik._mean(arr) \
-            if lik.task == "regression" else torch.sigmoid(arr)
+        if bnn is not None:
+            lik = bnn.likelihood
+            arr = arr.softmax(-1) if lik.task == "classification" and arr.shape[-1] > 1 else lik._mean(arr) \
+                if lik.task == "regression" else torch.sigmoid(arr)
         arr = arr.numpy()
     else:
         arr = np.asarray(source.detach().cpu() if isinstance(source, torch.Tensor) else source)

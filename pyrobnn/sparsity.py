@@ -27,7 +27,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Union
 
-import pyro.poutine as poutine
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -170,15 +169,7 @@ def masked_means(bnn, mask: Optional[Dict[str, torch.Tensor]] = None, **mask_kwa
 def masked_mean_forward(bnn, x, mask: Optional[Dict[str, torch.Tensor]] = None, **mask_kwargs) -> torch.Tensor:
     """Output of the masked posterior-mean network on ``x`` (``[B, ...]`` → network output ``[B, ...]``),
     run through the BNN's own layers with every site conditioned to its masked mean."""
-    values = masked_means(bnn, mask, **mask_kwargs)
-    x = bnn._check_x(x)
-    was_training = bnn.training
-    bnn.eval()
-    try:
-        with poutine.block():
-            return poutine.condition(bnn._net_only, data=values)(x)
-    finally:
-        bnn.train(was_training)
+    return bnn.run(masked_means(bnn, mask, **mask_kwargs), x)
 
 
 # -- report ------------------------------------------------------------------------------------------------
@@ -236,14 +227,9 @@ def _output_positions(bnn, values):
             def hook(mod, inp, out, name=name, channels=channels, dim=dim):
                 positions[name] = out[0].numel() // channels if out.shape[dim] == channels else None
             hooks.append(m.register_forward_hook(hook))
-    was_training = bnn.training
-    bnn.eval()
     try:
-        x = bnn.input_signature.example(1)
-        with poutine.block():
-            poutine.condition(bnn._net_only, data=values)(x)
+        bnn.run(values, bnn.input_signature.example(1))
     finally:
-        bnn.train(was_training)
         for h in hooks:
             h.remove()
     return positions
