@@ -27,7 +27,7 @@ LAYERS: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
     ("blocks", ("pyrobnn.priors", "pyrobnn.priors.*", "pyrobnn.guides", "pyrobnn.guides.*", "pyrobnn.layers",
                 "pyrobnn.likelihoods", "pyrobnn.metrics")),
     ("network", ("pyrobnn.randomize", "pyrobnn.bnn", "pyrobnn.io")),
-    ("posterior", ("pyrobnn", "pyrobnn.diagnostics", "pyrobnn.arviz_compat", "pyrobnn.plots",
+    ("posterior", ("pyrobnn", "pyrobnn.posterior", "pyrobnn.diagnostics", "pyrobnn.arviz_compat", "pyrobnn.plots",
                    "pyrobnn.sparsity", "pyrobnn.relevance")),
     ("models", ("pyrobnn.models", "pyrobnn.models.*")),
     ("inference", ("pyrobnn.inference", "pyrobnn.inference.*", "pyrobnn.dwp")),
