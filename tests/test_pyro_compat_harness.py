@@ -44,10 +44,15 @@ def test_runner_pairs_each_added_test_with_autonormal_and_adapts_only_known_text
         "test_shapes[Trace_ELBO-init_to_mean-AutoNormal]"
     assert run.counterpart("test_x[partial(AdditiveNoise,init_loc_fn=f)]", "AdditiveNoise") == \
         "test_x[partial(AutoNormal,init_loc_fn=f)]"
-    src = "def test_exact_tree(Guide):\n    is_exact = Guide not in (\n        AutoNormal,\n        AutoDelta,\n    )\n"
+    scores = ('def test_scores(auto_class):\n    prefix = auto_class.__name__\n    if prefix != "AutoNormal":\n'
+              '        pass\n')
+    src = "def test_exact_tree(Guide):\n    is_exact = Guide not in (\n        AutoNormal,\n        AutoDelta,\n    )\n" + scores
     adapted = run.adapt(src)
     assert "        MeanField,\n        AdditiveNoise,\n" in adapted and adapted.startswith("from pyrobnn.guides")
+    assert 'if prefix in ("MeanField", "AdditiveNoise"):' in adapted and adapted.count('if prefix != "AutoNormal":') == 1
     with pytest.raises(SystemExit, match="cannot adapt test_exact_tree"):
-        run.adapt("def test_exact_tree(Guide):\n    pass\n")
+        run.adapt("def test_exact_tree(Guide):\n    pass\n" + scores)
+    with pytest.raises(SystemExit, match="cannot adapt test_scores"):
+        run.adapt("def test_exact_tree(Guide):\n    is_exact = Guide not in (\n        AutoNormal,\n    )\n")
     with pytest.raises(SystemExit, match="not a Pyro source tree"):
         run.obtain("0.0.0", source=str(HERE))
