@@ -243,3 +243,19 @@ def test_loop_argument_errors():
     with pytest.raises(ValueError, match="per must be"):
         LRFactor(None, 0.1, lambda e: 1.0, per="batch")
     assert OnRecord(lambda a, r: r["x"] > 1, "a").on_record(None, {"x": 2}) is True
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_adversarial_distillation_with_input_noise_and_the_deterministic_trainer_on_the_gpu():
+    from pyrobnn.inference import distill, train_deterministic
+    dev = torch.device("cuda")
+    x, y = _data(64)
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2)).to(dev)
+    labels = (y > y.median()).long().to(dev)
+    train_deterministic(teacher, x.to(dev), labels, epochs=3, batch_size=16, seed=0)
+    student, rec = distill(teacher, nn.Linear(3, 2).to(dev), x.to(dev), steps=20, batch_size=16, seed=0,
+                           input_noise=0.1, adversarial=True, log_every=10)
+    assert next(student.parameters()).device.type == "cuda" and len(rec) == 2
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["d_loss"]) for r in rec.records)

@@ -223,7 +223,7 @@ class DistillStep:
         t, task, temperature, adv = self.teacher, self.task, self.temperature, self.adv
         if self.input_noise > 0:
             xb = _inputs.map_leaves(xb, lambda v: v + self.input_noise * torch.randn(
-                v.shape, generator=self.generator, dtype=v.dtype) if v.is_floating_point() else v)
+                v.shape, generator=self.generator, dtype=v.dtype).to(v.device) if v.is_floating_point() else v)
         if self.cached is not None:
             target, th = _index_target(self.cached, idx, task), None
         else:
@@ -245,11 +245,11 @@ class DistillStep:
             sh = store[0] if store else None
             ft, fs = _adv_features(target, out, task, temperature, None if th is None else (th, sh))
             if self.disc is None:
-                self.disc = Discriminator(ft.shape[-1], adv.width, adv.spectral_norm)
+                self.disc = Discriminator(ft.shape[-1], adv.width, adv.spectral_norm).to(ft.device)
                 self.d_opt = torch.optim.Adam(self.disc.parameters(), lr=adv.lr, betas=(0.5, 0.999))
             disc = self.disc
-            ones = torch.full((ft.shape[0],), 1.0 - adv.label_smoothing)
-            zeros = torch.zeros(fs.shape[0])
+            ones = torch.full((ft.shape[0],), 1.0 - adv.label_smoothing, device=ft.device)
+            zeros = torch.zeros(fs.shape[0], device=fs.device)
             for _ in range(adv.d_steps):
                 d_loss = F.binary_cross_entropy_with_logits(disc(ft.detach()), ones) + \
                     F.binary_cross_entropy_with_logits(disc(fs.detach()), zeros)
@@ -258,7 +258,7 @@ class DistillStep:
                 self.d_opt.step()
             for p in disc.parameters():
                 p.requires_grad_(False)
-            g_loss = F.binary_cross_entropy_with_logits(disc(fs), torch.ones(fs.shape[0]))
+            g_loss = F.binary_cross_entropy_with_logits(disc(fs), torch.ones(fs.shape[0], device=fs.device))
             for p in disc.parameters():
                 p.requires_grad_(True)
             total = total + adv.weight * g_loss
