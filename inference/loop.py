@@ -38,7 +38,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -188,6 +188,14 @@ class Loop:
                  history: Optional[History] = None, diverged_at: str = "epoch"):
         if resume and checkpoints is None:
             raise ValueError("resume=True needs checkpoint_dir")
+        for name, v, lo in (("epochs", epochs, 1), ("record_every", record_every, 1),
+                            ("checkpoint_every", checkpoint_every, 1)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < lo):
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if diverged_at not in ("epoch", "step"):
+            raise ValueError(f"diverged_at must be 'epoch' or 'step', got {diverged_at!r}")
+        if not callable(step):
+            raise TypeError(f"the step must be callable, got {type(step).__name__}")
         self.step, self.batches, self.epochs, self.model = step, batches, epochs, model
         self.schedules, self.callbacks = list(schedules), list(callbacks)
         self.summarize, self.record_every, self.progress = summarize, record_every, progress
@@ -238,7 +246,8 @@ class Loop:
         return any(bool(cb.on_record(self, record)) for cb in self.callbacks if hasattr(cb, "on_record"))
 
     # -- the loop ------------------------------------------------------------------------------------
-    def run(self) -> History:
+    def _start(self) -> Tuple[int, int]:
+        """The resume point (after restoring the newest checkpoint when resuming), ranks synchronised."""
         start_epoch, start_step = 0, 0
         if self.resume:
             found = self.checkpoints.restore(self.history, self.batches)
@@ -249,103 +258,118 @@ class Loop:
                     start_step = 0
         if self.distributed is not None:  # rank 0's parameters everywhere, same resume point, gradient all-reduce
             self.distributed.synchronize(self.model, start_epoch, start_step)
-        spe = len(self.batches)
-        if start_step >= spe:
+        if start_step >= len(self.batches):
             start_epoch, start_step = start_epoch + 1, 0
         if self.checkpoints is not None:
             self.checkpoints.prepare()
-        main = self.is_main
-        saving = main and self.checkpoints is not None
-        tqdm = None
-        if self.progress is not None and main:
+        return start_epoch, start_step
+
+    def run(self) -> History:
+        """Train from the start (or the resume point) to the last epoch; returns the history."""
+        start_epoch, start_step = self._start()
+        self._saving = self.is_main and self.checkpoints is not None
+        self._tqdm = None
+        if self.progress is not None and self.is_main:
             try:
                 from tqdm.auto import tqdm
+                self._tqdm = tqdm
             except ImportError:  # pragma: no cover
-                tqdm = None
-        bar = None
+                pass
+        self._bar = None
         self.started = time.perf_counter()
         try:
             for epoch in range(start_epoch, self.epochs):
-                if self.model is not None:
-                    self.model.train()
-                self.epoch_started = time.perf_counter()
-                if not self.record_every:   # records every n steps run across epoch boundaries
-                    self.sums, self.count = {}, 0
-                if tqdm is not None:
-                    bar = tqdm(total=spe, initial=start_step, desc=self.progress.desc(epoch, self.epochs),
-                               leave=False, dynamic_ncols=self.progress.dynamic_ncols)
-                step = start_step
-                self.position = Position(epoch, step, spe)
-                batches = self.batches.epoch(epoch, start_step)
-                stop = False
-                while step < spe:
-                    pos = self.position = Position(epoch, step, spe)
-                    if hasattr(self.step, "begin"):
-                        self.step.begin(pos)
-                    try:
-                        batch = next(batches)
-                    except StopIteration:
-                        break
-                    if self.distributed is not None:
-                        self.distributed.begin_step(epoch, step)
-                    for schedule in self.schedules:
-                        schedule(pos)
-                    try:
-                        out = self.step(*batch)
-                    except TrainingDiverged as e:
-                        raise self._diverged(e, pos) from None
-                    logs = self._log(out)
-                    if "loss" in logs and not math.isfinite(logs["loss"]):
-                        raise self._diverged(TrainingDiverged(f"the loss became {logs['loss']}"), pos, updated=True)
-                    for k, v in logs.items():
-                        self.sums[k] = self.sums.get(k, 0.0) + v
-                    self.count += 1
-                    step += 1
-                    recorded = False
-                    if self.summarize is not None and self.record_every and \
-                            ((pos.global_step + 1) % self.record_every == 0 or
-                             (epoch + 1 == self.epochs and step == spe)):
-                        record = self._make_record()
-                        self.sums, self.count = {}, 0
-                        stop = self._on_record(record) or stop
-                        recorded = True
-                    if bar is not None:
-                        bar.update(1)
-                        p = self.progress
-                        if p.postfix is not None and ((p.postfix_every and step % p.postfix_every == 0) or
-                                                      (p.postfix_every is None and recorded)):
-                            bar.set_postfix(**p.postfix(self))
-                    for cb in self.callbacks:
-                        if hasattr(cb, "on_step_end"):
-                            cb.on_step_end(self, pos, logs)
-                    if saving and self.checkpoint_every and step % self.checkpoint_every == 0 and step < spe:
-                        self._save(epoch, step)
-                    if self.stop_requested is not None and step < spe and self.stop_requested():
-                        if bar is not None:
-                            bar.close()
-                            bar = None
-                        raise TrainingInterrupted(self._save(epoch, step) if saving else None, epoch, step)
-                    if stop:
-                        break
-                if bar is not None:
-                    bar.close()
-                    bar = None
+                stop = self._epoch(epoch, start_step)
                 start_step = 0
-                if self.summarize is not None and not self.record_every:
-                    record = self._make_record()
-                    if self.progress is not None and self.progress.write_records and tqdm is not None:
-                        shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in record.items()}
-                        tqdm.write(" ".join(f"{k}={v}" for k, v in shown.items()))
-                    stop = self._on_record(record)
-                if saving:  # after the callbacks: what they add to the record, and the RNG they drew, is saved
-                    self._save(epoch + 1, 0)
-                if self.distributed is not None:
-                    stop = self.distributed.any(stop)
-                if stop:
+                if self._end_of_epoch(epoch, stop):
                     break
                 if self.stop_requested is not None and epoch + 1 < self.epochs and self.stop_requested():
-                    raise TrainingInterrupted(self.last_checkpoint if main else None, epoch + 1, 0)
+                    raise TrainingInterrupted(self.last_checkpoint if self.is_main else None, epoch + 1, 0)
         finally:
-            if bar is not None:
-                bar.close()
+            self._close_bar()
         return self.history
+
+    def _close_bar(self):
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def _epoch(self, epoch: int, start_step: int) -> bool:
+        """The steps of one epoch from ``start_step``; True when a callback asked to stop."""
+        spe = len(self.batches)
+        if self.model is not None:
+            self.model.train()
+        self.epoch_started = time.perf_counter()
+        if not self.record_every:   # records every n steps run across epoch boundaries
+            self.sums, self.count = {}, 0
+        if self._tqdm is not None:
+            self._bar = self._tqdm(total=spe, initial=start_step, desc=self.progress.desc(epoch, self.epochs),
+                                   leave=False, dynamic_ncols=self.progress.dynamic_ncols)
+        self.position = Position(epoch, start_step, spe)
+        batches = self.batches.epoch(epoch, start_step)
+        for step in range(start_step, spe):
+            pos = self.position = Position(epoch, step, spe)
+            if hasattr(self.step, "begin"):
+                self.step.begin(pos)
+            try:
+                batch = next(batches)
+            except StopIteration:
+                break
+            if self._step(pos, batch):
+                return True
+        return False
+
+    def _step(self, pos: Position, batch) -> bool:
+        """One step and what follows it; True when a callback asked to stop."""
+        epoch, spe = pos.epoch, pos.steps_per_epoch
+        if self.distributed is not None:
+            self.distributed.begin_step(epoch, pos.step)
+        for schedule in self.schedules:
+            schedule(pos)
+        try:
+            out = self.step(*batch)
+        except TrainingDiverged as e:
+            raise self._diverged(e, pos) from None
+        logs = self._log(out)
+        if "loss" in logs and not math.isfinite(logs["loss"]):
+            raise self._diverged(TrainingDiverged(f"the loss became {logs['loss']}"), pos, updated=True)
+        for k, v in logs.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.count += 1
+        done = pos.step + 1                     # steps done in this epoch
+        stop = recorded = False
+        if self.summarize is not None and self.record_every and \
+                ((pos.global_step + 1) % self.record_every == 0 or (epoch + 1 == self.epochs and done == spe)):
+            record = self._make_record()
+            self.sums, self.count = {}, 0
+            stop, recorded = self._on_record(record), True
+        if self._bar is not None:
+            self._bar.update(1)
+            p = self.progress
+            if p.postfix is not None and ((p.postfix_every and done % p.postfix_every == 0) or
+                                          (p.postfix_every is None and recorded)):
+                self._bar.set_postfix(**p.postfix(self))
+        for cb in self.callbacks:
+            if hasattr(cb, "on_step_end"):
+                cb.on_step_end(self, pos, logs)
+        if self._saving and self.checkpoint_every and done % self.checkpoint_every == 0 and done < spe:
+            self._save(epoch, done)
+        if self.stop_requested is not None and done < spe and self.stop_requested():
+            self._close_bar()
+            raise TrainingInterrupted(self._save(epoch, done) if self._saving else None, epoch, done)
+        return stop
+
+    def _end_of_epoch(self, epoch: int, stop: bool) -> bool:
+        """The epoch's record, callbacks and checkpoint; True when training stops here."""
+        self._close_bar()
+        if self.summarize is not None and not self.record_every:
+            record = self._make_record()
+            if self.progress is not None and self.progress.write_records and self._tqdm is not None:
+                shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in record.items()}
+                self._tqdm.write(" ".join(f"{k}={v}" for k, v in shown.items()))
+            stop = self._on_record(record)
+        if self._saving:  # after the callbacks: what they add to the record, and the RNG they drew, is saved
+            self._save(epoch + 1, 0)
+        if self.distributed is not None:
+            stop = self.distributed.any(stop)
+        return stop

@@ -240,6 +240,12 @@ def test_every_trainer_runs_on_the_loop(monkeypatch):
 def test_loop_argument_errors():
     with pytest.raises(ValueError, match="resume=True needs checkpoint_dir"):
         Loop(lambda x, y: 0.0, Batches(_data(), 16, 0), resume=True)
+    for kw, msg in (({"epochs": 0}, "epochs must be a positive integer"),
+                    ({"record_every": True}, "record_every must be"), ({"diverged_at": "x"}, "diverged_at")):
+        with pytest.raises(ValueError, match=msg):
+            Loop(lambda x, y: 0.0, Batches(_data(), 16, 0), **kw)
+    with pytest.raises(TypeError, match="the step must be callable"):
+        Loop(None, Batches(_data(), 16, 0))
     with pytest.raises(ValueError, match="per must be"):
         LRFactor(None, 0.1, lambda e: 1.0, per="batch")
     assert OnRecord(lambda a, r: r["x"] > 1, "a").on_record(None, {"x": 2}) is True
