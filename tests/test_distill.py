@@ -434,3 +434,57 @@ def test_cli_takes_a_saved_sample_posterior_file(tmp_path):
     metrics = json.loads((tmp_path / "s" / "metrics.json").read_text())
     assert metrics["distill"]["teacher"] == "SampleTeacher" and metrics["distill"]["steps"] == 5
     assert load_student(tmp_path / "s" / "student.safetensors")[0](ds.x_test[:2]).shape == (2, 10)
+
+
+# ----------------------------------------------------------------------------------------------------
+# teachers are posteriors (pyrobnn.posterior)
+# ----------------------------------------------------------------------------------------------------
+def test_every_teacher_answers_the_posterior_protocol():
+    from pyrobnn.inference.distill import GuideTeacher, PosteriorTeacher, SampleTeacher
+    from pyrobnn.posterior import Ensemble, Posterior
+    torch.manual_seed(0)
+    bnn, x, y = _regression_bnn(n=40)
+    bnn.initialize(x)
+    post = pyrobnn.inference.sample(bnn, (x, y), num_samples=4, warmup_steps=5, thin=1, batch_size=20,
+                                    step_size=1e-4, seed=0)
+    chain = SGLDChain(bnn, (x, y), step_size=1e-4, batch_size=20, seed=1)
+    chain.advance()
+    net = nn.Sequential(nn.Linear(3, 6), nn.ReLU(), nn.Dropout(0.5), nn.Linear(6, 2))
+    teachers = [SampleTeacher(post), GuideTeacher(bnn), MCDropout(net), Deterministic(nn.Linear(3, 2)), chain,
+                PosteriorTeacher(Ensemble([nn.Linear(3, 2), nn.Linear(3, 2)]))]
+    for t in teachers:
+        assert isinstance(t, Posterior), type(t).__name__
+        draws = t.parameter_draws(2)
+        outs = t.outputs(x[:5], 2)
+        assert outs.shape[1] == 5 and torch.isfinite(outs).all(), type(t).__name__
+        assert t.run(draws[0], x[:5]).shape == outs.shape[1:], type(t).__name__
+        assert isinstance(t.network(), nn.Module)
+    # the running chain's one draw is its current state, run through the BNN's public forward under a draw
+    state = chain.current()
+    assert torch.equal(chain.outputs(x[:5])[0], bnn.run(state, x[:5]))
+    assert torch.equal(chain.draws(x[:5]).mean[0], bnn.likelihood._mean(bnn.run(state, x[:5])))
+    # stored draws: the teacher's outputs are the posterior's
+    assert torch.equal(SampleTeacher(post).outputs(x[:5]), post.outputs(x[:5]))
+
+
+def test_an_ensemble_teaches_its_members_average_predictive_and_hidden_layer():
+    torch.manual_seed(0)
+    members = [nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3)) for _ in range(3)]
+    t = as_teacher(members)
+    x = torch.randn(12, 5)
+    d = t.draws(x, None, hidden="1")
+    with torch.no_grad():
+        assert torch.equal(d.logits, torch.stack([m(x) for m in members]))
+        assert torch.allclose(d.hidden, torch.stack([m[1](m[0](x)) for m in members]).mean(0))
+    assert t.stored_draws == 3
+    student = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 3))
+    _, rec = distill(members, student, torch.randn(256, 5), steps=300, batch_size=64, lr=1e-2, seed=0,
+                     log_every=100)
+    assert rec[-1]["loss"] < 0.2 * rec[0]["loss"]
+
+
+def test_distillation_runs_the_network_under_a_draw_through_the_public_protocol():
+    import pathlib
+    import sys
+    src = pathlib.Path(sys.modules["pyrobnn.inference.distill"].__file__).parent
+    assert not [p.name for p in src.glob("*.py") if "_net_only" in p.read_text()]

@@ -62,10 +62,11 @@ from .adversarial import Adversarial, Discriminator
 from .evaluation import evaluate_distillation, student_predictive
 from .loss import TeacherDraws, _aggregate, distillation_loss  # noqa: F401  (_aggregate: for tests)
 from .student_io import load_student, save_student
-from .teachers import Deterministic, GuideTeacher, MCDropout, SampleTeacher, SGLDChain, Teacher, as_teacher
+from .teachers import (Deterministic, GuideTeacher, MCDropout, PosteriorTeacher, SampleTeacher, SGLDChain, Teacher,
+                       as_teacher)
 from .training import DistillRecord, DistillStep, distill
 
 __all__ = ["distill", "distillation_loss", "DistillRecord", "Teacher", "SGLDChain", "MCDropout", "Deterministic",
            "SampleTeacher", "GuideTeacher", "as_teacher", "Adversarial", "Discriminator", "evaluate_distillation",
            "train_deterministic", "save_student", "load_student", "student_predictive", "DistillStep",
-           "TeacherDraws"]
+           "TeacherDraws", "PosteriorTeacher"]

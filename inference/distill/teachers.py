@@ -1,5 +1,11 @@
 """Teachers: every posterior predictive that :func:`~pyrobnn.inference.distill` can compress, behind
-one protocol (:class:`Teacher`): kept draws, a guide, a running SGLD chain, MC dropout, a fixed network.
+one protocol (:class:`Teacher`): kept draws, a guide, a running SGLD chain, MC dropout, a fixed network,
+or any other :class:`pyrobnn.posterior.Posterior` (an ensemble, ...).
+
+A teacher is a posterior: it answers the posterior protocol (``parameter_draws``, ``run``, ``outputs``,
+``network``; :mod:`pyrobnn.posterior`) — through the posterior it holds (``teacher.posterior``), or, for
+the running chain, itself — and adds what distillation reads: :meth:`Teacher.draws`, the outputs under S
+draws turned into logits or Gaussian moments, with a hidden layer's mean activations when asked.
 
 Hidden layers are read with forward hooks (:func:`_capture`; torch functions are never patched)."""
 from __future__ import annotations
@@ -11,15 +17,20 @@ import pyro
 import pyro.poutine as poutine
 import torch
 import torch.nn as nn
+from pyro.infer import MCMC
 
 from pyrobnn import inputs as _inputs
 from pyrobnn.bnn import BNN
+from pyrobnn.likelihoods import Bernoulli
+from pyrobnn.posterior import PRECISION_SITE as _PRECISION
+from pyrobnn.posterior import DrawSet, DropoutPosterior, Ensemble, Posterior, outputs_under_draws, stacked_outputs
 
+from ..sampling import SamplePosterior
+from ..sgld import PSGLD, SGLD
 from .loss import TeacherDraws, _binary_to_two_class, _check_task
 
-__all__ = ["Teacher", "SampleTeacher", "GuideTeacher", "MCDropout", "Deterministic", "SGLDChain", "as_teacher"]
-
-_PRECISION = "likelihood.precision"
+__all__ = ["Teacher", "SampleTeacher", "GuideTeacher", "MCDropout", "Deterministic", "SGLDChain",
+           "PosteriorTeacher", "as_teacher"]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -46,15 +57,41 @@ def _submodule(net: nn.Module, name: str, who: str) -> nn.Module:
         raise ValueError(f"the {who} has no module {name!r}; its modules: {names}") from None
 
 
+def _count(num_samples) -> dict:
+    """``num_samples`` as a keyword, left out when None (each posterior then uses its own default)."""
+    return {} if num_samples is None else {"num_samples": num_samples}
+
+
 class Teacher:
-    """The protocol every teacher follows.
+    """The protocol every teacher follows: the posterior protocol, answered by ``self.posterior``, and
+    :meth:`draws` for the distillation loss.
 
     :ivar task: ``"classification"`` or ``"regression"``.
     :ivar online: True for a running chain (:meth:`advance` moves it; one draw at a time).
+    :ivar posterior: the :class:`pyrobnn.posterior.Posterior` the teacher stands for.
     """
     task: str = "classification"
     online: bool = False
+    posterior: Posterior
 
+    # -- the posterior protocol ----------------------------------------------------------------------
+    def parameter_draws(self, num_samples: Optional[int] = None, *, generator: Optional[torch.Generator] = None):
+        """Draws of the teacher's posterior (:meth:`pyrobnn.posterior.Posterior.parameter_draws`)."""
+        return self.posterior.parameter_draws(**_count(num_samples), generator=generator)
+
+    def run(self, draw, x) -> torch.Tensor:
+        """The network's output on ``x`` under one draw."""
+        return self.posterior.run(draw, x)
+
+    def outputs(self, x, num_samples: Optional[int] = None, *, batch_size: Optional[int] = None) -> torch.Tensor:
+        """Outputs ``[S, B, ...]`` under S draws."""
+        return self.posterior.outputs(x, **_count(num_samples), batch_size=batch_size)
+
+    def network(self, draw=None) -> nn.Module:
+        """The network whose hidden layers ``hidden=`` names refer to."""
+        return self.posterior.network(draw)
+
+    # -- what distillation reads -----------------------------------------------------------------------
     def draws(self, x: torch.Tensor, num_samples: Optional[int], hidden: Optional[str] = None) -> TeacherDraws:
         """Outputs on ``x`` ``[B, ...]`` under ``num_samples`` draws (see :class:`TeacherDraws`)."""
         raise NotImplementedError
@@ -71,17 +108,12 @@ class Teacher:
         """How many posterior draws the teacher keeps in memory (0 for a running chain)."""
         return 0
 
-    def network(self) -> nn.Module:
-        """The network whose hidden layers ``hidden=`` names refer to."""
-        raise NotImplementedError
-
 
 def _bnn_task(bnn: BNN) -> str:
     return "regression" if bnn.likelihood.task == "regression" else "classification"
 
 
 def _bnn_logits(bnn: BNN, outs: torch.Tensor) -> torch.Tensor:
-    from pyrobnn.likelihoods import Bernoulli
     if isinstance(bnn.likelihood, Bernoulli):
         return _binary_to_two_class(bnn.likelihood._logit(outs))
     return outs
@@ -110,35 +142,15 @@ def _hidden_mean(store: List[torch.Tensor], S: int, B: int) -> torch.Tensor:
     return h.reshape(S, B, -1).mean(0)
 
 
-class _NetUnder:
-    """Run a BNN's network with its latent sites fixed to one draw (no Pyro trace kept)."""
-
-    def __init__(self, bnn: BNN):
-        self.bnn = bnn
-
-    def __call__(self, draw: Dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        bnn = self.bnn
-        saved = getattr(bnn.likelihood, "_precision", None)
-        was_training = bnn.training
-        bnn.eval()
-        try:
-            with torch.no_grad(), poutine.block():
-                return poutine.condition(bnn._net_only, data=draw)(x)
-        finally:
-            bnn.train(was_training)
-            if hasattr(bnn.likelihood, "_precision"):
-                bnn.likelihood._precision = saved
-
-
 class SampleTeacher(Teacher):
-    """Kept posterior draws: a :class:`pyrobnn.inference.SamplePosterior` (or ``pyro.infer.MCMC`` via
-    :meth:`SamplePosterior.from_mcmc`). Each call uses ``num_samples`` draws picked at random without
-    replacement (all of them when None or larger), an unbiased estimate of the full ensemble's loss."""
+    """Kept posterior draws of a BNN: a :class:`pyrobnn.posterior.DrawSet` such as
+    :class:`pyrobnn.inference.SamplePosterior` (or ``pyro.infer.MCMC`` via :meth:`SamplePosterior.from_mcmc`).
+    Each call uses ``num_samples`` draws picked at random without replacement (all of them when None or
+    larger), an unbiased estimate of the full ensemble's loss."""
 
     def __init__(self, posterior, generator: Optional[torch.Generator] = None):
-        from ..sampling import SamplePosterior
-        if not isinstance(posterior, SamplePosterior):
-            raise TypeError(f"SampleTeacher needs a SamplePosterior, got {type(posterior).__name__}")
+        if not isinstance(posterior, DrawSet):
+            raise TypeError(f"SampleTeacher needs a SamplePosterior or DrawSet, got {type(posterior).__name__}")
         missing = posterior.missing_sites()
         if missing:
             raise ValueError(f"the posterior kept no draws of sites {missing}; it cannot teach")
@@ -148,17 +160,12 @@ class SampleTeacher(Teacher):
         self.flat = posterior.get_samples()
         self.total = next(iter(self.flat.values())).shape[0]
         self.generator = generator
-        self._net = _NetUnder(self.bnn)
 
     @property
     def stored_draws(self):
         return self.total
 
-    def network(self):
-        return self.bnn.net
-
     def draws(self, x, num_samples, hidden=None):
-        from pyrobnn.diagnostics import outputs_under_draws
         if num_samples is None or num_samples >= self.total:
             sel = self.flat
         else:
@@ -171,7 +178,7 @@ class SampleTeacher(Teacher):
             outs = outputs_under_draws(self.bnn, sel, x)
         else:   # hooks cannot see inside vmap: one forward per draw
             with _capture(_submodule(self.bnn.net, hidden, "teacher")) as store:
-                outs = torch.stack([self._net({k: v[i].to(dtype) for k, v in sel.items() if k != _PRECISION}, x)
+                outs = torch.stack([self.bnn.run({k: v[i].to(dtype) for k, v in sel.items() if k != _PRECISION}, x)
                                     for i in range(S)])
             h = _hidden_mean(store, S, _inputs.batch_size(x))
         return _bnn_draws(self.bnn, outs, sel.get(_PRECISION), h)
@@ -184,11 +191,8 @@ class GuideTeacher(Teacher):
     def __init__(self, bnn: BNN):
         if not isinstance(bnn, BNN):
             raise TypeError(f"GuideTeacher needs a pyrobnn BNN, got {type(bnn).__name__}")
-        self.bnn = bnn
+        self.bnn = self.posterior = bnn
         self.task = _bnn_task(bnn)
-
-    def network(self):
-        return self.bnn.net
 
     def _precisions(self, x, S):
         if getattr(self.bnn.likelihood, "scale_mode", None) != "latent":
@@ -242,37 +246,17 @@ class MCDropout(Teacher):
             raise ValueError("the network has no dropout module; use Deterministic for a fixed network")
         self.net, self.task, self.noise_variance = net, _check_task(task), noise_variance
         self.max_rows = max_rows
-
-    def network(self):
-        return self.net
-
-    @contextlib.contextmanager
-    def _mode(self):
-        was = self.net.training
-        self.net.eval()
-        for m in _dropout_modules(self.net):
-            m.train()
-        try:
-            yield
-        finally:
-            self.net.train(was)
+        self.posterior = DropoutPosterior(net, max_rows)
 
     @torch.no_grad()
     def sample(self, x, num_samples: int, hidden: Optional[str] = None):
-        """Raw outputs ``[S, B, ...]`` (and the hidden layer's ``[S, B, H]`` when asked)."""
-        S, B = num_samples, _inputs.batch_size(x)
+        """Raw outputs ``[S, B, ...]`` (:meth:`pyrobnn.posterior.DropoutPosterior.outputs`) and the hidden
+        layer's ``[S, B, H]`` when asked."""
         module = None if hidden is None else _submodule(self.net, hidden, "teacher")
-        per = max(1, self.max_rows // B)
-        outs, hs = [], []
-        with self._mode():
-            for s0 in range(0, S, per):
-                n = min(per, S - s0)
-                with _capture(module) as store:
-                    o = _inputs.call(self.net, _inputs.repeat(x, n))
-                outs.append(o.reshape((n, B) + o.shape[1:]))
-                if store:
-                    hs.append(store[0].reshape(n, B, -1))
-        return torch.cat(outs, 0), (torch.cat(hs, 0) if hs else None)
+        with _capture(module) as store:
+            outs = self.posterior.outputs(x, num_samples)
+        h = torch.cat(store, 0).reshape(num_samples, _inputs.batch_size(x), -1) if store else None
+        return outs, h
 
     def draws(self, x, num_samples, hidden=None):
         outs, h = self.sample(x, 16 if num_samples is None else num_samples, hidden)
@@ -286,8 +270,19 @@ class Deterministic(Teacher):
         if not callable(net):
             raise TypeError(f"Deterministic needs a network or callable, got {type(net).__name__}")
         self.net, self.task, self.noise_variance = net, _check_task(task), noise_variance
+        self.posterior = Ensemble([net]) if isinstance(net, nn.Module) else None
 
-    def network(self):
+    def parameter_draws(self, num_samples=None, *, generator=None):
+        return [self.net]
+
+    @torch.no_grad()
+    def run(self, draw, x) -> torch.Tensor:
+        return draw(x) if self.posterior is None else self.posterior.run(draw, x)
+
+    def outputs(self, x, num_samples=None, *, batch_size=None) -> torch.Tensor:
+        return stacked_outputs(self, self.parameter_draws(), x, batch_size)
+
+    def network(self, draw=None):
         if not isinstance(self.net, nn.Module):
             raise ValueError("hidden= needs a teacher that is a torch.nn.Module")
         return self.net
@@ -329,7 +324,6 @@ class SGLDChain(Teacher):
 
     def __init__(self, bnn: BNN, data: Tuple[torch.Tensor, torch.Tensor], kernel="sgld", *, step_size=None,
                  batch_size: int = 32, burn_in: int = 0, seed: Optional[int] = None, **kernel_kwargs):
-        from ..sgld import PSGLD, SGLD
         if not isinstance(bnn, BNN):
             raise TypeError(f"SGLDChain needs a pyrobnn BNN, got {type(bnn).__name__}")
         if not (isinstance(data, (tuple, list)) and len(data) == 2 and _inputs.is_inputs(data[0])
@@ -365,9 +359,21 @@ class SGLDChain(Teacher):
         self._pos = 0
         self.params: Optional[Dict[str, torch.Tensor]] = None
         self.updates = 0
-        self._net = _NetUnder(bnn)
+        self.posterior = self
 
-    def network(self):
+    # -- the posterior protocol: the chain's current state is its one draw ----------------------------
+    def parameter_draws(self, num_samples=None, *, generator=None) -> List[Dict[str, torch.Tensor]]:
+        """``[the current state]`` (a running chain holds one draw)."""
+        return [self.current()]
+
+    def run(self, draw, x) -> torch.Tensor:
+        return self.bnn.run({k: v for k, v in draw.items() if k != _PRECISION}, x)
+
+    def outputs(self, x, num_samples=None, *, batch_size=None) -> torch.Tensor:
+        """Outputs ``[1, B, ...]`` at the current state."""
+        return stacked_outputs(self, self.parameter_draws(), x, batch_size)
+
+    def network(self, draw=None):
         return self.bnn.net
 
     def _batch(self):
@@ -432,22 +438,53 @@ class SGLDChain(Teacher):
         precision = state.pop(_PRECISION, None)
         module = None if hidden is None else _submodule(self.bnn.net, hidden, "teacher")
         with _capture(module) as store:
-            out = self._net(state, x)
+            out = self.bnn.run(state, x)
         return _bnn_draws(self.bnn, out[None], None if precision is None else precision.reshape(1),
                           store[0] if store else None)
 
 
-def as_teacher(obj, task: Optional[str] = None, generator: Optional[torch.Generator] = None) -> Teacher:
-    """Wrap a posterior predictive as a :class:`Teacher`: a Teacher passes through; a SamplePosterior,
-    a ``pyro.infer.MCMC`` run, a BNN (its guide), a network with dropout (:class:`MCDropout`), or any
-    other network or callable (:class:`Deterministic`, ``task`` defaulting to classification)."""
-    from pyro.infer import MCMC
+class PosteriorTeacher(Teacher):
+    """Any :class:`pyrobnn.posterior.Posterior` whose outputs are a plain network's (an
+    :class:`~pyrobnn.posterior.Ensemble`, a :class:`~pyrobnn.posterior.DropoutPosterior`, one of your
+    own) as a teacher: ``outputs(x, num_samples)``; with ``hidden=``, one ``run`` per draw of
+    ``parameter_draws`` with the hidden layer of ``network(draw)`` read by a forward hook.
 
-    from ..sampling import SamplePosterior
-    from ..sgld import SGLD
+    :param task: as for :class:`MCDropout` (logits, or regression means / mean and log-variance).
+    :param noise_variance: regression: the homoscedastic noise variance.
+    """
+
+    def __init__(self, posterior: Posterior, task: str = "classification", noise_variance: Optional[float] = None,
+                 generator: Optional[torch.Generator] = None):
+        if not isinstance(posterior, Posterior):
+            raise TypeError(f"PosteriorTeacher needs a pyrobnn.posterior.Posterior, got {type(posterior).__name__}")
+        self.posterior, self.task, self.noise_variance = posterior, _check_task(task), noise_variance
+        self.generator = generator
+
+    @property
+    def stored_draws(self):
+        return len(self.posterior) if isinstance(self.posterior, Ensemble) else 0
+
+    @torch.no_grad()
+    def draws(self, x, num_samples, hidden=None):
+        if hidden is None:
+            return _plain_draws(self.outputs(x, num_samples), self.task, self.noise_variance, None)
+        outs, hs = [], []
+        for draw in self.parameter_draws(num_samples, generator=self.generator):
+            with _capture(_submodule(self.network(draw), hidden, "teacher")) as store:
+                outs.append(self.run(draw, x))
+            hs.append(store[0])
+        return _plain_draws(torch.stack(outs), self.task, self.noise_variance, torch.stack(hs).mean(0))
+
+
+def as_teacher(obj, task: Optional[str] = None, generator: Optional[torch.Generator] = None) -> Teacher:
+    """Wrap a posterior predictive as a :class:`Teacher`: a Teacher passes through; a SamplePosterior or
+    :class:`~pyrobnn.posterior.DrawSet`, a ``pyro.infer.MCMC`` run, a BNN (its guide), a network with
+    dropout (:class:`MCDropout`), any other network or callable (:class:`Deterministic`), a list of
+    networks (an :class:`~pyrobnn.posterior.Ensemble`) or any other posterior (:class:`PosteriorTeacher`);
+    ``task`` defaults to classification where the posterior does not say."""
     if isinstance(obj, Teacher):
         return obj
-    if isinstance(obj, SamplePosterior):
+    if isinstance(obj, DrawSet):
         return SampleTeacher(obj, generator)
     if isinstance(obj, MCMC):
         return SampleTeacher(SamplePosterior.from_mcmc(obj), generator)
@@ -458,6 +495,10 @@ def as_teacher(obj, task: Optional[str] = None, generator: Optional[torch.Genera
     if isinstance(obj, nn.Module):
         task = task or "classification"
         return MCDropout(obj, task) if _dropout_modules(obj) else Deterministic(obj, task)
+    if isinstance(obj, (list, tuple)) and obj and all(isinstance(n, nn.Module) for n in obj):
+        return PosteriorTeacher(Ensemble(list(obj)), task or "classification", generator=generator)
+    if isinstance(obj, Posterior):
+        return PosteriorTeacher(obj, task or "classification", generator=generator)
     if callable(obj):
         return Deterministic(obj, task or "classification")
     raise TypeError(f"cannot use a {type(obj).__name__} as a teacher")
