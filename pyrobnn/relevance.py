@@ -51,6 +51,8 @@ from typing import Dict, Mapping, Optional, Sequence
 import torch
 from torch.distributions.transforms import AffineTransform, ComposeTransform, ExpTransform, IndependentTransform
 
+from .posterior import DrawSet
+
 __all__ = ["Relevance", "relevance", "plot_relevance", "STATISTICS"]
 
 STATISTICS = ("prior-variance", "geometric-prior-variance", "second-moment", "squared-mean")
@@ -187,8 +189,9 @@ def relevance(bnn, samples: Optional[Mapping[str, torch.Tensor]] = None, statist
 
     :param bnn: a BNN whose guide has been fitted (or at least initialised), or any BNN when
         ``samples`` is given.
-    :param samples: optional posterior draws ``{site: [S, *site_shape]}`` (e.g. ``MCMC.get_samples()``);
-        the relevance is then computed from them instead of from the guide.
+    :param samples: optional posterior draws ``{site: [S, *site_shape]}`` (e.g. ``MCMC.get_samples()``)
+        or stored draws (a :class:`pyrobnn.posterior.DrawSet`, such as a ``SamplePosterior``); the
+        relevance is then computed from them instead of from the guide.
     :param statistic: one of :data:`STATISTICS` (module doc). The α-based ones apply to sites whose
         prior is hierarchical ARD with per-input / per-weight α; other sites fall back to
         ``"second-moment"`` (``"squared-mean"`` is applied to every site).
@@ -199,6 +202,8 @@ def relevance(bnn, samples: Optional[Mapping[str, torch.Tensor]] = None, statist
     if not hasattr(bnn, "site_priors") or not hasattr(bnn, "net"):
         raise TypeError(f"relevance() needs a pyrobnn BNN, got {type(bnn).__name__}")
     guide = bnn.autoguide
+    if isinstance(samples, DrawSet):
+        samples = samples.get_samples()
     if samples is None:
         if getattr(guide, "prototype_trace", None) is None:
             raise ValueError("the BNN's guide is not initialised; fit it (or call bnn.initialize(x)) first, "

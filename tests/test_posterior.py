@@ -295,3 +295,13 @@ def test_tta_takes_a_posterior_directly():
     assert torch.equal(a, b)
     with pytest.raises(TypeError, match="Draws or a pyrobnn posterior"):
         tta_predict("nets", x, mode="none")
+
+
+def test_relevance_reads_stored_draws():
+    bnn = _bnn()
+    post = SamplePosterior(bnn, _draw_set(bnn))
+    a = pyrobnn.relevance(bnn, samples=post)
+    b = pyrobnn.relevance(bnn, samples=post.get_samples())
+    assert torch.equal(a.inputs, b.inputs)
+    flat = post.get_samples()
+    assert torch.allclose(a.inputs, (flat["0.weight"].double() ** 2).mean(0).mean(0))  # E[w²] averaged over units
