@@ -20,9 +20,10 @@ _LAZY = {
     "load": (".io", "load"), "save": (".io", "save"),
     "to_inference_data": (".diagnostics", "to_inference_data"),
     "guides": (".guides", None), "likelihoods": (".likelihoods", None), "metrics": (".metrics", None),
-    "priors": (".priors", None), "registry": (".registry", None), "sparsity": (".sparsity", None),
+    "posterior": (".posterior", None), "priors": (".priors", None), "registry": (".registry", None),
+    "sparsity": (".sparsity", None),
 }
-__all__ = ["BNN", "RandomModule", "bayesian", "random_module", "guides", "likelihoods", "load", "metrics", "priors", "registry", "save",
+__all__ = ["BNN", "RandomModule", "bayesian", "random_module", "guides", "likelihoods", "load", "metrics", "posterior", "priors", "registry", "save",
            "relevance", "sparsity", "to_inference_data"]
 
 
