@@ -305,3 +305,24 @@ def test_relevance_reads_stored_draws():
     assert torch.equal(a.inputs, b.inputs)
     flat = post.get_samples()
     assert torch.allclose(a.inputs, (flat["0.weight"].double() ** 2).mean(0).mean(0))  # E[w²] averaged over units
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_posteriors_on_the_gpu():
+    dev = torch.device("cuda")
+    bnn = _bnn()
+    x, _ = _data()
+    draws = _draw_set(bnn)
+    cpu = DrawSet(bnn, draws).outputs(x)
+    bnn.to(dev)
+    gpu = DrawSet(bnn, {k: v.to(dev) for k, v in draws.items()})
+    torch.testing.assert_close(gpu.outputs(x.to(dev), batch_size=4).cpu(), cpu, rtol=1e-4, atol=1e-5)
+    assert bnn.outputs(x.to(dev), 3).device.type == "cuda"
+    nets = _nets()
+    expected = Ensemble(nets).outputs(x)
+    torch.testing.assert_close(Ensemble([n.to(dev) for n in nets]).outputs(x.to(dev)).cpu(), expected,
+                               rtol=1e-4, atol=1e-5)
+    drop = DropoutPosterior(_nets(1, dropout=True)[0].to(dev))
+    assert torch.equal(drop.run(7, x.to(dev)), drop.run(7, x.to(dev)))
+    assert drop.outputs(x.to(dev), 4).shape == (4, 11, 2)
