@@ -352,11 +352,12 @@ class BNN(nn.Module):
             raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
 
     # -- the posterior protocol (pyrobnn.posterior.Posterior): the BNN with its guide -----------------
-    def parameter_draws(self, num_samples: int = 32, *,
+    def parameter_draws(self, num_samples: Optional[int] = 32, *,
                         generator: Optional[torch.Generator] = None) -> List[Dict[str, torch.Tensor]]:
-        """``num_samples`` joint draws of the latent sites from the guide, each ``{site: tensor}``
+        """``num_samples`` (None: 32) joint draws of the latent sites from the guide, each ``{site: tensor}``
         (constrained values). pyrobnn's guides draw with ``generator``; other guides draw from Pyro's
         global random state and refuse a generator."""
+        num_samples = 32 if num_samples is None else num_samples
         self._check_num_samples(num_samples)
         guide = self.autoguide
         if getattr(guide, "prototype_trace", None) is None:
@@ -389,8 +390,8 @@ class BNN(nn.Module):
         with self._predicting():
             return poutine.condition(self._net_only, data=draw)(x)
 
-    def outputs(self, x, num_samples: int = 32, *, batch_size: Optional[int] = None) -> torch.Tensor:
-        """Network outputs ``[S, B, ...]`` under ``num_samples`` draws of the guide (what :meth:`predict`
+    def outputs(self, x, num_samples: Optional[int] = 32, *, batch_size: Optional[int] = None) -> torch.Tensor:
+        """Network outputs ``[S, B, ...]`` under ``num_samples`` (None: 32) draws of the guide (what :meth:`predict`
         summarises), ``batch_size`` rows of ``x`` at a time (default: 16384 / S rows with local
         reparameterisation, all rows otherwise). Without local reparameterisation each draw is one
         weight sample used for every batch, so ``batch_size`` does not change the numbers; with it the
@@ -398,7 +399,7 @@ class BNN(nn.Module):
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or
                                        batch_size < 1):
             raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
-        return self._sample_outputs(x, num_samples, batch_size, batch_size)
+        return self._sample_outputs(x, 32 if num_samples is None else num_samples, batch_size, batch_size)
 
     def network(self, draw=None) -> nn.Module:
         """The module whose layers run every draw (``bnn.net``; where forward hooks attach)."""

@@ -63,6 +63,9 @@ def test_every_implementation_answers_the_protocol(name):
     one = post.run(draws[0], x[:4])
     assert one.shape == (4, 2)
     assert isinstance(post.network(draws[0]), nn.Module)
+    # None asks for the posterior's own default number of draws
+    default = post.outputs(x, None)
+    assert default.shape[1:] == (11, 2) and len(post.parameter_draws(None)) == default.shape[0]
 
 
 def test_things_that_are_not_posteriors():
@@ -293,6 +296,11 @@ def test_tta_takes_a_posterior_directly():
     a = tta_predict(Ensemble(nets), x, mode="none")
     b = tta_predict(Draws.from_ensemble(nets), x, mode="none")
     assert torch.equal(a, b)
+    bnn = pyrobnn.bayesian(nn.Sequential(nn.Flatten(), nn.Linear(16, 3)), dataset_size=5).initialize(x)
+    torch.manual_seed(1)
+    direct = tta_predict(bnn, x, mode="none")  # a BNN: its default 32 guide draws
+    torch.manual_seed(1)
+    assert torch.equal(direct, tta_predict(Draws.from_posterior(bnn, 32), x, mode="none"))
     with pytest.raises(TypeError, match="Draws or a pyrobnn posterior"):
         tta_predict("nets", x, mode="none")
 
