@@ -10,6 +10,7 @@ from typing import Sequence
 import torch.nn as nn
 
 from pyrobnn.registry import MODELS
+from pyrobnn.validation import positive_int
 
 __all__ = ["build", "mlp", "lenet300", "lenet5", "names"]
 
@@ -27,12 +28,9 @@ def mlp(in_features: int, out_features: int, hidden: Sequence[int] = (100,), act
     """Fully connected network in → hidden… → out with the given activation."""
     if activation not in _ACT:
         raise ValueError(f"unknown activation {activation!r}; known: {', '.join(_ACT)}")
-    for v, what in ((in_features, "in_features"), (out_features, "out_features")):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{what} must be a positive integer, got {v!r}")
-    hidden = list(hidden)
-    if any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in hidden):
-        raise ValueError(f"hidden sizes must be positive integers, got {hidden!r}")
+    positive_int("in_features", in_features)
+    positive_int("out_features", out_features)
+    hidden = [positive_int(f"hidden[{i}]", h) for i, h in enumerate(hidden)]
     layers = [nn.Flatten()] if flatten else []
     dims = [in_features] + hidden
     for a, b in zip(dims[:-1], dims[1:]):

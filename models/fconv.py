@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pyrobnn.registry import MODELS
+from pyrobnn.validation import positive_int
 
 __all__ = ["FConv", "fconv"]
 
@@ -43,12 +44,12 @@ class FConv(nn.Module):
 @MODELS.register("fconv")
 def fconv(num_classes: int = 10, in_channels: int = 1, channels=(32, 64), image_size: int = 28):
     """fconv: conv c1@7×7 → pool → conv c2@5×5 → pool → fc (default c = (32, 64), 28×28 inputs)."""
-    channels = [int(c) for c in channels]
-    if len(channels) != 2 or any(c < 1 for c in channels):
+    channels = list(channels)
+    if len(channels) != 2:
         raise ValueError(f"fconv channels must be two positive integers, got {channels!r}")
+    channels = [positive_int(f"fconv channels[{i}]", c) for i, c in enumerate(channels)]
     for v, what in ((num_classes, "num_classes"), (in_channels, "in_channels"), (image_size, "image_size")):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{what} must be a positive integer, got {v!r}")
+        positive_int(what, v)
     net = FConv(num_classes, in_channels, channels, image_size)
     net._pyrobnn_arch = {"name": "fconv", "num_classes": num_classes, "in_channels": in_channels,
                          "channels": channels, "image_size": image_size}

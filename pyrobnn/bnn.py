@@ -24,6 +24,7 @@ from .lrt import needs_placeholders
 from .likelihoods import Likelihood
 from .randomize import RandomModule, build_prior
 from .registry import GUIDES, LIKELIHOODS, PRIORS, spec_of
+from .validation import integer, positive_int
 
 __all__ = ["BNN", "bayesian"]
 
@@ -116,10 +117,8 @@ class BNN(nn.Module):
     # -- construction -------------------------------------------------------------------------------
     @staticmethod
     def _check_dataset_size(n):
-        if n is None:
-            return
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"dataset_size must be a positive integer, got {n!r}")
+        if n is not None:
+            positive_int("dataset_size", n)
 
     def _init_loc_fn(self, site):
         return self.random.init_loc_fn(site)
@@ -257,8 +256,7 @@ class BNN(nn.Module):
         m = subsample_size if subsample_size is not None else self.subsample_size
         if m is not None:
             b = inputs.batch_size(x)
-            if isinstance(m, bool) or not isinstance(m, int) or not (1 <= m <= b):
-                raise ValueError(f"subsample_size must be an integer in [1, {b}], got {m!r}")
+            integer("subsample_size", m, minimum=1, maximum=b)
             n = self.dataset_size or b
             if n != b:
                 raise ValueError(f"with subsample_size the model takes the full data: got {b} examples "
@@ -348,8 +346,7 @@ class BNN(nn.Module):
 
     @staticmethod
     def _check_num_samples(num_samples):
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+        positive_int("num_samples", num_samples)
 
     # -- the posterior protocol (pyrobnn.posterior.Posterior): the BNN with its guide -----------------
     def parameter_draws(self, num_samples: Optional[int] = 32, *,
@@ -396,9 +393,8 @@ class BNN(nn.Module):
         reparameterisation, all rows otherwise). Without local reparameterisation each draw is one
         weight sample used for every batch, so ``batch_size`` does not change the numbers; with it the
         activations are sampled per row, and the batching changes which random numbers a row sees."""
-        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or
-                                       batch_size < 1):
-            raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
+        if batch_size is not None:
+            positive_int("batch_size", batch_size)
         return self._sample_outputs(x, 32 if num_samples is None else num_samples, batch_size, batch_size)
 
     def network(self, draw=None) -> nn.Module:

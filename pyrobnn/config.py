@@ -38,10 +38,11 @@ network to its prior (chance accuracy) — and uses none for other priors
 """
 from __future__ import annotations
 
-import math
 import tomllib
 from pathlib import Path
 from typing import Any, Dict
+
+from .validation import finite_float, non_negative_float, non_negative_int, positive_float, positive_int
 
 __all__ = ["load_config", "validate_config", "DEFAULTS"]
 
@@ -76,16 +77,6 @@ def load_config(path) -> Dict[str, Any]:
     return validate_config(raw, str(path))
 
 
-def _positive_int(v, what):
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ValueError(f"{what} must be a positive integer, got {v!r}")
-
-
-def _positive_float(v, what):
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-        raise ValueError(f"{what} must be a positive number, got {v!r}")
-
-
 def validate_config(raw: Dict[str, Any], where: str = "config") -> Dict[str, Any]:
     """Check a config already parsed into a dict (tables ``data``, ``model``, ``bnn``, ``train``, and
     ``seed``) and return it with defaults filled in; errors name the key and ``where``."""
@@ -95,8 +86,7 @@ def validate_config(raw: Dict[str, Any], where: str = "config") -> Dict[str, Any
     if unknown:
         raise ValueError(f"{where}: unknown top-level keys {sorted(unknown)}; allowed: {sorted(_TOP)}")
     cfg: Dict[str, Any] = {"seed": raw.get("seed", 0)}
-    if isinstance(cfg["seed"], bool) or not isinstance(cfg["seed"], int) or cfg["seed"] < 0:
-        raise ValueError(f"{where}: seed must be a non-negative integer, got {cfg['seed']!r}")
+    non_negative_int(f"{where}: seed", cfg["seed"])
     for section, defaults in DEFAULTS.items():
         got = raw.get(section, {})
         if not isinstance(got, dict):
@@ -110,24 +100,23 @@ def validate_config(raw: Dict[str, Any], where: str = "config") -> Dict[str, Any
         if not isinstance(cfg[section].get("name"), str):
             raise ValueError(f"{where}: [{section}] needs a string 'name'")
     t = cfg["train"]
-    _positive_int(t["epochs"], "train.epochs")
-    _positive_int(t["batch_size"], "train.batch_size")
-    _positive_int(t["num_samples"], "train.num_samples")
-    _positive_float(t["lr"], "train.lr")
+    for key in ("epochs", "batch_size", "num_samples", "lams_per_batch"):
+        positive_int(f"{where}: train.{key}", t[key])
+    positive_float(f"{where}: train.lr", t["lr"])
     if t["checkpoint_every"] is not None:
-        _positive_int(t["checkpoint_every"], "train.checkpoint_every")
+        positive_int(f"{where}: train.checkpoint_every", t["checkpoint_every"])
     if t["grad_clip"] is not None:
-        _positive_float(t["grad_clip"], "train.grad_clip")
+        positive_float(f"{where}: train.grad_clip", t["grad_clip"])
     if isinstance(t["kl_warmup"], str):
         if t["kl_warmup"] not in ("auto", "none"):
             raise ValueError(f"{where}: train.kl_warmup must be \"auto\", \"none\" or [hold_epochs, ramp_epochs], "
                              f"got {t['kl_warmup']!r}")
     elif t["kl_warmup"] is not None:
         kw = t["kl_warmup"]
-        ok = isinstance(kw, list) and len(kw) == 2 and all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0 for v in kw)
-        if not ok:
+        if not (isinstance(kw, list) and len(kw) == 2):
             raise ValueError(f"{where}: train.kl_warmup must be [hold_epochs, ramp_epochs] ≥ 0, got {kw!r}")
+        for i, v in enumerate(kw):
+            non_negative_float(f"{where}: train.kl_warmup[{i}]", v)
         t["kl_warmup"] = tuple(kw)
     ls = t["lr_schedule"]
     if ls is not None and not (ls in ("cosine", "linear-decay") or
@@ -135,7 +124,6 @@ def validate_config(raw: Dict[str, Any], where: str = "config") -> Dict[str, Any
         raise ValueError(f"{where}: train.lr_schedule must be 'cosine', 'linear-decay' or ['linear-decay', start], got {ls!r}")
     if isinstance(ls, list):
         t["lr_schedule"] = tuple(ls)
-    _positive_int(t["lams_per_batch"], "train.lams_per_batch")
     b = cfg["bnn"]
     for key in ("prior", "guide"):
         if not isinstance(b[key], (str, dict)):
@@ -143,10 +131,11 @@ def validate_config(raw: Dict[str, Any], where: str = "config") -> Dict[str, Any
     guide_name = b["guide"] if isinstance(b["guide"], str) else b["guide"].get("name")
     lams = t["lambdas"]
     if lams is not None:
-        ok = isinstance(lams, list) and len(lams) == 2 and all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in lams) \
-            and 0 <= lams[0] < lams[1]
-        if not ok:
+        if not (isinstance(lams, list) and len(lams) == 2):
+            raise ValueError(f"{where}: train.lambdas must be [lo, hi] with 0 ≤ lo < hi, got {lams!r}")
+        for i, v in enumerate(lams):
+            finite_float(f"{where}: train.lambdas[{i}]", v)
+        if not 0 <= lams[0] < lams[1]:
             raise ValueError(f"{where}: train.lambdas must be [lo, hi] with 0 ≤ lo < hi, got {lams!r}")
         if guide_name != "hyper-mean-field":
             raise ValueError(f"{where}: train.lambdas trains a λ-hypernetwork; it needs "
@@ -160,10 +149,9 @@ def _validate_sample(s, where):
     if s["kernel"] not in ("sgld", "psgld"):
         raise ValueError(f"{where}: sample.kernel must be \"sgld\" or \"psgld\", got {s['kernel']!r}")
     for key in ("num_samples", "thin", "num_chains", "batch_size"):
-        _positive_int(s[key], f"sample.{key}")
-    if isinstance(s["warmup_steps"], bool) or not isinstance(s["warmup_steps"], int) or s["warmup_steps"] < 0:
-        raise ValueError(f"{where}: sample.warmup_steps must be a non-negative integer, got {s['warmup_steps']!r}")
-    _positive_float(s["temperature"], "sample.temperature")
+        positive_int(f"{where}: sample.{key}", s[key])
+    non_negative_int(f"{where}: sample.warmup_steps", s["warmup_steps"])
+    positive_float(f"{where}: sample.temperature", s["temperature"])
     step = s["step_size"]
     if isinstance(step, dict):
         kind = step.get("schedule")
@@ -174,7 +162,7 @@ def _validate_sample(s, where):
             raise ValueError(f"{where}: unknown keys in sample.step_size ({kind}): {sorted(bad)}; "
                              f"allowed: {sorted(_SCHEDULES[kind])}")
         for k, v in step.items():
-            if k != "schedule" and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
-                raise ValueError(f"{where}: sample.step_size.{k} must be a number, got {v!r}")
+            if k != "schedule":
+                finite_float(f"{where}: sample.step_size.{k}", v)
     elif step is not None:
-        _positive_float(step, "sample.step_size")
+        positive_float(f"{where}: sample.step_size", step)

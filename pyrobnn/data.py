@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from . import inputs
+from .validation import positive_int
 
 __all__ = ["Dataset", "ArrayLoader", "load_digits", "load_breast_cancer", "load_boston", "load_mnist5k",
            "load_fashion_mnist", "load", "FASHION_MNIST_DIRS"]
@@ -183,8 +184,7 @@ class ArrayLoader:
         x = inputs.as_inputs(x)  # a tensor, a tuple or a dict of tensors (pyrobnn.inputs)
         if inputs.batch_size(x) != len(y):
             raise ValueError(f"x has {inputs.batch_size(x)} examples but y has {len(y)}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        positive_int("batch_size", batch_size)
         if not (0 <= rank < world_size):
             raise ValueError(f"rank {rank} not in [0, {world_size})")
         self.x, self.y = x, y

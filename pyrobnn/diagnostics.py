@@ -45,6 +45,7 @@ from . import arviz_compat as compat
 from . import inputs
 from .arviz_compat import from_groups, group, group_names, is_inference_data
 from .posterior import PRECISION_SITE, DrawSet, Posterior, outputs_under_draws
+from .validation import positive_int
 
 __all__ = ["to_inference_data", "function_space_diagnostics", "per_draw_precision", "per_draw_log_prob",
            "mcmc_sample_stats"]
@@ -146,8 +147,7 @@ def _from_source(obj, bnn, data, num_samples, seed):
 
 def _guide_draws(bnn, data, num_samples, seed) -> Dict[str, torch.Tensor]:
     """One chain of ``num_samples`` guide draws (:meth:`pyrobnn.BNN.parameter_draws`), seeded by ``seed``."""
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+    positive_int("num_samples", num_samples)
     if hasattr(bnn.autoguide, "sample_latents"):
         draws = bnn.parameter_draws(num_samples, generator=torch.Generator().manual_seed(seed))
     else:
@@ -191,10 +191,9 @@ def to_inference_data(obj, *, bnn=None, data: Optional[Tuple[Any, Any]] = None,
     :param attrs: extra attributes of the posterior group (``pyrobnn report`` shows a dict stored
         under ``"pyrobnn_metrics"`` as a table).
     """
-    if isinstance(max_coords, bool) or not isinstance(max_coords, int) or max_coords < 1:
-        raise ValueError(f"max_coords must be a positive integer, got {max_coords!r}")
-    if max_draws is not None and (isinstance(max_draws, bool) or not isinstance(max_draws, int) or max_draws < 1):
-        raise ValueError(f"max_draws must be a positive integer, got {max_draws!r}")
+    positive_int("max_coords", max_coords)
+    if max_draws is not None:
+        positive_int("max_draws", max_draws)
     draws, stats, bnn, data, model_info, evaluated = _from_source(obj, bnn, data, num_samples, seed)
     if bnn is not None and not _is_bnn(bnn):
         raise TypeError(f"bnn must be a pyrobnn BNN, got {type(bnn).__name__}")

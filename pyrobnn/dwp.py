@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .priors.deep_weight import DeepWeightPrior, KernelVAE, save_kernel_vaes, unit_kernels
+from .validation import boolean, positive_int
 
 __all__ = ["train_source_nets", "collect_kernels", "augment_kernels", "fit_kernel_vae", "train_deep_weight_prior", "init_from_prior",
            "SOURCES"]
@@ -56,11 +57,6 @@ def _load_source(name, limit_train: Optional[int]):
 SOURCES = ("fashion-mnist", "mnist5k")
 
 
-def _check_pos_int(v, what):
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ValueError(f"{what} must be a positive integer, got {v!r}")
-
-
 @torch.no_grad()
 def _accuracy(net, x, y, batch=1000):
     net.eval()
@@ -82,9 +78,9 @@ def train_source_nets(x: torch.Tensor, y: torch.Tensor, num_nets: int = 4, epoch
     are given) test accuracy.
     """
     from pyrobnn.models import build
-    _check_pos_int(num_nets, "num_nets")
-    _check_pos_int(epochs, "epochs")
-    _check_pos_int(batch_size, "batch_size")
+    positive_int("num_nets", num_nets)
+    positive_int("epochs", epochs)
+    positive_int("batch_size", batch_size)
     if len(x) != len(y) or len(x) == 0:
         raise ValueError(f"source data: x has {len(x)} examples, y has {len(y)}")
     nets, records = [], []
@@ -192,9 +188,8 @@ def fit_kernel_vae(kernels: torch.Tensor, latent_dim: int = 4, hidden: int = 16,
         raise ValueError(f"kernels must be [M, k, k], got shape {tuple(kernels.shape)}")
     if len(kernels) < 10:
         raise ValueError(f"too few kernels to fit a VAE ({len(kernels)}); train more source nets")
-    _check_pos_int(epochs, "epochs")
-    if not isinstance(normalize, bool):
-        raise ValueError(f"normalize must be True or False, got {normalize!r}")
+    positive_int("epochs", epochs)
+    boolean("normalize", normalize)
     source_norm = None
     if normalize:
         kernels, norms = unit_kernels(kernels)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from .registry import LIKELIHOODS
 from .site_dist import LogitsCategorical
+from .validation import positive_float
 
 __all__ = ["Likelihood", "Categorical", "Bernoulli", "Gaussian"]
 
@@ -180,13 +181,12 @@ class Gaussian(Likelihood):
         if isinstance(scale, str):
             if scale not in ("learned", "latent"):
                 raise ValueError(f"gaussian scale must be a positive float, 'learned' or 'latent', got {scale!r}")
-        elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
-            raise ValueError(f"gaussian likelihood scale must be positive and finite, got {scale!r}")
-        if not (isinstance(init_scale, (int, float)) and math.isfinite(init_scale) and init_scale > 0):
-            raise ValueError(f"init_scale must be positive and finite, got {init_scale!r}")
-        a, b = precision_prior
-        if not (a > 0 and b > 0):
-            raise ValueError(f"precision_prior (a, b) must be positive, got {precision_prior!r}")
+        else:
+            positive_float("gaussian likelihood scale", scale)
+        positive_float("init_scale", init_scale)
+        if not (isinstance(precision_prior, (tuple, list)) and len(precision_prior) == 2):
+            raise ValueError(f"precision_prior must be a pair (a, b), got {precision_prior!r}")
+        a, b = (positive_float(f"precision_prior[{i}]", v) for i, v in enumerate(precision_prior))
         self.scale_mode = scale
         self.init_scale = float(init_scale)
         self.precision_prior = (float(a), float(b))

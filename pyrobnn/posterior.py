@@ -31,6 +31,7 @@ import torch.nn as nn
 
 from . import inputs
 from .bnn import BNN
+from .validation import positive_int
 
 __all__ = ["Posterior", "DrawSet", "Ensemble", "DropoutPosterior", "as_posterior", "outputs_under_draws",
            "stacked_outputs"]
@@ -59,9 +60,7 @@ class Posterior(Protocol):
 def _check_positive(value, what, allow_none=True):
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{what} must be a positive integer{' or None' if allow_none else ''}, got {value!r}")
-    return value
+    return positive_int(what, value)
 
 
 def _check_inputs(x):

@@ -35,6 +35,7 @@ from .bnn import BNN, bayesian
 from .guides.additive_noise import AdditiveNoise
 from .guides.base import FlatGaussianGuide
 from .layers import BayesianConv, BayesianLinear, BayesianModule, BayesianParams
+from .validation import probability, real
 
 __all__ = ["sparse_vd_from_pretrained", "log_alpha", "snr", "masks", "threshold_for_compression", "masked_means",
            "masked_mean_forward", "report", "SparsityReport", "export", "SparseLinear", "ShrunkLinear", "ShrunkConv",
@@ -122,8 +123,7 @@ def masks(bnn, threshold: Optional[float] = None, criterion: str = "auto", fract
     if fraction is not None:
         if threshold is not None:
             raise ValueError("give either threshold or fraction, not both")
-        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1:
-            raise ValueError(f"fraction must be a number in [0, 1], got {fraction!r}")
+        probability("fraction", fraction)
         ratios = [snr(bnn, s) for s in names]
         flat = torch.cat([r.reshape(-1) for r in ratios])
         k = int(round(fraction * flat.numel()))
@@ -136,8 +136,7 @@ def masks(bnn, threshold: Optional[float] = None, criterion: str = "auto", fract
         return out
     if threshold is None:
         threshold = DEFAULT_THRESHOLDS[criterion]
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or math.isnan(threshold):
-        raise ValueError(f"threshold must be a number, got {threshold!r}")
+    real("threshold", threshold, finite=False)
     out = {}
     for s in names:
         if criterion == "log-alpha":
@@ -246,9 +245,7 @@ def threshold_for_compression(bnn, compression: float, criterion: str = "auto") 
     :param compression: the budget, a number ≥ 1.
     :param criterion: ``"auto"``, ``"log-alpha"`` or ``"snr"`` (as in :func:`masks`).
     """
-    if isinstance(compression, bool) or not isinstance(compression, (int, float)) or not compression >= 1 \
-            or math.isinf(compression):
-        raise ValueError(f"compression must be a finite number ≥ 1, got {compression!r}")
+    real("compression", compression, minimum=1)
     guide = _guide(bnn)
     if criterion == "auto":
         criterion = "log-alpha" if isinstance(guide, AdditiveNoise) else "snr"

@@ -144,11 +144,11 @@ def test_unknown_names_and_invalid_prior_parameters():
         pyrobnn.bayesian(net, guide="mean_fieldz")
     with pytest.raises(ValueError, match="unknown likelihood"):
         pyrobnn.bayesian(net, likelihood="poisson-ish")
-    with pytest.raises(ValueError, match="Gaussian prior scale must be positive"):
+    with pytest.raises(ValueError, match="Gaussian prior scale must be a positive finite number, got -1.0"):
         Gaussian(scale=-1.0)
-    with pytest.raises(ValueError, match="positive and finite"):
+    with pytest.raises(ValueError, match="scale must be a positive finite number, got inf"):
         pyrobnn.bayesian(net, prior={"name": "gaussian", "scale": math.inf})
-    with pytest.raises(TypeError, match="must be a real number"):
+    with pytest.raises(TypeError, match="Gaussian prior scale must be a positive finite number, got 'big'"):
         Gaussian(scale="big")
     with pytest.raises(ValueError, match="bad arguments for prior 'gaussian'"):
         pyrobnn.bayesian(net, prior={"name": "gaussian", "sigma": 1.0})

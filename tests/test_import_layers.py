@@ -22,8 +22,8 @@ PACKAGE_DIRS = {"pyrobnn": "pyrobnn", "pyrobnn.inference": "inference", "pyrobnn
 #: The layer order, lowest first: ``(layer, module patterns)``. A module belongs to the layer of its
 #: most specific matching pattern (an exact name beats ``pkg.*``).
 LAYERS: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
-    ("foundation", ("pyrobnn.registry", "pyrobnn.fastpath", "pyrobnn.site_dist", "pyrobnn.lrt", "pyrobnn.inputs",
-                    "pyrobnn.state_io", "pyrobnn.data", "pyrobnn.priors._util")),
+    ("foundation", ("pyrobnn.registry", "pyrobnn.validation", "pyrobnn.fastpath", "pyrobnn.site_dist", "pyrobnn.lrt",
+                    "pyrobnn.inputs", "pyrobnn.state_io", "pyrobnn.data")),
     ("blocks", ("pyrobnn.priors", "pyrobnn.priors.*", "pyrobnn.guides", "pyrobnn.guides.*", "pyrobnn.layers",
                 "pyrobnn.likelihoods", "pyrobnn.metrics")),
     ("network", ("pyrobnn.randomize", "pyrobnn.bnn", "pyrobnn.io")),

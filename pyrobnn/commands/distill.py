@@ -35,6 +35,8 @@ import math
 import tomllib
 from pathlib import Path
 
+from pyrobnn.validation import non_negative_int
+
 _TOP = {"teacher", "out", "seed", "data", "student", "distill", "evaluate"}
 _DISTILL_KEYS = {"steps", "epochs", "batch_size", "lr", "weight_decay", "optimizer", "lr_schedule", "temperature",
                  "num_samples", "input_noise", "adversarial", "label_weight", "grad_clip", "log_every"}
@@ -101,8 +103,7 @@ def load_distill_config(path, teacher=None) -> dict:
         if bad:
             raise ValueError(f"{path}: unknown keys in [{section}]: {sorted(bad)}; allowed: {sorted(allowed)}")
     seed = raw.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"{path}: seed must be a non-negative integer, got {seed!r}")
+    non_negative_int(f"{path}: seed", seed)
     d = dict(raw.get("distill", {}))
     if "steps" not in d and "epochs" not in d:
         d["epochs"] = 10

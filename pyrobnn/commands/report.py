@@ -24,6 +24,8 @@ import html
 import json
 from pathlib import Path
 
+from pyrobnn.validation import positive_int
+
 
 def register(sub):
     from ._common import add_parser
@@ -222,8 +224,7 @@ def _lambda_curve_section(curve, out):
 
 
 def run(args):
-    if isinstance(args.max_vars, bool) or args.max_vars < 1:
-        raise ValueError(f"--max-vars must be a positive integer, got {args.max_vars}")
+    positive_int("--max-vars", args.max_vars)
     path = find_inference_data(args.dir)
     base = path.parent if path.is_file() else Path(args.dir)
     out = Path(args.out) if args.out else base / "report"

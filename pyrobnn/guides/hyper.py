@@ -25,7 +25,6 @@ both together, so the λ the guide is conditioned on is always the λ weighting 
 from __future__ import annotations
 
 import bisect
-import math
 import weakref
 from contextlib import contextmanager
 from typing import Dict, Optional, Sequence, Tuple
@@ -35,6 +34,7 @@ import torch
 from pyro.infer.autoguide.initialization import init_to_median
 
 from ..registry import GUIDES
+from ..validation import finite_float, integer, positive_float, positive_int
 from .base import FlatGaussianGuide, _release
 from .mean_field import MeanField, _softplus_inv, softplus
 
@@ -48,9 +48,7 @@ def _check_number(what, v):
         if v.numel() != 1:
             raise ValueError(f"{what} must be a single number, got a tensor of shape {tuple(v.shape)}")
         v = v.item()
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise ValueError(f"{what} must be a finite number, got {v!r}")
-    return float(v)
+    return finite_float(what, v)
 
 
 def mean_field_like(source: FlatGaussianGuide, loc: torch.Tensor, rho: torch.Tensor, **kwargs) -> MeanField:
@@ -113,11 +111,9 @@ class HyperMeanField(FlatGaussianGuide):
         lo, hi = (_check_number("lam_range", v) for v in lam_range)
         if not (0 <= lo < hi):
             raise ValueError(f"lam_range must satisfy 0 ≤ lo < hi, got {(lo, hi)}")
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"rank must be a positive integer, got {rank!r}")
+        positive_int("rank", rank)
         if knots is None:
-            if isinstance(num_knots, bool) or not isinstance(num_knots, int) or num_knots < 2:
-                raise ValueError(f"num_knots must be an integer ≥ 2, got {num_knots!r}")
+            integer("num_knots", num_knots, minimum=2)
             knots = torch.linspace(lo, hi, num_knots, dtype=torch.float64).tolist()
         else:
             knots = [_check_number("knots", k) for k in knots]
@@ -125,9 +121,7 @@ class HyperMeanField(FlatGaussianGuide):
                 raise ValueError(f"knots must be ≥ 2 strictly increasing numbers, got {knots!r}")
             if abs(knots[0] - lo) > 1e-12 or abs(knots[-1] - hi) > 1e-12:
                 raise ValueError(f"knots must start at lo={lo} and end at hi={hi}, got {knots!r}")
-        if not isinstance(init_scale, (int, float)) or isinstance(init_scale, bool) \
-                or not math.isfinite(init_scale) or init_scale <= 0:
-            raise ValueError(f"init_scale must be a positive finite number, got {init_scale!r}")
+        positive_float("init_scale", init_scale)
         self.kind = kind
         self.lam_range = (lo, hi)
         self.rank = rank

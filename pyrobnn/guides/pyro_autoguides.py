@@ -13,12 +13,12 @@ other arguments) is refused by :func:`pyro_guide_spec` — that is, at ``save``,
 from __future__ import annotations
 
 import functools
-import math
-import numbers
 from typing import Any, Callable, Dict, Mapping, Tuple
 
 from pyro.infer.autoguide import (AutoDelta, AutoDiagonalNormal, AutoGuide, AutoLowRankMultivariateNormal,
                                   AutoMultivariateNormal, AutoNormal)
+
+from ..validation import positive_float, positive_int
 
 __all__ = ["PYRO_AUTOGUIDES", "PYRO_PREFIX", "is_pyro_autoguide", "pyro_guide_spec", "build_pyro_guide"]
 
@@ -95,11 +95,7 @@ def build_pyro_guide(spec: Mapping[str, Any], model: Callable, init_loc_fn: Call
     if unknown:
         raise ValueError(f"guide {spec['name']!r} does not take {', '.join(unknown)}")
     if "init_scale" in kwargs:
-        s = kwargs["init_scale"]
-        if isinstance(s, bool) or not isinstance(s, numbers.Real) or not math.isfinite(s) or s <= 0:
-            raise ValueError(f"guide {spec['name']!r}: init_scale must be a positive finite number, got {s!r}")
+        positive_float(f"guide {spec['name']!r}: init_scale", kwargs["init_scale"])
     if kwargs.get("rank") is not None:
-        r = kwargs["rank"]
-        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-            raise ValueError(f"guide {spec['name']!r}: rank must be a positive integer, got {r!r}")
+        positive_int(f"guide {spec['name']!r}: rank", kwargs["rank"])
     return cls(model, init_loc_fn=init_loc_fn, **kwargs)

@@ -59,7 +59,7 @@ from torch.distributions.kl import register_kl
 from ..guides.base import GuideNormal, expected_normal_log_prob, local_reparam_params
 from ..lrt import NETWORK_KEY
 from ..registry import PRIORS
-from ._util import check_positive
+from ..validation import positive_float
 
 __all__ = ["ARD", "EmpiricalARD", "HierarchicalARD", "MarginalARD", "empirical_ard_kl", "DEFAULT_A", "DEFAULT_B"]
 
@@ -349,8 +349,8 @@ class HierarchicalARD:
             return
         if group not in _GROUPS:
             raise ValueError(f"hierarchical ARD group must be one of {', '.join(_GROUPS)}; got {group!r}")
-        check_positive("ARD Gamma shape a", a)
-        check_positive("ARD Gamma rate b", b)
+        positive_float("ARD Gamma shape a", a)
+        positive_float("ARD Gamma rate b", b)
         if a < 1:
             # Pyro starts α at a median of prior draws; for small a the median ≈ (Γ(a + 1)/2)^(1/a) / b
             # (a = b = 1e-3: ≈ 1e-299) underflows float32 to α = 0, w ~ N(0, ∞), and SVI fails with NaN.

@@ -49,6 +49,7 @@ from torch.distributions import constraints
 from ..guides.base import local_reparam_params
 from ..registry import PRIORS
 from ..state_io import read_state, write_state
+from ..validation import boolean, positive_float, positive_int
 
 __all__ = ["KernelVAE", "DeepWeightPrior", "save_kernel_vaes", "load_kernel_vaes", "unit_kernels"]
 
@@ -92,13 +93,11 @@ class KernelVAE(nn.Module):
                  normalized: bool = False, source_norm: Optional[Mapping[str, float]] = None):
         super().__init__()
         for v, what in ((kernel_size, "kernel_size"), (latent_dim, "latent_dim"), (hidden, "hidden")):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"KernelVAE {what} must be a positive integer, got {v!r}")
+            positive_int(f"KernelVAE {what}", v)
         if decoder not in ("conv", "linear"):
             raise ValueError(f"KernelVAE decoder must be 'conv' or 'linear', got {decoder!r}")
         self.kernel_size, self.latent_dim, self.hidden, self.decoder_kind = kernel_size, latent_dim, hidden, decoder
-        if not isinstance(normalized, bool):
-            raise ValueError(f"KernelVAE normalized must be True or False, got {normalized!r}")
+        boolean("KernelVAE normalized", normalized)
         self.normalized = normalized
         self.source_norm = None
         if source_norm is not None:
@@ -299,10 +298,8 @@ class DeepWeightPrior(dist.TorchDistribution):
         if source is None:
             raise ValueError("the deep weight prior needs a VAE: DeepWeightPrior('dwp.safetensors') or, by name, "
                              "{'name': 'deep-weight', 'path': 'dwp.safetensors'} (make one with `pyrobnn dwp train`)")
-        if isinstance(num_particles, bool) or not isinstance(num_particles, int) or num_particles < 1:
-            raise ValueError(f"num_particles must be a positive integer, got {num_particles!r}")
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
-            raise ValueError(f"the deep weight prior's scale must be a positive finite number, got {scale!r}")
+        positive_int("num_particles", num_particles)
+        positive_float("the deep weight prior's scale", scale)
         self.scale = float(scale)
         self.path: Optional[str] = None
         self.provenance: Dict[str, Any] = {}

@@ -10,7 +10,7 @@ from ..registry import PRIORS
 from ..guides.base import expected_normal_log_prob
 from ..lrt import placeholder_of
 from ..site_dist import to_site_event
-from ._util import check_positive, check_finite
+from ..validation import finite_float, positive_float
 
 __all__ = ["Gaussian", "ScalarNormal"]
 
@@ -79,8 +79,8 @@ class Gaussian(dist.Normal):
     """
 
     def __init__(self, scale: float = 1.0, loc: float = 0.0, layerwise: bool = False, validate_args=None):
-        check_positive("Gaussian prior scale", scale)
-        check_finite("Gaussian prior loc", loc)
+        positive_float("Gaussian prior scale", scale)
+        finite_float("Gaussian prior loc", loc)
         self.layerwise = bool(layerwise)
         self._scale0, self._loc0 = float(scale), float(loc)
         super().__init__(torch.tensor(float(loc)), torch.tensor(float(scale)), validate_args=validate_args)
