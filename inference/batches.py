@@ -19,6 +19,7 @@ import torch
 
 from pyrobnn import inputs
 from pyrobnn.data import ArrayLoader
+from pyrobnn.validation import positive_int
 
 __all__ = ["Batches", "ShuffledBatches", "Stream", "check_finite_rows"]
 
@@ -94,8 +95,7 @@ class ShuffledBatches:
         n = inputs.batch_size(x)
         if y is not None and n != y.shape[0]:
             raise ValueError(f"x has {n} examples but y has {y.shape[0]}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        positive_int("batch_size", batch_size)
         self.x, self.y, self.n, self.batch_size = x, y, n, min(batch_size, n)
         self.generator, self.with_index = generator, with_index
         self.resumable, self.seed = False, None

@@ -33,6 +33,7 @@ from pyrobnn.bnn import BNN
 from pyrobnn.guides.base import FlatGaussianGuide
 from pyrobnn.guides.hyper import HyperMeanField, mean_field_like
 from pyrobnn.guides.mean_field import MeanField
+from pyrobnn.validation import non_negative_float, positive_float, positive_int
 
 from .batches import Batches
 from .loop import History, Loop, OnRecord, Progress, descend, make_optimizer
@@ -59,9 +60,7 @@ def _hyper_guide(bnn: BNN) -> HyperMeanField:
 def complexity_weight(bnn: BNN, lam: float):
     """Inside the block ``bnn``'s ELBO is the generalised one at λ: ``bnn.kl_weight = λ`` and, when the
     guide is a :class:`HyperMeanField`, the guide reads G(λ). Both are restored on exit."""
-    lam = float(lam)
-    if not (math.isfinite(lam) and lam >= 0):
-        raise ValueError(f"λ must be a finite number ≥ 0, got {lam!r}")
+    lam = non_negative_float("λ", float(lam))
     old = bnn.kl_weight
     bnn.kl_weight = lam
     try:
@@ -80,8 +79,7 @@ def sample_lams(lam_range: Sequence[float], num: int, distribution: str = "unifo
 
     ``stratified=True`` splits Λ (in the sampling scale) into ``num`` equal cells and draws one λ per
     cell — the same marginal U(Λ), lower variance of the per-batch average over λ."""
-    if isinstance(num, bool) or not isinstance(num, int) or num < 1:
-        raise ValueError(f"the number of λ draws must be a positive integer, got {num!r}")
+    positive_int("the number of λ draws", num)
     lo, hi = float(lam_range[0]), float(lam_range[1])
     if not (0 <= lo < hi):
         raise ValueError(f"lam_range must satisfy 0 ≤ lo < hi, got {(lo, hi)}")
@@ -132,12 +130,9 @@ def fit_complexity(bnn: BNN, train, epochs: int, lr: float = 1e-3, *, lams_per_b
         the epoch's steps of the λ-averaged negative ELBO; ``seconds`` its wall time).
     """
     guide = _hyper_guide(bnn)
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
-    if isinstance(lams_per_batch, bool) or not isinstance(lams_per_batch, int) or lams_per_batch < 1:
-        raise ValueError(f"lams_per_batch must be a positive integer, got {lams_per_batch!r}")
+    positive_int("epochs", epochs)
+    positive_float("lr", lr)
+    positive_int("lams_per_batch", lams_per_batch)
     sample_lams(guide.lam_range, 1, lam_distribution)  # validates the distribution against Λ up front
     if seed is not None:
         pyro.set_rng_seed(seed)

@@ -49,6 +49,7 @@ import torch.distributed as dist
 
 from pyrobnn.bnn import BNN
 from pyrobnn.data import ArrayLoader
+from pyrobnn.validation import non_negative_int, positive_int
 
 __all__ = ["DataParallel", "fit_distributed", "sample_chains", "chain_seed", "launched_by_torchrun"]
 
@@ -71,11 +72,6 @@ def chain_seed(seed: int, rank: int) -> int:
     return _seed_from(seed, rank, 0x5C11D) % (2**31)
 
 
-def _check_int(name, v, lo):
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-        raise ValueError(f"{name} must be an integer ≥ {lo}, got {v!r}")
-
-
 class DataParallel:
     """The process group seen by :func:`pyrobnn.inference.fit` (its ``distributed=`` argument).
 
@@ -94,7 +90,7 @@ class DataParallel:
     """
 
     def __init__(self, seed: int = 0, noise: str = "independent", group=None, device=None):
-        _check_int("seed", seed, 0)
+        non_negative_int("seed", seed)
         if noise not in _NOISE:
             raise ValueError(f"noise must be one of {_NOISE}, got {noise!r}")
         self.seed, self.noise = seed, noise
@@ -339,8 +335,8 @@ def sample_chains(bnn: BNN, data, *, chains_per_rank: int = 1, seed: int = 0,
     from .sampling import SamplePosterior, sample
     if not isinstance(bnn, BNN):
         raise TypeError(f"sample_chains() needs a pyrobnn BNN, got {type(bnn).__name__}")
-    _check_int("chains_per_rank", chains_per_rank, 1)
-    _check_int("seed", seed, 0)
+    positive_int("chains_per_rank", chains_per_rank)
+    non_negative_int("seed", seed)
     for reserved in ("num_chains", "seed"):
         if reserved in sample_kwargs:
             raise ValueError(f"pass chains_per_rank/seed to sample_chains, not {reserved}")

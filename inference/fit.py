@@ -8,7 +8,6 @@ The loss is ``MeanFieldELBO().differentiable_loss(bnn.model, bnn.guide, x, y)`` 
 """
 from __future__ import annotations
 
-import math
 import time
 import warnings
 from typing import Callable, Optional, Sequence, Union
@@ -19,6 +18,7 @@ import torch
 from pyrobnn import inputs
 from pyrobnn.bnn import BNN
 from pyrobnn.data import ArrayLoader
+from pyrobnn.validation import positive_float, positive_int
 
 from .batches import Batches, check_finite_rows
 from .checkpoint import Checkpoints, latest_checkpoint, load_checkpoint
@@ -130,10 +130,8 @@ def fit(bnn: BNN, train, epochs: int, lr: float = 1e-3, *, batch_size: int = 128
     """
     if not isinstance(bnn, BNN):
         raise TypeError(f"fit() trains a pyrobnn BNN, got {type(bnn).__name__}")
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+    positive_int("epochs", epochs)
+    positive_float("lr", lr)
     if resume and checkpoint_dir is None:
         raise ValueError("resume=True needs checkpoint_dir")
     if seed is not None:

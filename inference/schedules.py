@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from typing import Callable, List
 
+from pyrobnn.validation import non_negative_float
+
 __all__ = ["kl_warmup_schedule", "lr_factor_schedule", "auto_kl_warmup", "KLWarmup", "LRFactor"]
 
 
@@ -18,9 +20,8 @@ def kl_warmup_schedule(spec) -> Callable[[float], float]:
     if callable(spec):
         return spec
     if isinstance(spec, (int, float)) and not isinstance(spec, bool):
-        if not (0 <= spec):
-            raise ValueError(f"kl weight must be ≥ 0, got {spec}")
-        return lambda e: float(spec)
+        weight = non_negative_float("kl weight", spec)
+        return lambda e: weight
     if isinstance(spec, (tuple, list)) and len(spec) == 2:
         hold, ramp = float(spec[0]), float(spec[1])
         if hold < 0 or ramp < 0:

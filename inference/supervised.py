@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pyrobnn import inputs as _inputs
+from pyrobnn.validation import positive_float, positive_int
 
 from .batches import Batches, ShuffledBatches
 from .checkpoint import Checkpoints
@@ -74,10 +75,8 @@ def train_deterministic(net: nn.Module, x, y: Optional[torch.Tensor] = None, *, 
     """
     if task not in _TASKS:
         raise ValueError(f"task must be one of {_TASKS}, got {task!r}")
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
-    if not (isinstance(lr, (int, float)) and not isinstance(lr, bool) and math.isfinite(lr) and lr > 0):
-        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+    positive_int("epochs", epochs)
+    positive_float("lr", lr)
     if y is None:
         data = Batches(x, batch_size, 0)
     else:

@@ -10,6 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pyrobnn.validation import positive_float, positive_int
+
 from .loss import _student_gaussian, _student_logits
 
 __all__ = ["Adversarial", "Discriminator"]
@@ -46,14 +48,9 @@ class Adversarial:
                     and all(isinstance(n, str) for n in self.hidden)):
                 raise ValueError("hidden must be a (teacher_module, student_module) pair of names")
             self.hidden = tuple(self.hidden)
-        for name in ("lr",):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and v > 0):
-                raise ValueError(f"{name} must be positive, got {v!r}")
-        for name in ("width", "d_steps"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        positive_float("lr", self.lr)
+        positive_int("width", self.width)
+        positive_int("d_steps", self.d_steps)
 
 
 class Discriminator(nn.Module):

@@ -9,6 +9,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from pyrobnn.validation import positive_float
+
 __all__ = ["distillation_loss", "TeacherDraws"]
 
 
@@ -133,6 +135,4 @@ def _check_task(task):
 
 
 def _check_temperature(temperature):
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature) \
-            or temperature <= 0:
-        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+    positive_float("temperature", temperature)

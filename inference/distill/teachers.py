@@ -24,6 +24,7 @@ from pyrobnn.bnn import BNN
 from pyrobnn.likelihoods import Bernoulli
 from pyrobnn.posterior import PRECISION_SITE as _PRECISION
 from pyrobnn.posterior import DrawSet, DropoutPosterior, Ensemble, Posterior, outputs_under_draws, stacked_outputs
+from pyrobnn.validation import non_negative_int, positive_int
 
 from ..sampling import SamplePosterior
 from ..sgld import PSGLD, SGLD
@@ -332,10 +333,8 @@ class SGLDChain(Teacher):
         x, y = bnn._check_x(data[0]), data[1]
         if _inputs.batch_size(x) != y.shape[0]:
             raise ValueError(f"x has {_inputs.batch_size(x)} examples but y has {y.shape[0]}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        if isinstance(burn_in, bool) or not isinstance(burn_in, int) or burn_in < 0:
-            raise ValueError(f"burn_in must be an integer ≥ 0, got {burn_in!r}")
+        positive_int("batch_size", batch_size)
+        non_negative_int("burn_in", burn_in)
         self.bnn, self.x, self.y = bnn, x, y
         self.task = _bnn_task(bnn)
         self.batch_size = min(batch_size, _inputs.batch_size(x))

@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pyrobnn import inputs as _inputs
+from pyrobnn.validation import integer, non_negative_float, positive_float, positive_int
 
 from ..batches import Stream
 from ..loop import History, Loop, Progress, descend
@@ -90,8 +91,7 @@ def distill(teacher, student: nn.Module, inputs, *, task: Optional[str] = None, 
         raise TypeError(f"the student must be a torch.nn.Module, got {type(student).__name__}")
     generator = torch.Generator()
     if seed is not None:
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
+        integer("seed", seed)
         pyro.set_rng_seed(seed)
         generator.manual_seed(seed)
     else:
@@ -102,16 +102,12 @@ def distill(teacher, student: nn.Module, inputs, *, task: Optional[str] = None, 
     task = t.task
     _check_temperature(temperature)
     for name, v in (("batch_size", batch_size), ("teacher_steps", teacher_steps), ("log_every", log_every)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be a positive integer, got {v!r}")
-    if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1):
-        raise ValueError(f"num_samples must be a positive integer or None, got {num_samples!r}")
-    for name, v in (("lr", lr),):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-            raise ValueError(f"{name} must be a positive number, got {v!r}")
+        positive_int(name, v)
+    if num_samples is not None:
+        positive_int("num_samples", num_samples)
+    positive_float("lr", lr)
     for name, v in (("input_noise", input_noise), ("label_weight", label_weight), ("weight_decay", weight_decay)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-            raise ValueError(f"{name} must be a finite number ≥ 0, got {v!r}")
+        non_negative_float(name, v)
     stream = _Inputs(inputs, batch_size, generator)
     if (steps is None) == (epochs is None):
         raise ValueError("give exactly one of steps= and epochs=")
@@ -119,11 +115,9 @@ def distill(teacher, student: nn.Module, inputs, *, task: Optional[str] = None, 
         per = stream.steps_per_epoch()
         if per is None:
             raise ValueError("epochs= needs inputs of known length; give steps=")
-        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-            raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
+        positive_int("epochs", epochs)
         steps = epochs * per
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    positive_int("steps", steps)
     if label_weight > 0 and stream.labels is None and stream.iterable is None:
         raise ValueError("label_weight > 0 needs labelled inputs: pass inputs=(x, y)")
     adv = None
