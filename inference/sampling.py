@@ -33,6 +33,7 @@ from pyrobnn.bnn import BNN, bayesian
 from pyrobnn.diagnostics import mcmc_sample_stats, per_draw_log_prob
 from pyrobnn.posterior import DrawSet, outputs_under_draws
 from pyrobnn.io import bnn_from_spec, read_state, write_state
+from pyrobnn.validation import integer
 
 from .batches import ShuffledBatches, Stream
 from .loop import Loop, Progress
@@ -201,10 +202,9 @@ def sample(bnn: BNN, data: Union[Tuple[torch.Tensor, torch.Tensor], Iterable], k
         warmup_steps = warmup
     for name, v, lo in (("num_samples", num_samples, 1), ("warmup_steps", warmup_steps, 0), ("thin", thin, 1),
                         ("num_chains", num_chains, 1)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-            raise ValueError(f"{name} must be an integer ≥ {lo}, got {v!r}")
-    if max_draws is not None and (isinstance(max_draws, bool) or not isinstance(max_draws, int) or max_draws < 2):
-        raise ValueError(f"max_draws must be an integer ≥ 2, got {max_draws!r}")
+        integer(name, v, minimum=lo)
+    if max_draws is not None:
+        integer("max_draws", max_draws, minimum=2)
     generator = torch.Generator()
     if seed is not None:
         pyro.set_rng_seed(seed)

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as TF
 from torchvision.transforms.v2 import functional as V2
 
+from pyrobnn.validation import positive_int, probability
+
 __all__ = ["OPS", "Transform", "SubPolicy", "Policy", "default_policy"]
 
 POLICY_FORMAT = "pyrobnn.tta.policy"
@@ -53,9 +55,7 @@ OPS: Dict[str, _Op] = {
 
 
 def _check_unit(v, what):
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0.0 <= v <= 1.0:
-        raise ValueError(f"{what} must be a number in [0, 1], got {v!r}")
-    return float(v)
+    return probability(what, v)
 
 
 @dataclass(frozen=True)
@@ -252,8 +252,7 @@ class Policy:
         with its own random parameters. ``sub_policy_index [num]`` picks the sub-policy of each copy
         (default ``arange(num) % len(self)``). Loops over sub-policies only, never over images."""
         _check_images(x)
-        if isinstance(num, bool) or not isinstance(num, int) or num < 1:
-            raise ValueError(f"num must be a positive integer, got {num!r}")
+        positive_int("num", num)
         if sub_policy_index is None:
             sub_policy_index = torch.arange(num) % len(self)
         sub_policy_index = torch.as_tensor(sub_policy_index).long().cpu()

@@ -11,6 +11,7 @@ import torch.nn as nn
 from pyrobnn import inputs
 from pyrobnn.bnn import BNN
 from pyrobnn.posterior import Ensemble, Posterior, as_posterior, stacked_outputs
+from pyrobnn.validation import positive_int
 
 __all__ = ["Draws", "as_draws"]
 
@@ -87,8 +88,7 @@ class Draws:
             raise TypeError(f"from_bnn needs a pyrobnn BNN, got {type(bnn).__name__}")
         if not isinstance(bnn.likelihood, Categorical):
             raise ValueError("TTA predictive averaging here is for classifiers (a categorical likelihood)")
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+        positive_int("num_samples", num_samples)
         if mode == "weights":
             return cls.from_posterior(bnn, num_samples, generator, f"BNN guide, {mode}")
         if mode == "local":
@@ -101,8 +101,7 @@ class Draws:
         """The members (all, or ``num_samples`` evenly spaced ones); ``generator`` is unused."""
         if num_samples is None:
             return list(self.members)
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+        positive_int("num_samples", num_samples)
         idx = torch.linspace(0, len(self) - 1, min(num_samples, len(self))).round().long()
         return [self.members[i] for i in idx.tolist()]
 

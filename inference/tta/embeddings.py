@@ -9,6 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as TF
 
+from pyrobnn.validation import non_negative_int
+
 from .augment import Policy
 from .draws import Draws, as_draws
 from .predictive import _augmented_inputs, evaluate_tta
@@ -42,8 +44,7 @@ def embeddings(draws: Draws, layer: str, x: torch.Tensor, policy: Optional[Polic
         raise ValueError(f"capture must be 'output' or 'input', got {capture!r}")
     if draws.roots is None:
         raise ValueError("these Draws have no roots (modules) to hook; build them with roots=")
-    if isinstance(num_augmentations, bool) or not isinstance(num_augmentations, int) or num_augmentations < 0:
-        raise ValueError(f"num_augmentations must be a non-negative integer, got {num_augmentations!r}")
+    non_negative_int("num_augmentations", num_augmentations)
     if num_augmentations and not isinstance(policy, Policy):
         raise ValueError("augmented embeddings need a Policy")
     modules = []

@@ -8,6 +8,7 @@ from typing import Dict, Optional, Sequence
 import torch
 
 from pyrobnn.metrics import accuracy, calibrated_nll, nll
+from pyrobnn.validation import positive_int
 
 from .augment import Policy, _check_images
 from .draws import Draws, as_draws
@@ -56,8 +57,7 @@ def member_outputs(draws: Draws, x: torch.Tensor, policy: Optional[Policy] = Non
         if not isinstance(policy, Policy):
             raise ValueError(f"mode {mode!r} needs a Policy")
         A = len(policy) if num_augmentations is None else num_augmentations
-        if isinstance(A, bool) or not isinstance(A, int) or A < 1:
-            raise ValueError(f"num_augmentations must be a positive integer, got {A!r}")
+        positive_int("num_augmentations", A)
         if sub_policy_index is not None and len(sub_policy_index) != A:
             raise ValueError(f"sub_policy_index has {len(sub_policy_index)} entries for {A} augmentations")
     outs = []

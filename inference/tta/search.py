@@ -8,6 +8,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from pyrobnn.metrics import calibrated_nll
+from pyrobnn.validation import positive_int
 
 from .augment import OPS, Policy, SubPolicy, Transform, _check_unit
 from .draws import Draws, as_draws
@@ -25,8 +26,7 @@ def sample_pool(size: int, generator: Optional[torch.Generator] = None, ops: Opt
     for o in ops:
         if o not in OPS:
             raise ValueError(f"unknown transform {o!r}; known: {', '.join(OPS)}")
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise ValueError(f"size must be a positive integer, got {size!r}")
+    positive_int("size", size)
     if not 1 <= min_transforms <= max_transforms <= len(ops):
         raise ValueError(f"need 1 <= min_transforms <= max_transforms <= {len(ops)}")
     lo, hi = probability_range
@@ -78,8 +78,7 @@ def greedy_policy_search(draws: Draws, x_val: torch.Tensor, y_val: torch.Tensor,
     pool = list(pool)
     if not pool or not all(isinstance(p, SubPolicy) for p in pool):
         raise ValueError("pool must be a non-empty list of SubPolicy")
-    if isinstance(max_policy_size, bool) or not isinstance(max_policy_size, int) or max_policy_size < 1:
-        raise ValueError(f"max_policy_size must be a positive integer, got {max_policy_size!r}")
+    positive_int("max_policy_size", max_policy_size)
     if mode not in ("classic", "per-draw"):
         raise ValueError(f"mode must be 'classic' or 'per-draw', got {mode!r}")
     y_val = torch.as_tensor(y_val).long()

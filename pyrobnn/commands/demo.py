@@ -20,6 +20,8 @@ architecture, batch size and epochs; ``--det-weight-decay`` adds an L2 penalty (
 import json
 import time
 
+from pyrobnn.validation import non_negative_float, positive_float, positive_int, real
+
 
 def register(sub):
     from ._common import add_parser
@@ -39,14 +41,10 @@ def register(sub):
 
 
 def _check_args(args):
-    if isinstance(args.epochs, bool) or args.epochs < 1:
-        raise ValueError(f"--epochs must be a positive integer, got {args.epochs}")
-    if not (0 < args.kl_weight <= 1):
-        raise ValueError(f"--kl-weight must lie in (0, 1], got {args.kl_weight}")
-    if not (args.init_scale > 0):
-        raise ValueError(f"--init-scale must be positive, got {args.init_scale}")
-    if not (args.det_weight_decay >= 0):
-        raise ValueError(f"--det-weight-decay must be ≥ 0, got {args.det_weight_decay}")
+    positive_int("--epochs", args.epochs)
+    real("--kl-weight", args.kl_weight, minimum=0, maximum=1, exclusive_minimum=True)
+    positive_float("--init-scale", args.init_scale)
+    non_negative_float("--det-weight-decay", args.det_weight_decay)
 
 
 def kl_schedule(kl_weight: float, ramp_epochs: float = 10.0):
