@@ -42,6 +42,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from pyrobnn.validation import one_of, positive_int
+
 __all__ = ["Loop", "Position", "Progress", "History", "TrainingDiverged", "TrainingInterrupted", "check_finite",
            "descend", "make_optimizer", "OnRecord"]
 
@@ -188,12 +190,10 @@ class Loop:
                  history: Optional[History] = None, diverged_at: str = "epoch"):
         if resume and checkpoints is None:
             raise ValueError("resume=True needs checkpoint_dir")
-        for name, v, lo in (("epochs", epochs, 1), ("record_every", record_every, 1),
-                            ("checkpoint_every", checkpoint_every, 1)):
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < lo):
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        if diverged_at not in ("epoch", "step"):
-            raise ValueError(f"diverged_at must be 'epoch' or 'step', got {diverged_at!r}")
+        for name, v in (("epochs", epochs), ("record_every", record_every), ("checkpoint_every", checkpoint_every)):
+            if v is not None:
+                positive_int(name, v)
+        one_of("diverged_at", diverged_at, ("epoch", "step"))
         if not callable(step):
             raise TypeError(f"the step must be callable, got {type(step).__name__}")
         self.step, self.batches, self.epochs, self.model = step, batches, epochs, model
