@@ -334,3 +334,14 @@ def test_posteriors_on_the_gpu():
     drop = DropoutPosterior(_nets(1, dropout=True)[0].to(dev))
     assert torch.equal(drop.run(7, x.to(dev)), drop.run(7, x.to(dev)))
     assert drop.outputs(x.to(dev), 4).shape == (4, 11, 2)
+
+
+def test_the_network_under_a_draw_runs_through_one_public_door():
+    """Outside pyrobnn/bnn.py the library runs a BNN's network only through BNN.run / outputs (the private
+    Pyro program ``_net_only`` stays inside the BNN)."""
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    offenders = [str(p.relative_to(root)) for folder in ("pyrobnn", "inference", "models", "examples", "benchmarks")
+                 for p in sorted((root / folder).rglob("*.py"))
+                 if "_net_only" in p.read_text() and p != root / "pyrobnn" / "bnn.py"]
+    assert offenders == []
