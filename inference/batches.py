@@ -87,21 +87,23 @@ class Batches:
 
 class ShuffledBatches:
     """``(x, y)`` batches of ``batch_size`` rows, a new permutation from ``generator`` at every pass
-    (each epoch), without replacement within a pass; the incomplete last batch is dropped.
+    (each epoch), without replacement within a pass; the incomplete last batch is dropped unless
+    ``drop_last=False``.
 
     ``with_index=True`` yields ``(index, x, y)`` (the rows' places in ``x``). ``y`` may be None."""
 
-    def __init__(self, x, y, batch_size: int, generator: torch.Generator, with_index: bool = False):
+    def __init__(self, x, y, batch_size: int, generator: torch.Generator, with_index: bool = False,
+                 drop_last: bool = True):
         n = inputs.batch_size(x)
         if y is not None and n != y.shape[0]:
             raise ValueError(f"x has {n} examples but y has {y.shape[0]}")
         positive_int("batch_size", batch_size)
         self.x, self.y, self.n, self.batch_size = x, y, n, min(batch_size, n)
-        self.generator, self.with_index = generator, with_index
+        self.generator, self.with_index, self.drop_last = generator, with_index, drop_last
         self.resumable, self.seed = False, None
 
     def __len__(self):
-        return self.n // self.batch_size
+        return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
 
     def __iter__(self):
         perm = torch.randperm(self.n, generator=self.generator)

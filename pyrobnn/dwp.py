@@ -23,7 +23,10 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+
+from pyrobnn.inference.batches import ShuffledBatches
+from pyrobnn.inference.loop import Loop
+from pyrobnn.inference.supervised import SupervisedStep
 
 from .priors.deep_weight import DeepWeightPrior, KernelVAE, save_kernel_vaes, unit_kernels
 from .validation import boolean, positive_int
@@ -67,6 +70,14 @@ def _accuracy(net, x, y, batch=1000):
     return correct / max(len(x), 1)
 
 
+class _LastLoss:
+    """The loss of the last step (a loop callback)."""
+    loss = float("nan")
+
+    def on_step_end(self, loop, position, logs):
+        self.loss = logs["loss"]
+
+
 def train_source_nets(x: torch.Tensor, y: torch.Tensor, num_nets: int = 4, epochs: int = 2,
                       arch: Union[str, Mapping] = "fconv", lr: float = 1e-3, batch_size: int = 128,
                       weight_decay: float = 0.0, seed: int = 0, log: Optional[Callable[[str], None]] = None,
@@ -89,19 +100,11 @@ def train_source_nets(x: torch.Tensor, y: torch.Tensor, num_nets: int = 4, epoch
         torch.manual_seed(net_seed)
         net = build(arch) if isinstance(arch, str) else build(dict(arch))
         opt = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=weight_decay)
-        g = torch.Generator().manual_seed(net_seed)
-        t0, loss = time.time(), float("nan")
-        for epoch in range(epochs):
-            perm = torch.randperm(len(x), generator=g)
-            for b in range(0, len(x), batch_size):
-                idx = perm[b:b + batch_size]
-                out = net(x[idx])
-                loss_t = F.cross_entropy(out, y[idx])
-                opt.zero_grad(set_to_none=True)
-                loss_t.backward()
-                opt.step()
-                loss = loss_t.item()
-        rec = {"seed": net_seed, "train_loss": loss, "seconds": time.time() - t0}
+        batches = ShuffledBatches(x, y, batch_size, torch.Generator().manual_seed(net_seed), drop_last=False)
+        last = _LastLoss()
+        t0 = time.time()
+        Loop(SupervisedStep(net, opt), batches, epochs=epochs, model=net, callbacks=[last]).run()
+        rec = {"seed": net_seed, "train_loss": last.loss, "seconds": time.time() - t0}
         if x_test is not None:
             rec["test_accuracy"] = _accuracy(net, x_test, y_test)
         records.append(rec)

@@ -195,8 +195,8 @@ def test_data_parallel_hooks(tmp_path):
 
 
 def test_every_trainer_runs_on_the_loop(monkeypatch):
-    """fit, fit_distributed, fit_complexity, sample, distill and train_deterministic each hand their
-    step to Loop.run (observed through a callback the test adds to every loop)."""
+    """fit, fit_distributed, fit_complexity, sample, distill, train_deterministic and the deep weight
+    prior's source nets each hand their step to the loop (seen by a callback the test adds to every loop)."""
     seen = []
     real_init = Loop.__init__
 
@@ -235,6 +235,10 @@ def test_every_trainer_runs_on_the_loop(monkeypatch):
     assert ran(lambda: distill(post[0], nn.Linear(3, 2), x, steps=3, batch_size=20, seed=0)) == {"DistillStep"}
     assert ran(lambda: train_deterministic(nn.Linear(3, 2), x, y, epochs=1, batch_size=20)) == {"SupervisedStep"}
     assert len(seen) == 2
+    from pyrobnn.dwp import train_source_nets
+    arch = {"name": "mlp", "in_features": 3, "out_features": 2, "hidden": [4]}
+    assert ran(lambda: train_source_nets(x, y, num_nets=2, epochs=1, arch=arch, batch_size=16)) == {"SupervisedStep"}
+    assert len(seen) == 2 * 3          # the last, incomplete batch is kept
 
 
 def test_loop_argument_errors():
