@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from pyrobnn.inference.batches import ShuffledBatches
-from pyrobnn.inference.loop import Loop
+from pyrobnn.inference.loop import Loop, OnRecord, descend
 from pyrobnn.inference.supervised import SupervisedStep
 
 from .priors.deep_weight import DeepWeightPrior, KernelVAE, save_kernel_vaes, unit_kernels
@@ -211,19 +211,21 @@ def fit_kernel_vae(kernels: torch.Tensor, latent_dim: int = 4, hidden: int = 16,
                     normalized=normalize, source_norm=source_norm)
     opt = torch.optim.Adam(vae.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
-    t0 = time.time()
-    for epoch in range(epochs):
-        order = torch.randperm(len(train), generator=g)
-        total = 0.0
-        for b in range(0, len(train), batch_size):
-            loss = vae.loss(train[order[b:b + batch_size]])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(order[b:b + batch_size])
+
+    def vae_step(w, _):
+        loss = vae.loss(w)
+        return {"total": descend(loss, opt, what="the VAE's loss").item() * len(w)}
+
+    def end_of_epoch(record):
         sched.step()
-        if log and (epoch + 1) % max(1, epochs // 5) == 0:
-            log(f"  vae k={vae.kernel_size} epoch {epoch + 1}/{epochs}: mean bound per kernel {-total / len(train):.4f}")
+        if log and record["epoch"] % max(1, epochs // 5) == 0:
+            log(f"  vae k={vae.kernel_size} epoch {record['epoch']}/{epochs}: mean bound per kernel "
+                f"{record['bound']:.4f}")
+
+    t0 = time.time()
+    Loop(vae_step, ShuffledBatches(train, None, batch_size, g, drop_last=False), epochs=epochs,
+         summarize=lambda loop: {"epoch": loop.position.epoch + 1, "bound": -loop.sums["total"] / len(train)},
+         callbacks=[OnRecord(end_of_epoch)]).run()
     vae.eval()
     with torch.no_grad():
         bound = lambda w: torch.stack([vae.elbo(w) for _ in range(8)]).mean().item() if len(w) else float("nan")  # noqa: E731

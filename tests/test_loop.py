@@ -203,7 +203,7 @@ def test_every_trainer_runs_on_the_loop(monkeypatch):
     def spying_init(self, step, batches, **kw):
         class Spy:
             def on_step_end(self_, loop, position, logs):
-                seen.append(type(loop.step).__name__)
+                seen.append(getattr(loop.step, "__name__", type(loop.step).__name__))
         kw["callbacks"] = list(kw.get("callbacks", ())) + [Spy()]
         real_init(self, step, batches, **kw)
 
@@ -239,6 +239,8 @@ def test_every_trainer_runs_on_the_loop(monkeypatch):
     arch = {"name": "mlp", "in_features": 3, "out_features": 2, "hidden": [4]}
     assert ran(lambda: train_source_nets(x, y, num_nets=2, epochs=1, arch=arch, batch_size=16)) == {"SupervisedStep"}
     assert len(seen) == 2 * 3          # the last, incomplete batch is kept
+    from pyrobnn.dwp import fit_kernel_vae
+    assert ran(lambda: fit_kernel_vae(torch.randn(30, 3, 3), epochs=2, batch_size=16, min_steps=1)) == {"vae_step"}
 
 
 def test_loop_argument_errors():
