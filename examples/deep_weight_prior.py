@@ -81,6 +81,7 @@ import pyrobnn
 import pyrobnn.models  # noqa: F401  (registers fconv)
 from pyrobnn.data import load_mnist5k
 from pyrobnn.dwp import init_from_prior
+from pyrobnn.inference import train_deterministic
 from pyrobnn.priors import DeepWeightPrior
 
 METHODS = ("dwp", "log-uniform", "gaussian", "l2", "dwp-noinit", "dwp-lu", "dwp-conv1", "dwp-sample", "gaussian-draw", "sparse-vd", "log-uniform-mf",
@@ -197,21 +198,13 @@ def run_bayesian(method, prior_path, x, y, x_test, y_test, steps, lr, seed, num_
 def run_l2(x, y, x_test, y_test, steps, lr, seed, l2):
     torch.manual_seed(seed)
     net = fconv()
-    opt = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=l2)
     batch = min(len(x), 100)
-    g = torch.Generator().manual_seed(seed)
-    t0, done = time.time(), 0
-    while done < steps:
-        perm = torch.randperm(len(x), generator=g)
-        for b in range(0, len(x), batch):
-            idx = perm[b:b + batch]
-            loss = F.cross_entropy(net(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            done += 1
+    epochs = math.ceil(steps / math.ceil(len(x) / batch))   # whole passes, at least ``steps`` updates
+    t0 = time.time()
+    train_deterministic(net, x, y, epochs=epochs, batch_size=batch, lr=lr, weight_decay=l2, seed=seed,
+                        drop_last=False)
+    done = epochs * math.ceil(len(x) / batch)
     with torch.no_grad():
-        net.eval()
         logits = net(x_test)
     acc = (logits.argmax(-1) == y_test).float().mean().item()
     nll = F.cross_entropy(logits, y_test).item()

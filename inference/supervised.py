@@ -56,11 +56,12 @@ def train_deterministic(net: nn.Module, x, y: Optional[torch.Tensor] = None, *, 
                         epochs: int = 20, batch_size: int = 128, lr: float = 1e-3, weight_decay: float = 0.0,
                         seed: Optional[int] = None, lr_schedule=None, callbacks: Sequence[Callable] = (),
                         checkpoint_dir=None, checkpoints: Optional[Callable] = None, resume: bool = False,
-                        progress: bool = False, history: Optional[History] = None) -> nn.Module:
+                        progress: bool = False, history: Optional[History] = None, drop_last: bool = True) -> nn.Module:
     """Train ``net`` on labels with Adam (in place); returned in eval mode.
 
     :param x: inputs ``[N, ...]`` with labels ``y`` — batched from a generator seeded with ``seed`` (0
-        when None), a new permutation each epoch, the incomplete last batch dropped — or, with ``y``
+        when None), a new permutation each epoch, the incomplete last batch dropped (kept with
+        ``drop_last=False``) — or, with ``y``
         None, a loader: a :class:`pyrobnn.data.ArrayLoader` (its own seeded order; resumes mid-epoch)
         or a torch ``DataLoader``.
     :param task: ``"classification"`` or ``"regression"`` (see :func:`label_loss`).
@@ -81,7 +82,7 @@ def train_deterministic(net: nn.Module, x, y: Optional[torch.Tensor] = None, *, 
         data = Batches(x, batch_size, 0)
     else:
         data = ShuffledBatches(_inputs.as_inputs(x), y, batch_size,
-                               torch.Generator().manual_seed(0 if seed is None else seed))
+                               torch.Generator().manual_seed(0 if seed is None else seed), drop_last=drop_last)
     if seed is not None:
         torch.manual_seed(seed)
     opt = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=weight_decay)
