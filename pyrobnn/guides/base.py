@@ -289,6 +289,8 @@ class FlatGaussianGuide(AutoGuide):
         out = {}
         for name in self._layout:
             loc, scale = self.site_params(name)
-            eps = torch.randn((num_samples,) + tuple(loc.shape), generator=generator, dtype=loc.dtype)
+            # drawn where the generator lives (the CPU's unless given another), then moved to the site's device
+            eps = torch.randn((num_samples,) + tuple(loc.shape), generator=generator, dtype=loc.dtype,
+                              device=generator.device if generator is not None else loc.device).to(loc.device)
             out[name] = _constrain(self._layout[name].transform, loc + scale * eps)
         return out
