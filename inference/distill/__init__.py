@@ -62,8 +62,8 @@ from .adversarial import Adversarial, Discriminator
 from .evaluation import evaluate_distillation, student_predictive
 from .loss import TeacherDraws, _aggregate, distillation_loss  # noqa: F401  (_aggregate: for tests)
 from .student_io import load_student, save_student
-from .teachers import (Deterministic, GuideTeacher, MCDropout, PosteriorTeacher, SampleTeacher, SGLDChain, Teacher,
-                       as_teacher)
+from .chain import SGLDChain
+from .teachers import Deterministic, GuideTeacher, MCDropout, PosteriorTeacher, SampleTeacher, Teacher, as_teacher
 from .training import DistillRecord, DistillStep, distill
 
 __all__ = ["distill", "distillation_loss", "DistillRecord", "Teacher", "SGLDChain", "MCDropout", "Deterministic",
