@@ -21,7 +21,8 @@ from ..supervised import label_loss
 from .adversarial import Adversarial, Discriminator, _adv_features
 from .loss import _aggregate, _check_task, _check_temperature, _loss_to_target
 from .stream import _cache_targets, _index_target, _Inputs
-from .teachers import Teacher, _capture, _submodule, as_teacher
+from . import teachers
+from .teachers import _capture, _submodule, as_teacher
 
 __all__ = ["distill", "DistillRecord", "DistillStep"]
 
@@ -84,7 +85,7 @@ def distill(teacher, student: nn.Module, inputs, *, task: Optional[str] = None, 
     :param cache_teacher: compute the teacher's predictive on all inputs once (default: when the teacher
         is fixed, inputs are a noise-free tensor and no hidden layer is matched).
     :param callbacks: each called as ``cb(step, teacher, student, record)`` after every student step
-        (``step`` counts from 1; ``teacher`` is the :class:`Teacher` wrapper).
+        (``step`` counts from 1; ``teacher`` is the :class:`~pyrobnn.inference.distill.Teacher` wrapper).
     :returns: ``(student, record)`` with ``record`` a :class:`DistillRecord`.
     """
     if not isinstance(student, nn.Module):
@@ -197,7 +198,7 @@ class DistillStep:
     student's divergence to it plus the label and adversarial terms, the NaN guard, one optimiser step.
     Returns the logged numbers (``loss``, ``label_loss``, ``d_loss``, ``g_loss``)."""
 
-    def __init__(self, teacher: Teacher, student: nn.Module, optimizer, task: str, *, temperature: float,
+    def __init__(self, teacher: teachers.Teacher, student: nn.Module, optimizer, task: str, *, temperature: float,
                  num_samples: Optional[int], input_noise: float, generator: torch.Generator, cached=None,
                  hidden=(None, None), label_weight: float = 0.0, adversarial: Optional[Adversarial] = None,
                  grad_clip: Optional[float] = None, teacher_steps: int = 1):
