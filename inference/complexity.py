@@ -35,7 +35,7 @@ from pyrobnn.guides.hyper import HyperMeanField, mean_field_like
 from pyrobnn.guides.mean_field import MeanField
 from pyrobnn.validation import non_negative_float, positive_float, positive_int
 
-from .batches import Batches
+from .fit import training_batches
 from .loop import History, Loop, OnRecord, Progress, descend, make_optimizer
 from .schedules import LRFactor, lr_factor_schedule
 
@@ -137,14 +137,7 @@ def fit_complexity(bnn: BNN, train, epochs: int, lr: float = 1e-3, *, lams_per_b
     if seed is not None:
         pyro.set_rng_seed(seed)
     lam_gen = torch.Generator().manual_seed(0 if seed is None else int(seed))
-    data = Batches(train, batch_size, seed or 0)
-    n = data.dataset_size
-    if bnn.dataset_size is None:
-        bnn.dataset_size = n
-    elif bnn.dataset_size < n:
-        raise ValueError(f"bnn.dataset_size ({bnn.dataset_size}) is smaller than the training set ({n} examples)")
-    x0, _ = data.first()
-    bnn.initialize(x0)
+    data, _ = training_batches(bnn, train, batch_size, seed)
     params = [p for p in bnn.parameters() if p.requires_grad]
     opt = make_optimizer(optimizer, params, lr, optimizer_kwargs)
     step = LambdaSweepStep(bnn, opt, params, lams_per_batch, lam_distribution, stratified, lam_gen, grad_clip)

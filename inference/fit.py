@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import pyro
 import torch
@@ -101,6 +101,21 @@ class SVIStep:
         return descend(loss, self.opt, self.params, self.grad_clip, "the ELBO")
 
 
+def training_batches(bnn: BNN, train, batch_size: int, seed: Optional[int]) -> Tuple[Batches, tuple]:
+    """The minibatches of ``train`` for training ``bnn``, and the first batch ``(x, y)``: sets
+    ``bnn.dataset_size`` from the data when unset (refuses one smaller than the data) and initialises the guide
+    on the first batch (read once: a shuffling DataLoader draws its order from the global RNG)."""
+    data = Batches(train, batch_size, seed or 0)
+    n = data.dataset_size
+    if bnn.dataset_size is None:
+        bnn.dataset_size = n
+    elif bnn.dataset_size < n:
+        raise ValueError(f"bnn.dataset_size ({bnn.dataset_size}) is smaller than the training set ({n} examples)")
+    first = data.first()
+    bnn.initialize(first[0])
+    return data, first
+
+
 def fit(bnn: BNN, train, epochs: int, lr: float = 1e-3, *, batch_size: int = 128,
         optimizer: Union[str, Callable] = "adam", optimizer_kwargs: Optional[dict] = None,
         kl_warmup="auto", lr_schedule=None, val=None, num_samples: int = 16,
@@ -136,15 +151,8 @@ def fit(bnn: BNN, train, epochs: int, lr: float = 1e-3, *, batch_size: int = 128
         raise ValueError("resume=True needs checkpoint_dir")
     if seed is not None:
         pyro.set_rng_seed(seed)
-    data = Batches(train, batch_size, seed or 0)
-    n = data.dataset_size
-    if bnn.dataset_size is None:
-        bnn.dataset_size = n
-    elif bnn.dataset_size < n:
-        raise ValueError(f"bnn.dataset_size ({bnn.dataset_size}) is smaller than the training set ({n} examples)")
+    data, (x0, y0) = training_batches(bnn, train, batch_size, seed)
     val_xy = _val_xy(val)
-    x0, y0 = data.first()
-    bnn.initialize(x0)
     opt = make_optimizer(optimizer, [p for p in bnn.parameters() if p.requires_grad], lr, optimizer_kwargs)
     if isinstance(kl_warmup, str) and kl_warmup == "auto":
         kl_warmup = auto_kl_warmup(bnn, epochs)
