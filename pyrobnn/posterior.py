@@ -18,7 +18,7 @@ draws, a running chain, an ensemble of networks, a network with dropout — answ
 Implementations: :class:`pyrobnn.BNN` itself (its guide), :class:`DrawSet` (stored draws of a BNN's
 sites, chains kept apart; :class:`pyrobnn.inference.SamplePosterior` is one), :class:`Ensemble`
 (plain networks) and :class:`DropoutPosterior` (MC dropout). :func:`as_posterior` turns what a user
-has into one. Prediction (``predict``), distillation teachers, TTA (:class:`pyrobnn.inference.Draws`),
+has into one. Prediction (``predict``), distillation teachers, TTA (:class:`pyrobnn.inference.tta.Draws`),
 sparsity and the ArviZ bridge (:func:`pyrobnn.to_inference_data`) take a posterior.
 """
 from __future__ import annotations

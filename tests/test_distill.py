@@ -12,9 +12,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import pyrobnn
-from pyrobnn.inference import (Adversarial, Deterministic, MCDropout, SGLDChain, distill, distillation_loss,
-                               evaluate_distillation, load_student, sample, save_student, train_deterministic)
-from pyrobnn.inference.distill import as_teacher, student_predictive
+from pyrobnn.inference import (MCDropout, SGLDChain, distill, distillation_loss, evaluate_distillation, load_student,
+                               sample, save_student, train_deterministic)
+from pyrobnn.inference.distill import Adversarial, Deterministic, as_teacher, student_predictive
 from pyrobnn.models import build
 
 
