@@ -16,7 +16,9 @@ import re
 
 ROOTS = ("pyrobnn", "pyrobnn.inference", "pyrobnn.models")
 PACKAGES = ("pyrobnn.priors", "pyrobnn.guides", "pyrobnn.inference", "pyrobnn.models")
-SKIP = ("pyrobnn.cli", "pyrobnn.commands", "pyrobnn.bnn")  # the CLI has its own page; bnn is all in pyrobnn
+# the CLI has its own page (its configs and runs do not); bnn is all in pyrobnn
+SKIP = ("pyrobnn.cli.commands", "pyrobnn.bnn")
+SKIP_EXACT = ("pyrobnn.cli",)
 
 
 def public_modules():
@@ -25,7 +27,7 @@ def public_modules():
         pkg = importlib.import_module(root)
         for info in pkgutil.walk_packages(pkg.__path__, root + "."):
             parts = info.name.split(".")
-            if any(p.startswith("_") for p in parts) or info.name.startswith(SKIP):
+            if any(p.startswith("_") for p in parts) or info.name.startswith(SKIP) or info.name in SKIP_EXACT:
                 continue
             if info.name not in names:
                 names.append(info.name)
@@ -78,8 +80,9 @@ def write_pages(outdir):
             continue
         pkg = next((p for p in PACKAGES if name.startswith(p + ".")), None)
         taken = set(top_objs)
-        if pkg:
-            taken |= {id(o) for _, o in exported(pkg)}
+        parts = name.split(".")
+        for i in range(2, len(parts)):  # every package above the module documents what it re-exports
+            taken |= {id(o) for _, o in exported(".".join(parts[:i]))}
         members = [n for n, o in exported(name) if id(o) not in taken]
         block = _module_block(name, members, taken)
         if pkg:

@@ -161,7 +161,7 @@ def main(argv=None):
     report = {"config": vars(args), "splits": results, "mean_over_splits": summary}
     (out / "results.json").write_text(json.dumps(report, indent=2))
 
-    from pyrobnn.commands.report import render
+    from pyrobnn.cli.commands.report import render
     index = render(out / "inference_data.nc", out / "report")
     r0 = results[0]
     lines = [f"# Boston housing, SGLD, {args.chains} chains × {args.samples} draws (split seed {args.split_seed})",

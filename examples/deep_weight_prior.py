@@ -80,8 +80,8 @@ import torch.nn.functional as F
 import pyrobnn
 import pyrobnn.models  # noqa: F401  (registers fconv)
 from pyrobnn.data import load_mnist5k
-from pyrobnn.dwp import init_from_prior
 from pyrobnn.inference import train_deterministic
+from pyrobnn.priors.deep_weight.pipeline import init_from_prior
 from pyrobnn.priors import DeepWeightPrior
 
 METHODS = ("dwp", "log-uniform", "gaussian", "l2", "dwp-noinit", "dwp-lu", "dwp-conv1", "dwp-sample", "gaussian-draw", "sparse-vd", "log-uniform-mf",

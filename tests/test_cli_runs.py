@@ -237,7 +237,7 @@ def test_sigint_finishes_the_step_writes_a_checkpoint_and_the_printed_command_re
 
 
 def test_interrupt_guard_turns_sigterm_into_a_flag_and_exit_code_143():
-    from pyrobnn.run import interrupt_guard
+    from pyrobnn.cli.run import interrupt_guard
     with interrupt_guard() as stop:
         assert not stop()
         os.kill(os.getpid(), signal.SIGTERM)
@@ -308,7 +308,7 @@ def test_a_closed_pipe_ends_quietly(digits_run):
 
 # -- defaults that do not silently fail ----------------------------------------------------------------------
 def test_auto_kl_warmup_for_log_uniform_and_empirical_ard_only():
-    from pyrobnn.config import validate_config
+    from pyrobnn.cli.config import validate_config
     from pyrobnn.inference.fit import auto_kl_warmup
     net = lambda: models.build("mlp", in_features=3, out_features=2, hidden=[4])  # noqa: E731
     x = torch.zeros(2, 3)
@@ -355,8 +355,8 @@ def test_toml_lambda_sweep_trains_over_the_range_and_reports_the_curve(tmp_path)
 
 
 def test_an_interrupted_sample_run_keeps_its_finished_chains_and_resume_runs_only_the_rest(tmp_path, capsys):
-    from pyrobnn.config import load_config
-    from pyrobnn.run import SampleInterrupted, open_run, run_sample
+    from pyrobnn.cli.config import load_config
+    from pyrobnn.cli.run import SampleInterrupted, open_run, run_sample
     cfg_path = _config(tmp_path, train="[sample]\nkernel = \"sgld\"\nstep_size = 1e-4\nnum_samples = 2\n"
                                        "warmup_steps = 5\nthin = 1\nnum_chains = 2")
     run = tmp_path / "S"

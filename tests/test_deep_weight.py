@@ -10,7 +10,7 @@ import torch.nn as nn
 from pyro.infer import SVI, TraceMeanField_ELBO
 
 import pyrobnn
-from pyrobnn.dwp import augment_kernels, collect_kernels, fit_kernel_vae, init_from_prior, train_deep_weight_prior
+from pyrobnn.priors.deep_weight.pipeline import augment_kernels, collect_kernels, fit_kernel_vae, init_from_prior, train_deep_weight_prior
 from pyrobnn.priors import DeepWeightPrior, KernelVAE
 from pyrobnn.priors.deep_weight import load_kernel_vaes, save_kernel_vaes
 
@@ -367,7 +367,7 @@ def test_train_deep_weight_prior_end_to_end_and_cli(tmp_path, monkeypatch):
     assert prov["kernels"]["conv1"]["total"] == 2 * 12 and prov["kernels"]["conv2"]["total"] == 2 * 8 * 12
     assert len(prov["source_nets"]) == 2 and 0 <= prov["source_nets"][0]["test_accuracy"] <= 1
     # the CLI runs the same pipeline (dataset lookup replaced by the tiny set)
-    import pyrobnn.dwp as dwp_module
+    import pyrobnn.priors.deep_weight.pipeline as dwp_module
     monkeypatch.setattr(dwp_module, "_load_source", lambda name, limit: tiny_source(limit or 96))
     from pyrobnn.cli import main
     out2 = tmp_path / "q.safetensors"

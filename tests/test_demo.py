@@ -5,7 +5,7 @@ import math
 import pytest
 
 from pyrobnn.cli import main
-from pyrobnn.commands.demo import kl_schedule
+from pyrobnn.cli.commands.demo import kl_schedule
 
 
 def test_kl_schedule_ramps_linearly_to_the_tempered_weight():

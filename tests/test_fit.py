@@ -8,7 +8,7 @@ import torch.nn as nn
 
 import pyrobnn
 from pyrobnn.cli import main as cli
-from pyrobnn.config import validate_config
+from pyrobnn.cli.config import validate_config
 from pyrobnn.inference import TrainingDiverged, fit, latest_checkpoint
 from pyrobnn.inference.fit import kl_warmup_schedule, lr_factor_schedule
 

@@ -32,7 +32,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 import pyrobnn  # noqa: E402
 from pyrobnn import models  # noqa: E402
-from pyrobnn.config import load_config, validate_config  # noqa: E402
+from pyrobnn.cli.config import load_config, validate_config  # noqa: E402
 from pyrobnn.io import read_state, unflatten_state, write_state  # noqa: E402
 
 CLEAR = (ValueError, TypeError, FileNotFoundError)
@@ -169,7 +169,7 @@ def _write(text_or_bytes) -> Path:
 def _load_and_build(path):
     """What ``pyrobnn fit`` does before training: load + validate, seed, data, network, BNN."""
     import pyro
-    from pyrobnn.run import build_from_config
+    from pyrobnn.cli.run import build_from_config
     cfg = load_config(path)
     pyro.set_rng_seed(cfg["seed"])
     build_from_config(cfg)

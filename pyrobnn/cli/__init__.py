@@ -1,4 +1,4 @@
-"""``pyrobnn`` command line. Subcommands are discovered from the modules of :mod:`pyrobnn.commands`,
+"""``pyrobnn`` command line. Subcommands are discovered from the modules of :mod:`pyrobnn.cli.commands`,
 each defining ``register(subparsers)``; a feature adds its command by adding one module.
 
 Command modules import torch, Pyro and the rest of pyrobnn inside their ``run`` functions only, so
@@ -19,7 +19,7 @@ import sys
 from . import commands
 
 EPILOG = """\
-examples, a run from start to finish (config keys: python -m pydoc pyrobnn.config):
+examples, a run from start to finish (config keys: python -m pydoc pyrobnn.cli.config):
   pyrobnn fit run.toml --out runs/digits            # SVI; Ctrl-C then --resume continues bit-identically
   pyrobnn report runs/digits                        # plots and an HTML page from the run's ArviZ file
   pyrobnn distill distill.toml --teacher runs/digits --out runs/student
@@ -94,7 +94,3 @@ def main(argv=None) -> int:
         print(f"pyrobnn {name}: error: {type(e).__name__}: {_one_line(e)} (run with --debug for the traceback)",
               file=sys.stderr)
         return 1
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

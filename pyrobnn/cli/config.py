@@ -42,7 +42,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Dict
 
-from .validation import finite_float, non_negative_float, non_negative_int, positive_float, positive_int
+from pyrobnn.validation import finite_float, non_negative_float, non_negative_int, positive_float, positive_int
 
 __all__ = ["load_config", "validate_config", "DEFAULTS"]
 

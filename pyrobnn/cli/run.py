@@ -51,7 +51,7 @@ class Interrupted(Exception):
 
 def write_json(path, obj):
     """Write ``obj`` as indented, key-sorted JSON to ``path`` atomically."""
-    from .io import atomic_write_bytes
+    from pyrobnn.io import atomic_write_bytes
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
@@ -128,7 +128,7 @@ class RunDirectory:
         return bool(_checkpoints(self.out, self.command))
 
     def __enter__(self):
-        from . import __version__
+        from pyrobnn import __version__
         if self.replacing and _has_files(self.out):
             self.aside = self.out.parent / f".{self.out.name}.replaced-{os.getpid()}-{int(time.time())}"
             os.replace(self.out, self.aside)
@@ -275,9 +275,9 @@ def build_from_config(cfg: Dict[str, Any]):
     """(dataset, bnn) for a validated config."""
     import torch
 
-    from . import data as datasets
-    from .bnn import bayesian
-    from .registry import MODELS
+    from pyrobnn import data as datasets
+    from pyrobnn.bnn import bayesian
+    from pyrobnn.registry import MODELS
     dkw = {k: v for k, v in cfg["data"].items() if k != "name"}
     ds = datasets.load(cfg["data"]["name"], **dkw)
     mkw = {k: v for k, v in cfg["model"].items() if k != "name"}
@@ -307,7 +307,7 @@ def _check_targets(ds, bnn):
 
 
 def _is_hyper(bnn) -> bool:
-    from .guides.hyper import HyperMeanField
+    from pyrobnn.guides.hyper import HyperMeanField
     return isinstance(bnn.autoguide, HyperMeanField)
 
 
@@ -317,7 +317,7 @@ def _held_out(ds, limit=256):
 
 def write_inference_data(idata, path) -> None:
     """Write ArviZ data (InferenceData on ArviZ 0.x, DataTree on 1.x) to ``path`` atomically."""
-    from .arviz_compat import write
+    from pyrobnn.arviz_compat import write
     write(idata, path)
 
 
@@ -335,7 +335,7 @@ def run_fit(cfg: Dict[str, Any], out_dir, resume: bool = False, progress: bool =
     import torch
 
     from pyrobnn.inference import fit  # lazily: pyrobnn does not import inference at module level
-    from .io import save
+    from pyrobnn.io import save
     out = Path(out_dir)
     pyro.set_rng_seed(cfg["seed"])
     ds, bnn = build_from_config(cfg)
@@ -446,7 +446,7 @@ def _fit_inference_data(bnn, ds, cfg, result, out):
 
 
 def _fit_plots(bnn, ds, history, t, out):
-    from .plots import plot_learning_curves, plot_reliability
+    from pyrobnn.plots import plot_learning_curves, plot_reliability
     plot_learning_curves(history, out / "learning_curves.png")
     if bnn.likelihood.task == "classification" and ds.y_test.dim() == 1 and hasattr(bnn.likelihood, "num_classes") \
             and not _is_hyper(bnn):

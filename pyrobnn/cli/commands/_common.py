@@ -21,7 +21,7 @@ def add_run_parser(sub, name: str, *, help: str, description: str, epilog: str, 
 
 
 def add_run_options(p, what: str):
-    p.add_argument("config", help="TOML run config (see `python -m pydoc pyrobnn.config` for every key)")
+    p.add_argument("config", help="TOML run config (see `python -m pydoc pyrobnn.cli.config` for every key)")
     p.add_argument("--out", required=True, metavar="DIR",
                    help=f"run directory (must be empty or absent unless --resume/--overwrite); receives "
                         f"run.json, {what}")
@@ -58,8 +58,8 @@ def prepare(command: str, args):
     Under ``torchrun`` only rank 0 owns the directory; the other ranks get ``None`` and follow it."""
     import os
 
-    from pyrobnn.config import load_config
-    from pyrobnn.run import open_run
+    from pyrobnn.cli.config import load_config
+    from pyrobnn.cli.run import open_run
     cfg = load_config(args.config)
     if os.environ.get("RANK", "0") != "0" and "WORLD_SIZE" in os.environ:
         return cfg, None

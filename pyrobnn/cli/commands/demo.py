@@ -104,7 +104,7 @@ def run(args):
     print(f"Bayesian better on NLL: {b['nll'] < d['nll']}, on ECE: {b['ece'] < d['ece']}")
     if args.out:
         from pyrobnn.plots import plot_reliability
-        from pyrobnn.run import write_json
+        from pyrobnn.cli.run import write_json
         settings = {"seed": args.seed, "epochs": args.epochs, "kl_weight": args.kl_weight,
                     "init_scale": args.init_scale, "det_weight_decay": args.det_weight_decay}
         write_json(f"{args.out}/metrics.json", {**rows, "settings": settings})

@@ -67,7 +67,7 @@ def register(sub):
     from ._common import add_parser
     p = add_parser(sub, "distill", help="distil a run's posterior (fit or sample run) into a deterministic student",
                    description="Distil a saved posterior into one deterministic network.", epilog=EPILOG)
-    p.add_argument("config", help="TOML distillation config (see `python -m pydoc pyrobnn.commands.distill`)")
+    p.add_argument("config", help="TOML distillation config (see `python -m pydoc pyrobnn.cli.commands.distill`)")
     p.add_argument("--teacher", default=None, metavar="RUN",
                    help="the teacher: a `pyrobnn fit`/`pyrobnn sample` run directory or a .safetensors file "
                         "(default: the config's 'teacher')")
@@ -152,7 +152,7 @@ def run(args):
     from pyrobnn import data as datasets
     from pyrobnn.inference import distill, evaluate_distillation, save_student, train_deterministic
     from pyrobnn.models import build
-    from pyrobnn.run import write_json
+    from pyrobnn.cli.run import write_json
 
     cfg = load_distill_config(args.config, getattr(args, "teacher", None))
     out = Path(args.out or cfg["out"] or "")

@@ -60,7 +60,7 @@ def _latent(text):
 
 def run_train(args):
     import torch
-    from pyrobnn.dwp import train_deep_weight_prior
+    from pyrobnn.priors.deep_weight.pipeline import train_deep_weight_prior
     if args.threads:
         torch.set_num_threads(args.threads)
     prior = train_deep_weight_prior(

@@ -27,7 +27,7 @@ def register(sub):
 
 def run(args):
     from pyrobnn.inference.fit import TrainingInterrupted
-    from pyrobnn.run import interrupt_guard, run_fit
+    from pyrobnn.cli.run import interrupt_guard, run_fit
     cfg, rundir = prepare("fit", args)
     with interrupt_guard() as stop:
         try:

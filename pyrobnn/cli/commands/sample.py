@@ -28,7 +28,7 @@ def register(sub):
 
 
 def run(args):
-    from pyrobnn.run import SampleInterrupted, interrupt_guard, run_sample
+    from pyrobnn.cli.run import SampleInterrupted, interrupt_guard, run_sample
     cfg, rundir = prepare("sample", args)
     if rundir is None:
         raise ValueError("pyrobnn sample runs in one process; for chains on several processes use "

@@ -28,8 +28,9 @@ from pyrobnn.inference.batches import ShuffledBatches
 from pyrobnn.inference.loop import Loop, OnRecord, descend
 from pyrobnn.inference.supervised import SupervisedStep
 
-from .priors.deep_weight import DeepWeightPrior, KernelVAE, save_kernel_vaes, unit_kernels
-from .validation import boolean, positive_int
+from ...validation import boolean, positive_int
+from .density import DeepWeightPrior
+from .vae import KernelVAE, save_kernel_vaes, unit_kernels
 
 __all__ = ["train_source_nets", "collect_kernels", "augment_kernels", "fit_kernel_vae", "train_deep_weight_prior", "init_from_prior",
            "SOURCES"]
@@ -38,7 +39,7 @@ _CONV = (nn.Conv2d,)
 
 
 def _load_source(name, limit_train: Optional[int]):
-    from . import data
+    from ... import data
     if isinstance(name, data.Dataset):
         if limit_train:
             name.x_train, name.y_train = name.x_train[:limit_train], name.y_train[:limit_train]
@@ -308,7 +309,7 @@ def init_from_prior(target, prior: DeepWeightPrior, layers: Union[str, List[str]
     matches ``layers`` and whose kernel size has a VAE in ``prior`` are touched; a layer matched
     explicitly (a pattern without wildcards) that has no VAE raises ``ValueError``.
     """
-    from .bnn import BNN
+    from ...bnn import BNN
     if not isinstance(prior, DeepWeightPrior):
         raise TypeError(f"init_from_prior needs a DeepWeightPrior, got {type(prior).__name__}")
     if generator_seed is not None:
