@@ -44,7 +44,7 @@ from typing import Any, Dict
 
 from pyrobnn.validation import finite_float, non_negative_float, non_negative_int, positive_float, positive_int
 
-__all__ = ["load_config", "validate_config", "DEFAULTS"]
+__all__ = ["load_config", "read_toml", "validate_config", "DEFAULTS"]
 
 DEFAULTS: Dict[str, Dict[str, Any]] = {
     "data": {"name": "digits"},
@@ -65,16 +65,20 @@ _SCHEDULES = {"constant": {"step_size"}, "polynomial": {"a", "b", "gamma"},
 def load_config(path) -> Dict[str, Any]:
     """Read a TOML run config and return it validated, with :data:`DEFAULTS` filled in (see the module
     docstring for the format). A missing file, bad TOML or an unknown key raises a one-line error."""
+    return validate_config(read_toml(path), str(path))
+
+
+def read_toml(path) -> Dict[str, Any]:
+    """The TOML file at ``path`` as a dict; a missing file, bad TOML or non-UTF-8 bytes raise a one-line error."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
     try:
-        raw = tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         raise ValueError(f"{path} is not valid TOML: {e}") from None
     except UnicodeDecodeError:
         raise ValueError(f"{path} is not a UTF-8 text file") from None
-    return validate_config(raw, str(path))
 
 
 def validate_config(raw: Dict[str, Any], where: str = "config") -> Dict[str, Any]:

@@ -32,9 +32,9 @@ from __future__ import annotations
 
 import json
 import math
-import tomllib
 from pathlib import Path
 
+from pyrobnn.cli.config import read_toml
 from pyrobnn.validation import non_negative_int
 
 _TOP = {"teacher", "out", "seed", "data", "student", "distill", "evaluate"}
@@ -78,12 +78,7 @@ def register(sub):
 
 def load_distill_config(path, teacher=None) -> dict:
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
-    try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ValueError(f"{path} is not valid TOML: {e}") from None
+    raw = read_toml(path)
     unknown = set(raw) - _TOP
     if unknown:
         raise ValueError(f"{path}: unknown top-level keys {sorted(unknown)}; allowed: {sorted(_TOP)}")
