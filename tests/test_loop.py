@@ -235,11 +235,11 @@ def test_every_trainer_runs_on_the_loop(monkeypatch):
     assert ran(lambda: distill(post[0], nn.Linear(3, 2), x, steps=3, batch_size=20, seed=0)) == {"DistillStep"}
     assert ran(lambda: train_deterministic(nn.Linear(3, 2), x, y, epochs=1, batch_size=20)) == {"SupervisedStep"}
     assert len(seen) == 2
-    from pyrobnn.dwp import train_source_nets
+    from pyrobnn.priors.deep_weight.pipeline import train_source_nets
     arch = {"name": "mlp", "in_features": 3, "out_features": 2, "hidden": [4]}
     assert ran(lambda: train_source_nets(x, y, num_nets=2, epochs=1, arch=arch, batch_size=16)) == {"SupervisedStep"}
     assert len(seen) == 2 * 3          # the last, incomplete batch is kept
-    from pyrobnn.dwp import fit_kernel_vae
+    from pyrobnn.priors.deep_weight.pipeline import fit_kernel_vae
     assert ran(lambda: fit_kernel_vae(torch.randn(30, 3, 3), epochs=2, batch_size=16, min_steps=1)) == {"vae_step"}
 
 
