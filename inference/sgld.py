@@ -59,8 +59,10 @@ from pyro.infer.mcmc.mcmc_kernel import MCMCKernel
 from pyro.poutine.subsample_messenger import _Subsample
 from torch.distributions import biject_to
 
+from pyrobnn.validation import non_negative_float, positive_float, positive_int
+
 from .log_joint import _LogJoint, _is_real
-from .step_size import (ConstantStepSize, CyclicalStepSize, PolynomialDecay, StepSize, _check_pos,  # noqa: F401 (public here too)
+from .step_size import (ConstantStepSize, CyclicalStepSize, PolynomialDecay, StepSize,  # noqa: F401 (public here too)
                         as_schedule)
 
 __all__ = ["StepSize", "ConstantStepSize", "PolynomialDecay", "CyclicalStepSize", "as_schedule",
@@ -129,11 +131,8 @@ class SGLD(MCMCKernel):
                  transforms: Optional[Dict[str, Any]] = None):
         if not callable(model):
             raise TypeError(f"model must be a callable Pyro model, got {type(model).__name__}")
-        if isinstance(thin, bool) or not isinstance(thin, int) or thin < 1:
-            raise ValueError(f"thin must be a positive integer, got {thin!r}")
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
-                or not math.isfinite(temperature) or temperature < 0:
-            raise ValueError(f"temperature must be a finite number ≥ 0, got {temperature!r}")
+        positive_int("thin", thin)
+        non_negative_float("temperature", temperature)
         self.model = model
         self.schedule = as_schedule(step_size)
         self.thin = thin
@@ -412,7 +411,7 @@ class PSGLD(SGLD):
         if not (isinstance(alpha, (int, float)) and 0 <= alpha < 1):
             raise ValueError(f"alpha must lie in [0, 1), got {alpha!r}")
         self.alpha = float(alpha)
-        self.eps = _check_pos("eps", eps)
+        self.eps = positive_float("eps", eps)
         super().__init__(model, step_size, **kwargs)
 
     def _reset_state(self):

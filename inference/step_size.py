@@ -5,13 +5,9 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Dict, Union
 
+from pyrobnn.validation import positive_float, positive_int, probability, real
+
 __all__ = ["StepSize", "ConstantStepSize", "PolynomialDecay", "CyclicalStepSize", "as_schedule"]
-
-
-def _check_pos(name, v):
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-        raise ValueError(f"{name} must be a positive finite number, got {v!r}")
-    return float(v)
 
 
 class StepSize:
@@ -37,7 +33,7 @@ class ConstantStepSize(StepSize):
     """η_t = ``step_size``."""
 
     def __init__(self, step_size: float):
-        self.step_size = _check_pos("step_size", step_size)
+        self.step_size = positive_float("step_size", step_size)
 
     def __call__(self, t):
         return self.step_size
@@ -51,11 +47,9 @@ class PolynomialDecay(StepSize):
     Σ η_t = ∞, Σ η_t² < ∞; γ ≈ 0.55 is the usual choice."""
 
     def __init__(self, a: float, b: float = 1.0, gamma: float = 0.55):
-        self.a = _check_pos("a", a)
-        self.b = _check_pos("b", b)
-        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 <= gamma <= 1:
-            raise ValueError(f"gamma must lie in [0, 1], got {gamma!r}")
-        self.gamma = float(gamma)
+        self.a = positive_float("a", a)
+        self.b = positive_float("b", b)
+        self.gamma = probability("gamma", gamma)
 
     def __call__(self, t):
         return self.a * (self.b + t) ** (-self.gamma)
@@ -77,14 +71,12 @@ class CyclicalStepSize(StepSize):
     """
 
     def __init__(self, step_size: float, num_steps: int, num_cycles: int = 4, exploration: float = 0.0):
-        self.step_size = _check_pos("step_size", step_size)
-        for name, v in (("num_steps", num_steps), ("num_cycles", num_cycles)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        self.step_size = positive_float("step_size", step_size)
+        positive_int("num_steps", num_steps)
+        positive_int("num_cycles", num_cycles)
         if num_cycles > num_steps:
             raise ValueError(f"num_cycles ({num_cycles}) cannot exceed num_steps ({num_steps})")
-        if not (isinstance(exploration, (int, float)) and 0 <= exploration < 1):
-            raise ValueError(f"exploration must lie in [0, 1), got {exploration!r}")
+        real("exploration", exploration, minimum=0.0, maximum=1.0, exclusive_maximum=True)
         self.num_steps, self.num_cycles, self.exploration = num_steps, num_cycles, float(exploration)
         self.cycle_length = math.ceil(num_steps / num_cycles)
 

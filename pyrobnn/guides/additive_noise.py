@@ -25,7 +25,6 @@ reference behaviour.
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Optional, Sequence, Tuple
 
 import pyro.distributions as dist
@@ -33,6 +32,7 @@ import torch
 from pyro.distributions.util import sum_rightmost
 
 from ..registry import GUIDES
+from ..validation import finite_float
 from .base import FlatGaussianGuide, GuideNormal, init_to_median_or_fan_in, local_reparam_params
 
 __all__ = ["AdditiveNoise", "AdditiveNoiseNormal", "init_to_median_or_fan_in"]  # the init re-exported
@@ -133,8 +133,7 @@ def _check_clip(clip) -> Optional[Tuple[Optional[float], float]]:
         raise ValueError(f"log_alpha_clip must be None or a (low, high) pair, got {clip!r}")
     low, high = clip
     for v in ((high,) if low is None else (low, high)):
-        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
-            raise ValueError(f"log_alpha_clip bounds must be finite numbers (low may be None), got {clip!r}")
+        finite_float("log_alpha_clip bounds (low may be None)", v)
     if low is not None and not low < high:
         raise ValueError(f"log_alpha_clip needs low < high, got {clip!r}")
     return None if low is None else float(low), float(high)
@@ -172,11 +171,8 @@ class AdditiveNoise(FlatGaussianGuide):
 
     def __init__(self, model, *, init_loc_fn=init_to_median_or_fan_in, init_log_sigma2: Optional[float] = None,
                  log_alpha_clip=(None, 8.0), local_reparameterization: bool = True, create_plates=None):
-        if init_log_sigma2 is not None and (isinstance(init_log_sigma2, bool)
-                                            or not isinstance(init_log_sigma2, numbers.Real)
-                                            or not math.isfinite(init_log_sigma2)):
-            raise ValueError(f"AdditiveNoise init_log_sigma2 must be a finite number (or None), got {init_log_sigma2!r}")
-        self.init_log_sigma2 = None if init_log_sigma2 is None else float(init_log_sigma2)
+        self.init_log_sigma2 = (None if init_log_sigma2 is None
+                                else finite_float("AdditiveNoise init_log_sigma2", init_log_sigma2))
         self.log_alpha_clip = _check_clip(log_alpha_clip)
         super().__init__(model, init_loc_fn=init_loc_fn, local_reparameterization=local_reparameterization,
                          create_plates=create_plates)

@@ -9,6 +9,7 @@ from pyro.infer.autoguide.initialization import init_to_median
 
 from ..registry import GUIDES
 from ..fastpath import softplus
+from ..validation import one_of, positive_float
 from .base import FlatGaussianGuide
 
 __all__ = ["MeanField"]
@@ -51,12 +52,8 @@ class MeanField(FlatGaussianGuide):
     def __init__(self, model, *, init_loc_fn=init_to_median, init_scale: Optional[float] = None,
                  parameterization: str = "softplus", local_reparameterization: bool = True,
                  create_plates=None):
-        if init_scale is not None and (not isinstance(init_scale, (int, float)) or isinstance(init_scale, bool)
-                                       or not math.isfinite(init_scale) or init_scale <= 0):
-            raise ValueError(f"MeanField init_scale must be a positive finite number (or None), got {init_scale!r}")
-        if parameterization not in ("softplus", "gamma"):
-            raise ValueError(f"MeanField parameterization must be 'softplus' or 'gamma', got {parameterization!r}")
-        self.init_scale = None if init_scale is None else float(init_scale)
+        self.init_scale = None if init_scale is None else positive_float("MeanField init_scale", init_scale)
+        one_of("MeanField parameterization", parameterization, ("softplus", "gamma"))
         self.parameterization = parameterization
         self.flat_names = ("gamma", "rho") if parameterization == "gamma" else ("loc", "rho")
         super().__init__(model, init_loc_fn=init_loc_fn, local_reparameterization=local_reparameterization,
