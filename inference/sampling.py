@@ -29,7 +29,7 @@ import pyro.poutine as poutine
 import torch
 
 from pyrobnn import inputs
-from pyrobnn.bnn import BNN, bayesian
+from pyrobnn.bnn import BNN
 from pyrobnn.diagnostics import mcmc_sample_stats, per_draw_log_prob
 from pyrobnn.posterior import DrawSet, outputs_under_draws
 from pyrobnn.io import bnn_from_spec, read_state, write_state

@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import itertools
-import math
 import weakref
 from contextlib import contextmanager
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import pyro
 import pyro.poutine as poutine
@@ -23,7 +22,7 @@ from .inputs import Signature
 from .lrt import needs_placeholders
 from .likelihoods import Likelihood
 from .randomize import RandomModule, build_prior
-from .registry import GUIDES, LIKELIHOODS, PRIORS, spec_of
+from .registry import GUIDES, LIKELIHOODS, spec_of
 from .validation import integer, positive_int
 
 __all__ = ["BNN", "bayesian"]

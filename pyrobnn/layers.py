@@ -12,7 +12,7 @@ torch function is patched.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict
 
 import pyro
 import torch

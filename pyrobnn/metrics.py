@@ -7,7 +7,7 @@ All functions return Python floats (or tensors where noted) and validate their i
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 

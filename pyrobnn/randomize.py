@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
 import pyro
 import pyro.distributions as dist

@@ -17,7 +17,6 @@ The deterministic baseline is what a user would write: Adam (lr 1e-3), cross-ent
 architecture, batch size and epochs; ``--det-weight-decay`` adds an L2 penalty (Adam's
 ``weight_decay``) for comparisons.
 """
-import json
 import time
 
 from pyrobnn.validation import non_negative_float, positive_float, positive_int, real
