@@ -45,7 +45,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pyro.infer import SVI, TraceMeanField_ELBO
 from pyro.infer.autoguide import AutoNormal
-from pyro.nn import PyroModule, PyroSample
+from pyro.nn import PyroModule
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _timing import (add_pyro_lenet300_layers, interleaved, malloc_mode, median_round_ratios,  # noqa: E402
@@ -254,25 +254,24 @@ def build_steps():
         loss.backward()
         det_opt.step()
 
-    bnn = pyrobnn.bayesian(build("lenet300"), dataset_size=N, guide={"name": "mean-field", "init_scale": INIT_SCALE})
-    bnn.initialize(x_init)
-    bnn.to(DEVICE)
+    def lenet_bnn():
+        b = pyrobnn.bayesian(build("lenet300"), dataset_size=N, guide={"name": "mean-field", "init_scale": INIT_SCALE})
+        b.initialize(x_init)
+        return b.to(DEVICE)
+
+    bnn = lenet_bnn()
     svi = SVI(bnn.model, bnn.guide, pyro.optim.Adam({"lr": 1e-3}), TraceMeanField_ELBO())
 
     def pyrobnn_svi():
         svi.step(x, y)
 
-    bnn3 = pyrobnn.bayesian(build("lenet300"), dataset_size=N, guide={"name": "mean-field", "init_scale": INIT_SCALE})
-    bnn3.initialize(x_init)
-    bnn3.to(DEVICE)
+    bnn3 = lenet_bnn()
     svi_fast = SVI(bnn3.model, bnn3.guide, pyro.optim.Adam({"lr": 1e-3}), MeanFieldELBO())
 
     def pyrobnn_svi_fast():
         svi_fast.step(x, y)
 
-    bnn2 = pyrobnn.bayesian(build("lenet300"), dataset_size=N, guide={"name": "mean-field", "init_scale": INIT_SCALE})
-    bnn2.initialize(x_init)
-    bnn2.to(DEVICE)
+    bnn2 = lenet_bnn()
     step = SVIStep(bnn2, torch.optim.Adam(bnn2.parameters(), lr=1e-3))
 
     def pyrobnn_fit_step():
