@@ -11,17 +11,11 @@ import torch
 from pyro.distributions.util import scale_and_mask
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.subsample_messenger import _Subsample
-from torch.distributions import Independent, Normal, constraints
+from torch.distributions import Independent, Normal
 
 from pyrobnn.fastpath import sum_scaled_squared_norms
 
 __all__ = ["LogJoint", "scalar_normal_plan"]
-
-
-def _is_real(support) -> bool:
-    while isinstance(support, constraints.independent):
-        support = support.base_constraint
-    return support is constraints.real
 
 
 class _LogJoint(Messenger):

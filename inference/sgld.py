@@ -59,9 +59,10 @@ from pyro.infer.mcmc.mcmc_kernel import MCMCKernel
 from pyro.poutine.subsample_messenger import _Subsample
 from torch.distributions import biject_to
 
+from pyrobnn.site_dist import is_real_support as _is_real
 from pyrobnn.validation import non_negative_float, positive_float, positive_int
 
-from .log_joint import _LogJoint, _is_real
+from .log_joint import _LogJoint
 from .step_size import (ConstantStepSize, CyclicalStepSize, PolynomialDecay, StepSize,  # noqa: F401 (public here too)
                         as_schedule)
 

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 __all__ = ["enabled", "disabled", "softplus", "gaussian_sums", "gaussian_variance_sums", "log_sum",
-           "sum_scaled_squared_norms"]
+           "sum_scaled_squared_norms", "constant_tensor"]
 
 _ENABLED = os.environ.get("PYROBNN_FASTPATH", "1").strip().lower() not in ("0", "false", "no", "off")
 
@@ -212,17 +212,18 @@ def gaussian_variance_sums(loc: torch.Tensor, scale: torch.Tensor):
 
 
 # -- SGLD's Gaussian log-prior ---------------------------------------------------------------------------------
-_COEFS: Dict[tuple, torch.Tensor] = {}
+_CONSTANTS: Dict[tuple, torch.Tensor] = {}
 
 
-def _coef_tensor(coefs: List[float], like: torch.Tensor) -> torch.Tensor:
-    """The coefficients as a tensor, reused across steps (a kernel asks for the same ones every step)."""
-    key = (tuple(coefs), like.dtype, like.device)
-    t = _COEFS.get(key)
+def constant_tensor(values, like: torch.Tensor) -> torch.Tensor:
+    """A small constant tensor of ``values`` (dtype and device of ``like``), made once and reused: the hot paths
+    ask for the same few every step (a KL's four weights per site, SGLD's prior coefficients)."""
+    key = (tuple(values), like.dtype, like.device)
+    t = _CONSTANTS.get(key)
     if t is None:
-        if len(_COEFS) > 256:
-            _COEFS.clear()
-        t = _COEFS[key] = torch.tensor(coefs, dtype=like.dtype, device=like.device)
+        if len(_CONSTANTS) > 4096:  # bounded: many distinct sites or priors just rebuild
+            _CONSTANTS.clear()
+        t = _CONSTANTS[key] = torch.tensor(key[0], dtype=like.dtype, device=like.device)
     return t
 
 
@@ -235,7 +236,7 @@ class _SumScaledSquaredNorms(torch.autograd.Function):
         ctx.save_for_backward(*zs)
         ctx.coefs = coefs
         norms = torch.stack(torch._foreach_norm(zs))
-        total = torch.dot(norms * norms, _coef_tensor(coefs, norms))
+        total = torch.dot(norms * norms, constant_tensor(coefs, norms))
         return total.add_(constant) if constant else total
 
     @staticmethod

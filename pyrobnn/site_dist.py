@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from pyro.distributions.torch_distribution import TorchDistribution
 from torch.distributions.utils import lazy_property
 
-__all__ = ["SiteIndependent", "to_site_event", "LogitsCategorical"]
+__all__ = ["SiteIndependent", "to_site_event", "LogitsCategorical", "is_real_support"]
 
 
 class SiteIndependent(dist.Independent):
@@ -97,3 +97,11 @@ class LogitsCategorical(dist.Categorical):
             flat = raw.reshape(-1, self._num_events)
             return -F.cross_entropy(flat, value.reshape(-1).long(), reduction="none").view(value.shape)
         return super().log_prob(value)
+
+
+def is_real_support(support) -> bool:
+    """Whether a site's support is the real line (under any number of ``independent`` wrappers): such a site
+    needs no transform to unconstrained space."""
+    while isinstance(support, torch.distributions.constraints.independent):
+        support = support.base_constraint
+    return support is torch.distributions.constraints.real

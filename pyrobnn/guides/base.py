@@ -39,9 +39,10 @@ from pyro.infer.autoguide import AutoGuide
 from pyro.infer.autoguide.guides import prototype_hide_fn
 from pyro.infer.autoguide.utils import helpful_support_errors
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_median
-from torch.distributions import biject_to, constraints
+from torch.distributions import biject_to
 
 from ..lrt import LOCAL_REPARAM_KEY, NETWORK_KEY, expects_placeholders, placeholder_of, wants_placeholder
+from ..site_dist import is_real_support as _is_real
 from .init import improper_safe_init, init_to_fan_in, init_to_median_or_fan_in, is_improper
 from .normal import GuideNormal, expected_normal_log_prob, mean_field_kl
 
@@ -53,12 +54,6 @@ _uid = itertools.count()
 
 #: the pyrobnn site's placeholder's q, if ``value`` is one (an alias of :func:`pyrobnn.lrt.placeholder_of`)
 local_reparam_params = placeholder_of
-
-
-def _is_real(support) -> bool:
-    while isinstance(support, constraints.independent):
-        support = support.base_constraint
-    return support is constraints.real
 
 
 def _constrain(transform, x):

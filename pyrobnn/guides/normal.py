@@ -5,13 +5,12 @@ Normal elementwise. The densities at a local-reparameterisation placeholder are 
 from __future__ import annotations
 
 import math
-from typing import Dict
 
 import pyro.distributions as dist
 import torch
 from torch.distributions.kl import _kl_independent_independent, register_kl
 
-from ..fastpath import gaussian_sums, gaussian_variance_sums
+from ..fastpath import constant_tensor, gaussian_sums, gaussian_variance_sums
 from ..lrt import make_placeholder, placeholder_of
 from ..site_dist import SiteIndependent, to_site_event
 
@@ -108,7 +107,7 @@ class GuideNormal(dist.Normal):
     def combine_sums(self, weights) -> torch.Tensor:
         """w₀Σμ² + w₁Σσ² + w₂Σ log σ + w₃ (a 0-d tensor): one dot product with :meth:`fused_sums`."""
         sums = self.fused_sums()
-        return torch.dot(sums, _weights(tuple(weights), sums))
+        return torch.dot(sums, constant_tensor(tuple(weights), sums))
 
     @property
     def loc_sq(self):
@@ -181,23 +180,8 @@ def mean_field_kl(loc: torch.Tensor, scale: torch.Tensor, prior_scale: float, pr
 
 def _kl_from_sums(sums, loc_sum, count, scale0, loc0):
     c = 0.5 / scale0 ** 2
-    kl = torch.dot(sums, _weights((c, c, -1.0, count * (math.log(scale0) - 0.5 + c * loc0 ** 2)), sums))
+    kl = torch.dot(sums, constant_tensor((c, c, -1.0, count * (math.log(scale0) - 0.5 + c * loc0 ** 2)), sums))
     return kl if loc0 == 0.0 else kl - (2 * c * loc0) * loc_sum
-
-
-_WEIGHTS: Dict[tuple, torch.Tensor] = {}
-
-
-def _weights(values: tuple, like: torch.Tensor) -> torch.Tensor:
-    """A constant ``[4]`` tensor of ``values`` (dtype/device of ``like``), reused across steps: a BNN asks
-    for the same few (one per site and term) every step."""
-    key = (values, like.dtype, like.device)
-    w = _WEIGHTS.get(key)
-    if w is None:
-        if len(_WEIGHTS) > 4096:  # bounded: many distinct sites or priors just rebuild
-            _WEIGHTS.clear()
-        w = _WEIGHTS[key] = torch.tensor(values, dtype=like.dtype, device=like.device)
-    return w
 
 
 def _scalar(t: torch.Tensor):
