@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-__all__ = ["enabled", "disabled", "softplus", "gaussian_sums", "gaussian_variance_sums", "log_sum",
+__all__ = ["enabled", "disabled", "softplus", "gaussian_sums", "gaussian_variance_sums", "site_gaussian_terms", "log_sum",
            "sum_scaled_squared_norms", "constant_tensor"]
 
 _ENABLED = os.environ.get("PYROBNN_FASTPATH", "1").strip().lower() not in ("0", "false", "no", "off")
@@ -177,20 +177,75 @@ class _GaussianVarianceSums(torch.autograd.Function):
         if ctx.needs_input_grad[0] and g0 != 0.0:
             grad_loc = loc.mul(2.0 * g0)
         if ctx.needs_input_grad[1]:
-            if grad_var is not None:
-                grad_scale = scale * grad_var if g2 == 0.0 else \
-                    torch.addcmul(torch.reciprocal(scale).mul_(g2), scale, grad_var, value=2.0)
-                if g2 == 0.0:
-                    grad_scale.mul_(2.0)
-                if g1 != 0.0:
-                    grad_scale.add_(scale, alpha=2.0 * g1)
-            elif g2 != 0.0:
-                grad_scale = torch.reciprocal(scale).mul_(g2)
-                if g1 != 0.0:
-                    grad_scale.add_(scale, alpha=2.0 * g1)
-            elif g1 != 0.0:
-                grad_scale = scale.mul(2.0 * g1)
+            grad_scale = _scale_grad(scale, grad_var, g1, g2)
         return grad_loc, grad_scale
+
+
+class _SiteGaussianTerms(torch.autograd.Function):
+    """A flat guide's every site at once: (σ² of the flat vector, ``[k, 4]`` per-site ``[Σμ², Σσ², Σ log σ, 1]``)
+    from the flat μ and σ and the sites' sizes, in one node. The values, and the gradients element by element,
+    are :class:`_GaussianVarianceSums`'s on each site; what is saved is its per-site cost — one node, its Python
+    call and its ``stack`` per site, forward and backward — which on a small network is a large part of a step.
+    Backward: where the per-site weights ``g`` are the same at every site (one prior over the network, the usual
+    case) one vectorised pass per term over the flat vector, else one per site on its slice."""
+
+    @staticmethod
+    def forward(ctx, loc, scale, sizes):
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(loc, scale)
+        ctx.sizes = sizes
+        one = loc.new_ones(())
+        parts = []
+        for fl, fs in zip(loc.split(sizes), scale.split(sizes)):
+            parts += [torch.dot(fl, fl), torch.dot(fs, fs), log_sum(fs), one]
+        return scale * scale, torch.stack(parts).view(len(sizes), 4)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_var, grad_sums):
+        loc, scale = ctx.saved_tensors
+        sizes = ctx.sizes
+        rows = grad_sums.tolist() if grad_sums is not None else [[0.0] * 4] * len(sizes)
+        uniform = all(r[:3] == rows[0][:3] for r in rows)
+        grad_loc = grad_scale = None
+        if ctx.needs_input_grad[0] and any(r[0] != 0.0 for r in rows):
+            if uniform:
+                grad_loc = loc.mul(2.0 * rows[0][0])
+            else:
+                grad_loc = torch.empty_like(loc)
+                for out, fl, r in zip(grad_loc.split(sizes), loc.split(sizes), rows):
+                    torch.mul(fl, 2.0 * r[0], out=out) if r[0] != 0.0 else out.zero_()
+        if ctx.needs_input_grad[1]:
+            if uniform:
+                grad_scale = _scale_grad(scale, grad_var, rows[0][1], rows[0][2])
+            else:
+                grad_scale = torch.empty_like(scale)
+                gvs = grad_var.split(sizes) if grad_var is not None else [None] * len(sizes)
+                for out, fs, gv, r in zip(grad_scale.split(sizes), scale.split(sizes), gvs, rows):
+                    g = _scale_grad(fs, gv, r[1], r[2])
+                    out.copy_(g) if g is not None else out.zero_()
+        return grad_loc, grad_scale, None
+
+
+def _scale_grad(scale, grad_var, g1, g2):
+    """∂/∂σ of g_v·σ² + g₁Σσ² + g₂Σ log σ: 2σ·g_v + 2·g₁·σ + g₂/σ (None where it is zero), in the operations and
+    order of :class:`_GaussianVarianceSums`'s backward."""
+    if grad_var is not None:
+        grad = scale * grad_var if g2 == 0.0 else \
+            torch.addcmul(torch.reciprocal(scale).mul_(g2), scale, grad_var, value=2.0)
+        if g2 == 0.0:
+            grad.mul_(2.0)
+        if g1 != 0.0:
+            grad.add_(scale, alpha=2.0 * g1)
+        return grad
+    if g2 != 0.0:
+        grad = torch.reciprocal(scale).mul_(g2)
+        if g1 != 0.0:
+            grad.add_(scale, alpha=2.0 * g1)
+        return grad
+    if g1 != 0.0:
+        return scale.mul(2.0 * g1)
+    return None
 
 
 def _reference_sums(loc, scale):
@@ -209,6 +264,14 @@ def gaussian_variance_sums(loc: torch.Tensor, scale: torch.Tensor):
     if enabled(loc):
         return _GaussianVarianceSums.apply(loc, scale)
     return scale * scale, _reference_sums(loc, scale)
+
+
+def site_gaussian_terms(loc: torch.Tensor, scale: torch.Tensor, sizes: List[int]):
+    """(σ², ``[k, 4]``): a flat guide's variance vector and, per site (consecutive chunks of ``sizes``), its
+    :func:`gaussian_sums`. One node on the fast path (:class:`_SiteGaussianTerms`); one per site otherwise."""
+    if enabled(loc):
+        return _SiteGaussianTerms.apply(loc, scale, list(sizes))
+    return scale * scale, torch.stack([_reference_sums(fl, fs) for fl, fs in zip(loc.split(sizes), scale.split(sizes))])
 
 
 # -- SGLD's Gaussian log-prior ---------------------------------------------------------------------------------

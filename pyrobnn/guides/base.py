@@ -229,12 +229,14 @@ class FlatGaussianGuide(AutoGuide):
             self._setup_prototype(*args, **kwargs)
         plates = self._create_plates(*args, **kwargs)
         flat = self._flat_params()
+        terms = flat.get("terms")
         result = {}
         for i, name, shape, event_dim, transform, placeholder, local, frames, model_event_dim in self._site_plan():
             loc, scale, gamma = self._site_params(flat, i, shape)
             if not frames:  # a global site (every weight of a network): no plate to enter
                 result[name] = pyro.sample(name, self._site_dist(loc, scale, gamma, placeholder, event_dim,
-                                                                 transform, model_event_dim, local))
+                                                                 transform, model_event_dim, local,
+                                                                 None if terms is None else terms.site(i)))
                 continue
             with ExitStack() as stack:
                 for frame in frames:
@@ -249,8 +251,10 @@ class FlatGaussianGuide(AutoGuide):
                                                                  transform, model_event_dim, local))
         return result
 
-    def _site_dist(self, loc, scale, gamma, placeholder, event_dim, transform, model_event_dim, local=True):
+    def _site_dist(self, loc, scale, gamma, placeholder, event_dim, transform, model_event_dim, local=True,
+                   terms=None):
         base = self._site_normal(loc, scale, gamma, placeholder)
+        base._terms = terms  # the site's share of the guide's one σ²-and-sums node (guides.normal.SiteTerms)
         if placeholder and not local:
             base.consumable = False  # a placeholder only for the prior's densities: layers draw weights
         fn = base.to_event(event_dim) if event_dim else base

@@ -8,9 +8,11 @@ import torch
 from pyro.infer.autoguide.initialization import init_to_median
 
 from ..registry import GUIDES
+from .. import fastpath
 from ..fastpath import softplus
 from ..validation import one_of, positive_float
 from .base import FlatGaussianGuide
+from .normal import SiteTerms
 
 __all__ = ["MeanField"]
 
@@ -77,7 +79,12 @@ class MeanField(FlatGaussianGuide):
         # σ = softplus(ρ) over the whole flat vector: one op and one graph node, not one per site
         sizes = self._sizes
         first = "gamma" if self.parameterization == "gamma" else "loc"
-        return {first: tensors[first].split(sizes), "scale": softplus(tensors["rho"]).split(sizes)}
+        scale = softplus(tensors["rho"])
+        flat = {first: tensors[first].split(sizes), "scale": scale.split(sizes)}
+        if first == "loc" and fastpath.enabled(scale):
+            # every site's σ² and KL reductions from one node, made when a layer or a KL first asks
+            flat["terms"] = SiteTerms(tensors["loc"], scale, sizes, [lay.shape for lay in self._layout.values()])
+        return flat
 
     def _site_params(self, flat, i, shape):
         scale = _shaped(flat["scale"][i], shape)

@@ -10,11 +10,34 @@ import pyro.distributions as dist
 import torch
 from torch.distributions.kl import _kl_independent_independent, register_kl
 
-from ..fastpath import constant_tensor, gaussian_sums, gaussian_variance_sums
+from ..fastpath import constant_tensor, gaussian_sums, gaussian_variance_sums, site_gaussian_terms
 from ..lrt import make_placeholder, placeholder_of
 from ..site_dist import SiteIndependent, to_site_event
 
-__all__ = ["GuideNormal", "expected_normal_log_prob", "mean_field_kl"]
+__all__ = ["GuideNormal", "SiteTerms", "expected_normal_log_prob", "mean_field_kl"]
+
+
+class SiteTerms:
+    """The σ² and ``[Σμ², Σσ², Σ log σ, 1]`` of every site of a flat guide, from one autograd node
+    (:func:`pyrobnn.fastpath.site_gaussian_terms`), made on the first site's demand and shared by all: a step's
+    sites then cost one node for their variances and KL reductions, not one each. ``terms.site(i)`` is a callable
+    giving site ``i`` its ``(σ², sums)``; a :class:`GuideNormal` that holds one uses it instead of its own node."""
+
+    __slots__ = ("loc", "scale", "sizes", "shapes", "var", "sums")
+
+    def __init__(self, loc: torch.Tensor, scale: torch.Tensor, sizes, shapes):
+        self.loc, self.scale, self.sizes, self.shapes = loc, scale, sizes, shapes
+        self.var = self.sums = None
+
+    def site(self, i: int):
+        return lambda: self._get(i)
+
+    def _get(self, i):
+        if self.var is None:
+            var, sums = site_gaussian_terms(self.loc, self.scale, self.sizes)
+            self.var = [v if v.shape == shape else v.view(shape) for v, shape in zip(var.split(self.sizes), self.shapes)]
+            self.sums = sums.unbind(0)
+        return self.var[i], self.sums[i]
 
 
 class GuideNormal(dist.Normal):
@@ -43,6 +66,7 @@ class GuideNormal(dist.Normal):
         self._var = None
         self._loc_sq = None
         self._sums = {}
+        self._terms = None
 
     def to_event(self, reinterpreted_batch_ndims=None):
         return to_site_event(self, reinterpreted_batch_ndims)
@@ -61,7 +85,7 @@ class GuideNormal(dist.Normal):
         v = self._sums.get("fused")
         if v is None:
             if self._var is None and self._fuse_variance():
-                self._var, v = gaussian_variance_sums(self.loc, self.scale)
+                self._var, v = self._terms() if self._terms is not None else gaussian_variance_sums(self.loc, self.scale)
             else:
                 v = gaussian_sums(self.loc, self.scale)
             self._sums["fused"] = v
@@ -140,6 +164,7 @@ class GuideNormal(dist.Normal):
         new._var = None
         new._loc_sq = None
         new._sums = {}
+        new._terms = None
         return new
 
     def rsample(self, sample_shape=torch.Size()):
