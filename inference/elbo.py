@@ -80,7 +80,8 @@ def _log_prob_sum(site) -> torch.Tensor:
 
 
 def _signature(sites) -> tuple:
-    return tuple((name, site["is_observed"], tuple(site["value"].shape) if torch.is_tensor(site["value"]) else None)
+    # torch.Size is a tuple: hashable and compared by value as it is
+    return tuple((name, site["is_observed"], site["value"].shape if torch.is_tensor(site["value"]) else None)
                  for name, site in sites.items())
 
 

@@ -173,8 +173,14 @@ class BNN(nn.Module):
         return x
 
     def _input_dtype(self):
+        # the first floating parameter's dtype, remembered once found (a walk of the module tree per step is
+        # measurable on the hot path; .to() / .double() go through _apply, which forgets it)
+        dtype = self.__dict__.get("_float_dtype")
+        if dtype is not None:
+            return dtype
         for p in itertools.chain(self.parameters(), self.buffers()):
             if p.is_floating_point():
+                self.__dict__["_float_dtype"] = p.dtype
                 return p.dtype
         return torch.get_default_dtype()
 
@@ -224,6 +230,7 @@ class BNN(nn.Module):
         self._param_names = None  # parameters may be replaced (e.g. .to() with overwrite on conversion)
         self.random._param_names = None
         self._targets_cache = None
+        self.__dict__.pop("_float_dtype", None)
         return super()._apply(fn, *args, **kwargs)
 
     def _deterministic_params(self):

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-__all__ = ["enabled", "disabled", "softplus", "gaussian_sums", "gaussian_variance_sums", "site_gaussian_terms", "log_sum",
+__all__ = ["enabled", "disabled", "softplus", "softplus_in_range", "gaussian_sums", "gaussian_variance_sums", "site_gaussian_terms", "log_sum",
            "sum_scaled_squared_norms", "constant_tensor"]
 
 _ENABLED = os.environ.get("PYROBNN_FASTPATH", "1").strip().lower() not in ("0", "false", "no", "off")
@@ -73,30 +73,47 @@ def log1p_nonneg(t: torch.Tensor) -> torch.Tensor:
 
 class _Softplus(torch.autograd.Function):
     """σ = softplus(ρ) = log(1 + e^ρ) for ρ ≤ 20, without ``log1p``: e^ρ as 2^(ρ·log₂e) (torch's CPU ``exp2`` is
-    3–4× faster than its ``exp``; the product adds at most one rounding), log(1 + e^ρ) by :func:`log1p_nonneg`.
-    e^ρ is kept for the backward, dσ/dρ = e^ρ / (1 + e^ρ), so the backward needs no exponential."""
+    3–4× faster than its ``exp``; the product adds at most one rounding), log(1 + e^ρ) as :func:`log1p_nonneg`
+    computes it. e^ρ and 1 + e^ρ are kept for the backward, dσ/dρ = e^ρ / (1 + e^ρ): no exponential and no
+    addition there."""
 
     @staticmethod
     def forward(ctx, rho):
         t = torch.mul(rho, _LOG2_E).exp2_()
-        ctx.save_for_backward(t)
-        return log1p_nonneg(t)
+        w = t + 1.0
+        c = torch.sub(w, 1.0).sub_(t).div_(w)
+        ctx.save_for_backward(t, w)
+        return torch.log(w).sub_(c)
 
     @staticmethod
     def backward(ctx, grad):
-        (t,) = ctx.saved_tensors
-        s = t + 1.0
-        return torch.div(t, s, out=s).mul_(grad)
+        t, w = ctx.saved_tensors
+        return torch.div(t, w).mul_(grad)
 
 
 def softplus(rho: torch.Tensor) -> torch.Tensor:
     """``F.softplus(rho)`` (β = 1, threshold 20). Fast path: :class:`_Softplus` for a CPU float tensor whose every
     ρ ≤ 20 (the usual case for a guide's scales). Otherwise, and under ``torch.jit.trace`` (a Python autograd
     function cannot be exported): ``F.softplus``."""
-    if (enabled(rho) and not torch.jit.is_tracing() and rho.numel() and rho.is_floating_point()
-            and float(rho.detach().amax()) <= _SOFTPLUS_THRESHOLD):
-        return _Softplus.apply(rho)
-    return F.softplus(rho)
+    return softplus_in_range(rho)[0]
+
+
+def softplus_in_range(rho: torch.Tensor):
+    """(:func:`softplus` of ``rho``, whether every σ lies well inside :data:`_GROUPED_LOG_RANGE`): the range
+    of σ follows from ρ's (softplus is increasing), which the fast path reads anyway, so :func:`log_sum` over
+    any part of σ can skip its own range check (``in_range=True``)."""
+    if enabled(rho) and not torch.jit.is_tracing() and rho.numel() and rho.is_floating_point():
+        lo, hi = (float(v) for v in torch.aminmax(rho.detach()))
+        if hi <= _SOFTPLUS_THRESHOLD:  # False for NaN
+            # a factor of 2 of margin: σ as computed in float32 vs softplus of the extremes in float64
+            in_range = (_softplus_float(lo) >= 2.0 * _GROUPED_LOG_RANGE[0]
+                        and _softplus_float(hi) <= 0.5 * _GROUPED_LOG_RANGE[1])
+            return _Softplus.apply(rho), in_range
+    return F.softplus(rho), False
+
+
+def _softplus_float(x: float) -> float:
+    return x + math.log1p(math.exp(-x)) if x > 0 else math.log1p(math.exp(x))
 
 
 # -- a mean-field Normal's reductions --------------------------------------------------------------------------
@@ -106,18 +123,19 @@ _GROUPED_LOG_MIN = 4096
 _GROUPED_LOG_RANGE = (1.2e-9, 1e9)
 
 
-def log_sum(scale: torch.Tensor) -> torch.Tensor:
+def log_sum(scale: torch.Tensor, in_range: bool = False) -> torch.Tensor:
     """Σ log σ of a 1-d tensor of positive scales. Fast path: a quarter of the logarithms, Σ log σ = Σ log(σ_a σ_b
     σ_c σ_d) over groups of four (torch's CPU ``log`` is an order of magnitude slower than a multiply). Each
     group's product carries at most three roundings (≈ 2e-7 relative, the order of one ``log``'s); used only
-    where every σ lies in :data:`_GROUPED_LOG_RANGE` (checked; otherwise — zeros, infinities, NaN, tiny tensors,
-    float64 — the plain log-sum, which keeps NaN/inf visible)."""
+    where every σ lies in :data:`_GROUPED_LOG_RANGE` (checked, unless the caller knows it: ``in_range=True``;
+    otherwise — zeros, infinities, NaN, tiny tensors, float64 — the plain log-sum, which keeps NaN/inf visible)."""
     n = scale.numel()
     m = n - n % 4
     if enabled(scale) and m >= _GROUPED_LOG_MIN and scale.dtype == torch.float32:
         head = scale[:m]
-        lo, hi = torch.aminmax(head.detach())
-        if float(lo) >= _GROUPED_LOG_RANGE[0] and float(hi) <= _GROUPED_LOG_RANGE[1]:
+        if not in_range:
+            lo, hi = (float(v) for v in torch.aminmax(head.detach()))
+        if in_range or (lo >= _GROUPED_LOG_RANGE[0] and hi <= _GROUPED_LOG_RANGE[1]):
             v = head.view(4, m // 4)
             prod = v[0] * v[1]
             total = prod.mul_(v[2]).mul_(v[3]).log_().sum()
@@ -190,14 +208,14 @@ class _SiteGaussianTerms(torch.autograd.Function):
     case) one vectorised pass per term over the flat vector, else one per site on its slice."""
 
     @staticmethod
-    def forward(ctx, loc, scale, sizes):
+    def forward(ctx, loc, scale, sizes, in_range):
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(loc, scale)
         ctx.sizes = sizes
         one = loc.new_ones(())
         parts = []
         for fl, fs in zip(loc.split(sizes), scale.split(sizes)):
-            parts += [torch.dot(fl, fl), torch.dot(fs, fs), log_sum(fs), one]
+            parts += [torch.dot(fl, fl), torch.dot(fs, fs), log_sum(fs, in_range), one]
         return scale * scale, torch.stack(parts).view(len(sizes), 4)
 
     @staticmethod
@@ -224,7 +242,7 @@ class _SiteGaussianTerms(torch.autograd.Function):
                 for out, fs, gv, r in zip(grad_scale.split(sizes), scale.split(sizes), gvs, rows):
                     g = _scale_grad(fs, gv, r[1], r[2])
                     out.copy_(g) if g is not None else out.zero_()
-        return grad_loc, grad_scale, None
+        return grad_loc, grad_scale, None, None
 
 
 def _scale_grad(scale, grad_var, g1, g2):
@@ -266,11 +284,12 @@ def gaussian_variance_sums(loc: torch.Tensor, scale: torch.Tensor):
     return scale * scale, _reference_sums(loc, scale)
 
 
-def site_gaussian_terms(loc: torch.Tensor, scale: torch.Tensor, sizes: List[int]):
+def site_gaussian_terms(loc: torch.Tensor, scale: torch.Tensor, sizes: List[int], in_range: bool = False):
     """(σ², ``[k, 4]``): a flat guide's variance vector and, per site (consecutive chunks of ``sizes``), its
-    :func:`gaussian_sums`. One node on the fast path (:class:`_SiteGaussianTerms`); one per site otherwise."""
+    :func:`gaussian_sums`. One node on the fast path (:class:`_SiteGaussianTerms`); one per site otherwise.
+    ``in_range``: every σ is known to lie in :data:`_GROUPED_LOG_RANGE` (:func:`softplus_in_range`)."""
     if enabled(loc):
-        return _SiteGaussianTerms.apply(loc, scale, list(sizes))
+        return _SiteGaussianTerms.apply(loc, scale, list(sizes), bool(in_range))
     return scale * scale, torch.stack([_reference_sums(fl, fs) for fl, fs in zip(loc.split(sizes), scale.split(sizes))])
 
 

@@ -112,3 +112,15 @@ def test_environment_switch():
         env = dict(os.environ, PYROBNN_FASTPATH=value)
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
         assert out.stdout.split() == expected
+
+
+def test_softplus_in_range_says_when_the_grouped_log_sum_needs_no_check():
+    rho = torch.linspace(-15.0, 15.0, 8001)
+    sigma, in_range = fastpath.softplus_in_range(rho)
+    assert in_range and torch.allclose(sigma, F.softplus(rho), rtol=2e-6)
+    assert torch.equal(fastpath.log_sum(sigma, in_range=True), fastpath.log_sum(sigma))
+    # σ below the grouped product's safe range (softplus(−30) ≈ 1e-13), ρ above softplus's threshold, NaN
+    for bad in (torch.tensor([-30.0, 0.0]), torch.tensor([0.0, 25.0]), torch.tensor([0.0, math.nan])):
+        sigma, in_range = fastpath.softplus_in_range(bad)
+        assert not in_range
+        assert torch.allclose(sigma, F.softplus(bad), rtol=2e-6, equal_nan=True)

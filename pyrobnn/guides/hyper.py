@@ -36,7 +36,8 @@ from pyro.infer.autoguide.initialization import init_to_median
 from ..registry import GUIDES
 from ..validation import finite_float, integer, positive_float, positive_int
 from .base import FlatGaussianGuide, _release
-from .mean_field import MeanField, _softplus_inv, softplus
+from ..fastpath import softplus
+from .mean_field import MeanField, _softplus_inv
 
 __all__ = ["HyperMeanField", "mean_field_like"]
 

@@ -9,7 +9,7 @@ from pyro.infer.autoguide.initialization import init_to_median
 
 from ..registry import GUIDES
 from .. import fastpath
-from ..fastpath import softplus
+from ..fastpath import softplus_in_range
 from ..validation import one_of, positive_float
 from .base import FlatGaussianGuide
 from .normal import SiteTerms
@@ -79,11 +79,12 @@ class MeanField(FlatGaussianGuide):
         # σ = softplus(ρ) over the whole flat vector: one op and one graph node, not one per site
         sizes = self._sizes
         first = "gamma" if self.parameterization == "gamma" else "loc"
-        scale = softplus(tensors["rho"])
+        scale, in_range = softplus_in_range(tensors["rho"])
         flat = {first: tensors[first].split(sizes), "scale": scale.split(sizes)}
         if first == "loc" and fastpath.enabled(scale):
             # every site's σ² and KL reductions from one node, made when a layer or a KL first asks
-            flat["terms"] = SiteTerms(tensors["loc"], scale, sizes, [lay.shape for lay in self._layout.values()])
+            flat["terms"] = SiteTerms(tensors["loc"], scale, sizes, [lay.shape for lay in self._layout.values()],
+                                      in_range)
         return flat
 
     def _site_params(self, flat, i, shape):

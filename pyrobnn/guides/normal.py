@@ -23,10 +23,10 @@ class SiteTerms:
     sites then cost one node for their variances and KL reductions, not one each. ``terms.site(i)`` is a callable
     giving site ``i`` its ``(σ², sums)``; a :class:`GuideNormal` that holds one uses it instead of its own node."""
 
-    __slots__ = ("loc", "scale", "sizes", "shapes", "var", "sums")
+    __slots__ = ("loc", "scale", "sizes", "shapes", "in_range", "var", "sums")
 
-    def __init__(self, loc: torch.Tensor, scale: torch.Tensor, sizes, shapes):
-        self.loc, self.scale, self.sizes, self.shapes = loc, scale, sizes, shapes
+    def __init__(self, loc: torch.Tensor, scale: torch.Tensor, sizes, shapes, in_range: bool = False):
+        self.loc, self.scale, self.sizes, self.shapes, self.in_range = loc, scale, sizes, shapes, in_range
         self.var = self.sums = None
 
     def site(self, i: int):
@@ -34,7 +34,7 @@ class SiteTerms:
 
     def _get(self, i):
         if self.var is None:
-            var, sums = site_gaussian_terms(self.loc, self.scale, self.sizes)
+            var, sums = site_gaussian_terms(self.loc, self.scale, self.sizes, self.in_range)
             self.var = [v if v.shape == shape else v.view(shape) for v, shape in zip(var.split(self.sizes), self.shapes)]
             self.sums = sums.unbind(0)
         return self.var[i], self.sums[i]
