@@ -81,8 +81,7 @@ def _log_prob_sum(site) -> torch.Tensor:
 
 def _signature(sites) -> tuple:
     # torch.Size is a tuple: hashable and compared by value as it is
-    return tuple((name, site["is_observed"], site["value"].shape if torch.is_tensor(site["value"]) else None)
-                 for name, site in sites.items())
+    return tuple([(name, site["is_observed"], getattr(site["value"], "shape", None)) for name, site in sites.items()])
 
 
 class MeanFieldELBO(TraceMeanField_ELBO):
