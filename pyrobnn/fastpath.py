@@ -250,7 +250,7 @@ def _scale_grad(scale, grad_var, g1, g2):
     order of :class:`_GaussianVarianceSums`'s backward."""
     if grad_var is not None:
         grad = scale * grad_var if g2 == 0.0 else \
-            torch.addcmul(torch.reciprocal(scale).mul_(g2), scale, grad_var, value=2.0)
+            torch.reciprocal(scale).mul_(g2).addcmul_(scale, grad_var, value=2.0)
         if g2 == 0.0:
             grad.mul_(2.0)
         if g1 != 0.0:
