@@ -85,9 +85,10 @@ class _Softplus(torch.autograd.Function):
     def forward(ctx, rho):
         t = torch.mul(rho, _LOG2_E).exp2_()
         w = t + 1.0
-        c = torch.sub(w, 1.0).sub_(t).div_(w)
+        c = torch.sub(w, 1.0).sub_(t)
         ctx.save_for_backward(t, w)
-        return torch.log(w).sub_(c)
+        # log(w) − c/w in one pass: addcdiv's value·c/w with value −1 is exactly −(c/w)
+        return torch.log(w).addcdiv_(c, w, value=-1.0)
 
     @staticmethod
     def backward(ctx, grad):
@@ -204,15 +205,18 @@ class _GaussianVarianceSums(torch.autograd.Function):
 
 
 class _SiteGaussianTerms(torch.autograd.Function):
-    """A flat guide's every site at once: (σ² of the flat vector, ``[k, 4]`` per-site ``[Σμ², Σσ², Σ log σ, 1]``)
-    from the flat μ and σ and the sites' sizes, in one node. The values, and the gradients element by element,
-    are :class:`_GaussianVarianceSums`'s on each site; what is saved is its per-site cost — one node, its Python
-    call and its ``stack`` per site, forward and backward — which on a small network is a large part of a step.
-    Backward: where the per-site weights ``g`` are the same at every site (one prior over the network, the usual
-    case) one vectorised pass per term over the flat vector, else one per site on its slice."""
+    """A flat guide's every site at once: each site's σ² (a view of one flat σ², shaped as the site) and a
+    ``[k, 4]`` tensor of per-site ``[Σμ², Σσ², Σ log σ, 1]``, from the flat μ and σ and the sites' sizes, in one
+    node. The values, and the gradients element by element, are :class:`_GaussianVarianceSums`'s on each site;
+    what is saved is its per-site cost — one node, its Python call and its ``stack`` per site, forward and
+    backward — which on a small network is a large part of a step. The per-site σ² are outputs of their own, so
+    their gradients arrive here one by one and go straight into their slices of ∂/∂σ: no concatenation of a
+    flat σ² gradient (a pass over every weight). Backward: where the per-site weights ``g`` are the same at every
+    site (one prior over the network, the usual case) the terms without σ²'s gradient are one vectorised pass
+    each over the flat vector, else everything is per site on its slice."""
 
     @staticmethod
-    def forward(ctx, loc, scale, sizes, in_range):
+    def forward(ctx, loc, scale, sizes, shapes, in_range):
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(loc, scale)
         ctx.sizes = sizes
@@ -220,14 +224,19 @@ class _SiteGaussianTerms(torch.autograd.Function):
         parts = []
         for fl, fs in zip(loc.split(sizes), scale.split(sizes)):
             parts += [torch.dot(fl, fl), torch.dot(fs, fs), log_sum(fs, in_range), one]
-        return scale * scale, torch.stack(parts).view(len(sizes), 4)
+        var = scale * scale
+        variances = [v if v.shape == shape else v.view(shape) for v, shape in zip(var.split(sizes), shapes)]
+        return (*variances, torch.stack(parts).view(len(sizes), 4))
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_var, grad_sums):
+    def backward(ctx, *grads):
         loc, scale = ctx.saved_tensors
         sizes = ctx.sizes
-        rows = grad_sums.tolist() if grad_sums is not None else [[0.0] * 4] * len(sizes)
+        k = len(sizes)
+        grad_vars = [None if g is None else g.reshape(-1) for g in grads[:k]]
+        grad_sums = grads[k]
+        rows = grad_sums.tolist() if grad_sums is not None else [[0.0] * 4] * k
         uniform = all(r[:3] == rows[0][:3] for r in rows)
         grad_loc = grad_scale = None
         if ctx.needs_input_grad[0] and any(r[0] != 0.0 for r in rows):
@@ -238,15 +247,34 @@ class _SiteGaussianTerms(torch.autograd.Function):
                 for out, fl, r in zip(grad_loc.split(sizes), loc.split(sizes), rows):
                     torch.mul(fl, 2.0 * r[0], out=out) if r[0] != 0.0 else out.zero_()
         if ctx.needs_input_grad[1]:
-            if uniform:
-                grad_scale = _scale_grad(scale, grad_var, rows[0][1], rows[0][2])
+            if uniform and all(g is None for g in grad_vars):
+                grad_scale = _scale_grad(scale, None, rows[0][1], rows[0][2])
+            elif uniform:
+                grad_scale = _uniform_scale_grad(scale, sizes, grad_vars, rows[0][1], rows[0][2])
             else:
                 grad_scale = torch.empty_like(scale)
-                gvs = grad_var.split(sizes) if grad_var is not None else [None] * len(sizes)
-                for out, fs, gv, r in zip(grad_scale.split(sizes), scale.split(sizes), gvs, rows):
+                for out, fs, gv, r in zip(grad_scale.split(sizes), scale.split(sizes), grad_vars, rows):
                     g = _scale_grad(fs, gv, r[1], r[2])
                     out.copy_(g) if g is not None else out.zero_()
-        return grad_loc, grad_scale, None, None
+        return grad_loc, grad_scale, None, None, None
+
+
+def _uniform_scale_grad(scale, sizes, grad_vars, g1, g2):
+    """:func:`_scale_grad` over the flat σ with σ²'s gradient given per site (None where a site's σ² got none):
+    the same operations element by element, the σ² terms on each site's slice."""
+    if g2 != 0.0:
+        grad = torch.reciprocal(scale).mul_(g2)
+        for out, fs, gv in zip(grad.split(sizes), scale.split(sizes), grad_vars):
+            if gv is not None:
+                out.addcmul_(fs, gv, value=2.0)
+    else:
+        grad = torch.empty_like(scale)
+        for out, fs, gv in zip(grad.split(sizes), scale.split(sizes), grad_vars):
+            torch.mul(fs, gv, out=out) if gv is not None else out.zero_()
+        grad.mul_(2.0)
+    if g1 != 0.0:
+        grad.add_(scale, alpha=2.0 * g1)
+    return grad
 
 
 def _scale_grad(scale, grad_var, g1, g2):
@@ -288,13 +316,18 @@ def gaussian_variance_sums(loc: torch.Tensor, scale: torch.Tensor):
     return scale * scale, _reference_sums(loc, scale)
 
 
-def site_gaussian_terms(loc: torch.Tensor, scale: torch.Tensor, sizes: List[int], in_range: bool = False):
-    """(σ², ``[k, 4]``): a flat guide's variance vector and, per site (consecutive chunks of ``sizes``), its
-    :func:`gaussian_sums`. One node on the fast path (:class:`_SiteGaussianTerms`); one per site otherwise.
-    ``in_range``: every σ is known to lie in :data:`_GROUPED_LOG_RANGE` (:func:`softplus_in_range`)."""
+def site_gaussian_terms(loc: torch.Tensor, scale: torch.Tensor, sizes: List[int], shapes: List[torch.Size],
+                        in_range: bool = False):
+    """(per-site σ² shaped by ``shapes``, ``[k, 4]``): a flat guide's sites' variances and, per site (consecutive
+    chunks of ``sizes``), its :func:`gaussian_sums`. One node on the fast path (:class:`_SiteGaussianTerms`); one
+    per site otherwise. ``in_range``: every σ is known to lie in :data:`_GROUPED_LOG_RANGE`
+    (:func:`softplus_in_range`)."""
     if enabled(loc):
-        return _SiteGaussianTerms.apply(loc, scale, list(sizes), bool(in_range))
-    return scale * scale, torch.stack([_reference_sums(fl, fs) for fl, fs in zip(loc.split(sizes), scale.split(sizes))])
+        *variances, sums = _SiteGaussianTerms.apply(loc, scale, list(sizes), list(shapes), bool(in_range))
+        return variances, sums
+    pairs = list(zip(loc.split(sizes), scale.split(sizes)))
+    return ([(fs * fs).view(shape) for (_, fs), shape in zip(pairs, shapes)],
+            torch.stack([_reference_sums(fl, fs) for fl, fs in pairs]))
 
 
 # -- SGLD's Gaussian log-prior ---------------------------------------------------------------------------------

@@ -44,29 +44,42 @@ def test_gaussian_sums_fast_and_reference_agree(dtype, rtol):
 
 @pytest.mark.parametrize("dtype,rtol", [(torch.float32, 2e-5), (torch.float64, 1e-10)])
 @pytest.mark.parametrize("uniform", [True, False])
-def test_site_gaussian_terms_agree_with_the_reference_and_with_one_node_per_site(dtype, rtol, uniform):
+@pytest.mark.parametrize("unused", [(), (1, 3)])
+def test_site_gaussian_terms_agree_with_the_reference_and_with_one_node_per_site(dtype, rtol, uniform, unused):
     """The one-node-per-guide terms equal the reference path, and bit for bit the per-site nodes they replace,
-    with one prior over every site (the vectorised backward) and with a weight per site (the per-site one)."""
+    with one prior over every site (the vectorised backward) and with a weight per site (the per-site one),
+    with every site's σ² read by a layer and with some sites' σ² unread (no gradient for them)."""
     torch.manual_seed(4)
     sizes = [6000, 30, 4001, 1]   # a grouped log-sum, small sites, an odd size, a single weight
+    shapes = [torch.Size([60, 100]), torch.Size([30]), torch.Size([4001]), torch.Size([1, 1])]
     n = sum(sizes)
     loc, scale = torch.randn(n, dtype=dtype), torch.rand(n, dtype=dtype) * 0.1 + 1e-3
     w_var = torch.randn(n, dtype=dtype)
+    for i in unused:  # a site whose σ² no layer reads
+        offset = sum(sizes[:i])
+        w_var[offset:offset + sizes[i]] = 0.0
     w = torch.tensor([0.3, -1.2, 0.7, 2.0], dtype=dtype)
     w_sums = w.expand(len(sizes), 4) if uniform else torch.randn(len(sizes), 4, dtype=dtype)
-    _agree(lambda l, s: fastpath.site_gaussian_terms(l, s, sizes), [loc, scale], rtol, weights=[w_var, w_sums])
-    fused = _value_and_grads(lambda l, s: fastpath.site_gaussian_terms(l, s, sizes), [loc, scale], [w_var, w_sums])
+
+    def terms(l, s):
+        variances, sums = fastpath.site_gaussian_terms(l, s, sizes, shapes)
+        assert [v.shape for v in variances] == shapes
+        read = [v.reshape(-1) if i not in unused else v.reshape(-1).detach() for i, v in enumerate(variances)]
+        return torch.cat(read), sums
+    _agree(terms, [loc, scale], rtol, weights=[w_var, w_sums])
+    fused = _value_and_grads(terms, [loc, scale], [w_var, w_sums])
 
     def per_site(l, s):
         pairs = [fastpath.gaussian_variance_sums(a, b) for a, b in zip(l.split(sizes), s.split(sizes))]
-        return torch.cat([v for v, _ in pairs]), torch.stack([t for _, t in pairs])
+        read = [v if i not in unused else v.detach() for i, (v, _) in enumerate(pairs)]
+        return torch.cat(read), torch.stack([t for _, t in pairs])
     separate = _value_and_grads(per_site, [loc, scale], [w_var, w_sums])
     for a, b in zip(fused[0] + list(fused[1]), separate[0] + list(separate[1])):
         assert torch.equal(a, b)
     # a backward with only the sums (no layer read σ²), and with a zero weight on Σμ² at one site
     w_sums = w_sums.clone()
     w_sums[1, 0] = 0.0
-    _agree(lambda l, s: fastpath.site_gaussian_terms(l, s, sizes)[1], [loc, scale], rtol, weights=[w_sums])
+    _agree(lambda l, s: fastpath.site_gaussian_terms(l, s, sizes, shapes)[1], [loc, scale], rtol, weights=[w_sums])
 
 
 @pytest.mark.parametrize("dtype,rtol", [(torch.float32, 2e-6), (torch.float64, 1e-12)])

@@ -34,8 +34,7 @@ class SiteTerms:
 
     def _get(self, i):
         if self.var is None:
-            var, sums = site_gaussian_terms(self.loc, self.scale, self.sizes, self.in_range)
-            self.var = [v if v.shape == shape else v.view(shape) for v, shape in zip(var.split(self.sizes), self.shapes)]
+            self.var, sums = site_gaussian_terms(self.loc, self.scale, self.sizes, self.shapes, self.in_range)
             self.sums = sums.unbind(0)
         return self.var[i], self.sums[i]
 
