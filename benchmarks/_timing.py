@@ -14,6 +14,8 @@ import statistics
 import sys
 import time
 
+import torch
+
 
 CLOCKS = {"wall": time.perf_counter, "thread": time.thread_time, "process": time.process_time}
 
@@ -80,6 +82,23 @@ def interleaved(fns: dict, rounds: int = 15, steps: int = 10, warmup: int = 10, 
     if faults is not None:
         faults.update({k: statistics.median(v) for k, v in pf.items()})
     return (medians, times) if samples else medians
+
+
+def log_speeds(n: int = 1 << 18, reps: int = 20) -> dict:
+    """ns per element of torch's CPU ``log1p`` and ``log`` here (best of ``reps``, one thread's worth of work):
+    which kind of host a run was on. Where ``log1p`` is slow, ``F.softplus`` is too, and the hand-written
+    reference steps get slower while MeanField's one-``log`` softplus does not."""
+    x = torch.rand(n) + 0.5
+    out = {}
+    for name, fn in (("log1p", torch.log1p), ("log", torch.log)):
+        fn(x)
+        best = float("inf")
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn(x)
+            best = min(best, time.perf_counter() - t)
+        out[name] = round(best / n * 1e9, 2)
+    return out
 
 
 def median_round_ratios(times: dict, reference: str) -> dict:

@@ -27,7 +27,9 @@ per-round ratios (load drifting between rounds cancels in the latter).
 ``--device cuda`` runs every contender on the GPU (wall clock, synchronised before each reading); the plain-Pyro
 and Pyro-floor rows, whose priors are built on the CPU, are left out there.
 
-Each row also shows the median minor page faults per step. ``--malloc fixed`` re-runs the script with
+The header gives torch's CPU ``log1p`` and ``log`` speed here, in ns per element: where ``log1p`` is slow the
+hand-written steps (``F.softplus``) are slower and the ratios lower. Each row also shows the median minor page
+faults per step. ``--malloc fixed`` re-runs the script with
 glibc's trim/mmap thresholds fixed (see ``_timing.py``), so that freed tensors are not handed back to the
 OS and faulted in again: that noise, not the code, moved the ratios by several percent between runs.
 """
@@ -48,7 +50,7 @@ from pyro.infer.autoguide import AutoNormal
 from pyro.nn import PyroModule
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _timing import (add_pyro_lenet300_layers, interleaved, malloc_mode, median_round_ratios,  # noqa: E402
+from _timing import (add_pyro_lenet300_layers, interleaved, log_speeds, malloc_mode, median_round_ratios,  # noqa: E402
                      reexec_with_fixed_malloc)
 
 import pyrobnn  # noqa: E402
@@ -374,8 +376,10 @@ def main(argv=None):
             k: {key: statistics.median(r[k][key] for r in runs) for key in ("ratio", "median_round_ratio")}
             | {"ratio_min": min(r[k]["ratio"] for r in runs), "ratio_max": max(r[k]["ratio"] for r in runs)}
             for k in runs[0]}
+    speeds = results["log_ns_per_element"] = log_speeds()
     print(f"LeNet-300-100, batch {B}, torch {torch.__version__}, pyro {pyro.__version__}, "
-          f"threads {torch.get_num_threads()}, clock {args.clock}, malloc {malloc_mode()}, runs {args.runs}")
+          f"threads {torch.get_num_threads()}, clock {args.clock}, malloc {malloc_mode()}, runs {args.runs}, "
+          f"log1p {speeds['log1p']} ns/element, log {speeds['log']} ns/element")
     results["malloc"] = malloc_mode()
     results["threads"] = torch.get_num_threads()
     for mode, runs in per_run.items():
