@@ -40,8 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-__all__ = ["enabled", "disabled", "softplus", "softplus_in_range", "gaussian_sums", "gaussian_variance_sums", "site_gaussian_terms", "log_sum",
-           "sum_scaled_squared_norms", "constant_tensor"]
+__all__ = ["enabled", "disabled", "softplus", "softplus_in_range", "gaussian_sums", "gaussian_variance_sums",
+           "site_gaussian_terms", "log_sum", "sum_scaled_squared_norms", "constant_tensor"]
 
 _ENABLED = os.environ.get("PYROBNN_FASTPATH", "1").strip().lower() not in ("0", "false", "no", "off")
 
@@ -148,8 +148,14 @@ def log_sum(scale: torch.Tensor, in_range: bool = False) -> torch.Tensor:
     return scale.log().sum()
 
 
+def _sum_terms(fl, fs, one, in_range=False):
+    """``[Σμ², Σσ², Σ log σ, 1]`` of one site as a list of 0-d tensors (stacked by the caller): the one
+    definition behind :class:`_GaussianSums`, :class:`_GaussianVarianceSums` and :class:`_SiteGaussianTerms`."""
+    return [torch.dot(fl, fl), torch.dot(fs, fs), log_sum(fs, in_range), one]
+
+
 def _sums(fl, fs):
-    return torch.stack([torch.dot(fl, fl), torch.dot(fs, fs), log_sum(fs), fl.new_ones(())])
+    return torch.stack(_sum_terms(fl, fs, fl.new_ones(())))
 
 
 class _GaussianSums(torch.autograd.Function):
@@ -223,7 +229,7 @@ class _SiteGaussianTerms(torch.autograd.Function):
         one = loc.new_ones(())
         parts = []
         for fl, fs in zip(loc.split(sizes), scale.split(sizes)):
-            parts += [torch.dot(fl, fl), torch.dot(fs, fs), log_sum(fs, in_range), one]
+            parts += _sum_terms(fl, fs, one, in_range)
         var = scale * scale
         variances = [v if v.shape == shape else v.view(shape) for v, shape in zip(var.split(sizes), shapes)]
         return (*variances, torch.stack(parts).view(len(sizes), 4))
