@@ -85,19 +85,24 @@ def interleaved(fns: dict, rounds: int = 15, steps: int = 10, warmup: int = 10, 
 
 
 def log_speeds(n: int = 1 << 18, reps: int = 20) -> dict:
-    """ns per element of torch's CPU ``log1p`` and ``log`` here (best of ``reps``, one thread's worth of work):
-    which kind of host a run was on. Where ``log1p`` is slow, ``F.softplus`` is too, and the hand-written
-    reference steps get slower while MeanField's one-``log`` softplus does not."""
+    """ns per element of torch's CPU ``log1p`` and ``log`` here, on one thread (best of ``reps``): which kind of
+    host a run was on. Where ``log1p`` is slow, ``F.softplus`` is too, and the hand-written reference steps get
+    slower while MeanField's one-``log`` softplus does not."""
     x = torch.rand(n) + 0.5
     out = {}
-    for name, fn in (("log1p", torch.log1p), ("log", torch.log)):
-        fn(x)
-        best = float("inf")
-        for _ in range(reps):
-            t = time.perf_counter()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for name, fn in (("log1p", torch.log1p), ("log", torch.log)):
             fn(x)
-            best = min(best, time.perf_counter() - t)
-        out[name] = round(best / n * 1e9, 2)
+            best = float("inf")
+            for _ in range(reps):
+                t = time.perf_counter()
+                fn(x)
+                best = min(best, time.perf_counter() - t)
+            out[name] = round(best / n * 1e9, 2)
+    finally:
+        torch.set_num_threads(threads)
     return out
 
 
