@@ -85,8 +85,9 @@ def init_to_network_default(site=None):
 
 
 class _NetworkInit:
-    def __init__(self):
+    def __init__(self, dtype: Optional[torch.dtype] = None):
         self.fan_in: Dict[str, int] = {}
+        self.dtype = dtype  # a BNN's: its network's (a float32 prior must not make a float64 network's weights float32)
 
     def __call__(self, site):
         name, fn = site["name"], site["fn"]
@@ -101,7 +102,7 @@ class _NetworkInit:
                 fan_in = self.fan_in.get(prefix, 1) if leaf == "bias" else 1
             bound = 1.0 / math.sqrt(fan_in)
             like = fn.mean  # the site's dtype and device
-            return torch.empty(shape, dtype=like.dtype, device=like.device).uniform_(-bound, bound)
+            return torch.empty(shape, dtype=self.dtype or like.dtype, device=like.device).uniform_(-bound, bound)
         return init_to_sample(site)
 
 
@@ -188,8 +189,9 @@ class SGLD(MCMCKernel):
     # -- protocol: set-up --------------------------------------------------------------------------
     def _default_init(self):
         from pyrobnn.bnn import BNN
-        if isinstance(getattr(self.model, "__self__", None), BNN):
-            return _NetworkInit()
+        bnn = getattr(self.model, "__self__", None)
+        if isinstance(bnn, BNN):
+            return _NetworkInit(bnn._input_dtype())
         return init_to_sample
 
     def setup(self, warmup_steps, *args, **kwargs):

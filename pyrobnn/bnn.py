@@ -173,16 +173,21 @@ class BNN(nn.Module):
         return x
 
     def _input_dtype(self):
-        # the first floating parameter's dtype, remembered once found (a walk of the module tree per step is
-        # measurable on the hot path; .to() / .double() go through _apply, which forgets it)
+        # the dtype floating inputs are cast to: the first floating parameter's or buffer's, else (a network
+        # whose weights are all sample sites, as under SG-MCMC) the network's own initial weights', else
+        # torch's default. Remembered once found (a walk of the module tree per step is measurable on the
+        # hot path); .to() / .double() go through _apply, which forgets it.
         dtype = self.__dict__.get("_float_dtype")
         if dtype is not None:
             return dtype
-        for p in itertools.chain(self.parameters(), self.buffers()):
+        for p in itertools.chain(self.parameters(), self.buffers(), self._init_values.values()):
             if p.is_floating_point():
-                self.__dict__["_float_dtype"] = p.dtype
-                return p.dtype
-        return torch.get_default_dtype()
+                dtype = p.dtype
+                break
+        else:
+            return torch.get_default_dtype()
+        self.__dict__["_float_dtype"] = dtype
+        return dtype
 
     def _run_net(self, x):
         if self.input_signature is None:

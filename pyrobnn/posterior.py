@@ -110,7 +110,7 @@ def outputs_under_draws(bnn: BNN, draws: Dict[str, torch.Tensor], x, chunk: int 
     if not draws:
         raise ValueError("no weight draws given")
     S = next(iter(draws.values())).shape[0]
-    dtype = torch.get_default_dtype()
+    dtype = bnn._input_dtype()  # the network's (draws stored in bfloat16 are cast back to it)
     rows = max(1, max_rows // max(1, min(chunk, S))) if batch_size is None else batch_size
     outs = []
     for s0 in range(0, S, chunk):

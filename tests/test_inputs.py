@@ -140,3 +140,26 @@ def test_inputs_helpers_keep_structure():
         assert type(back) is type(x) and all(torch.equal(u, v) for u, v in zip(inputs.leaves(back), inputs.leaves(x)))
     with pytest.raises(ValueError, match="bad input signature"):
         inputs.Signature.from_json({"kind": "dict", "shapes": [[3]], "dtypes": ["float32"]})
+
+
+@pytest.mark.filterwarnings("ignore:the fitted predictive")
+def test_float64_network_keeps_float64_inputs_through_svi_and_sgld():
+    """A network in float64 gets float64 inputs, also before any guide parameter exists (SG-MCMC on a
+    fresh BNN, whose weights are all sample sites): float32 inputs are cast up, not the other way."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(24, 3, generator=g, dtype=torch.float64)
+    y = (x[:, 0] > 0).long()
+
+    def net():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+
+    bnn = pyrobnn.bayesian(net(), dataset_size=len(y))
+    fit(bnn, (x, y), epochs=2, batch_size=8, progress=False)
+    assert all(p.dtype == torch.float64 for p in bnn.parameters())
+    assert bnn.predict(x.float(), 3).dtype == torch.float64
+
+    chain = pyrobnn.bayesian(net(), dataset_size=len(y))
+    assert list(chain.parameters()) == []          # nothing but sample sites yet
+    post = sample(chain, (x, y), num_samples=3, warmup_steps=2, step_size=1e-4, batch_size=8, progress=False)
+    assert post.predict(x.float(), 3).dtype == torch.float64
