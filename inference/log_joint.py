@@ -1,17 +1,20 @@
 """The SG-MCMC kernels' potential: a model's log joint at given latent values, in one pass without a trace.
 
 Sites whose prior is a Normal with one constant loc and scale are summed together by one fused node
-(:func:`pyrobnn.fastpath.sum_scaled_squared_norms`); see :class:`LogJoint`."""
+(:func:`pyrobnn.fastpath.sum_scaled_squared_norms`), and a plain ``Categorical`` observed at a batch of integer
+labels is summed by one ``nll_loss``; see :class:`LogJoint`."""
 from __future__ import annotations
 
 import math
 from typing import Dict, List, Optional
 
+import pyro.distributions as dist
 import torch
+import torch.nn.functional as F
 from pyro.distributions.util import scale_and_mask
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.subsample_messenger import _Subsample
-from torch.distributions import Independent, Normal
+from torch.distributions import Categorical, Independent, Normal
 
 from pyrobnn.fastpath import sum_scaled_squared_norms
 
@@ -60,9 +63,10 @@ class _LogJoint(Messenger):
                 self.constant += constant * scale
                 return
         if msg["mask"] is None and isinstance(scale, (int, float)) and not msg["args"] and not msg["kwargs"]:
-            # a distribution that sums its own log-density in one op (a classifier's fused cross-entropy)
+            # a distribution that sums its own log-density in one op (a classifier's fused cross-entropy),
+            # or a plain Categorical over a batch of labels (one nll_loss instead of log_prob's gather)
             fast = getattr(fn, "log_prob_sum", None)
-            lp = fast(value) if fast is not None else None
+            lp = fast(value) if fast is not None else _categorical_log_prob_sum(fn, value)
             if lp is not None:
                 self.terms.append(lp if scale == 1.0 else lp * scale)
                 return
@@ -87,6 +91,23 @@ class _LogJoint(Messenger):
         return total
 
 
+def _categorical_log_prob_sum(fn, value) -> Optional[torch.Tensor]:
+    """Σ_i log p(value_i) of a ``Categorical`` with logits ``[B, C]`` at integer labels ``[B]`` as one
+    ``nll_loss`` on its normalised logits (``Categorical.log_prob`` then ``.sum()`` takes a broadcast, a gather
+    and a reduction, and as many nodes backwards); the same number up to the order of the sum's additions. The
+    distribution's own argument checks still run when it validates. None for anything else (a subclass with its
+    own ``log_prob``, other shapes or dtypes): the caller then uses ``log_prob``."""
+    if type(fn).log_prob not in _CATEGORICAL_LOG_PROBS or value.dtype != torch.int64 or value.dim() != 1:
+        return None
+    logits = fn.logits
+    if logits.dim() != 2 or logits.shape[0] != value.shape[0]:
+        return None
+    if fn._validate_args:
+        fn._validate_sample(value)
+    return -F.nll_loss(logits, value, reduction="sum")
+
+
+_CATEGORICAL_LOG_PROBS = (Categorical.log_prob, dist.Categorical.log_prob)
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 _PLAN = "_pyrobnn_sgld_plan"
 

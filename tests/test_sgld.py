@@ -572,3 +572,28 @@ def test_sgld_on_a_pyro_module_network_equals_sgld_on_bayesian_model():
     for n in state:
         assert torch.allclose(a[n], b[n], rtol=1e-5, atol=1e-6), n
     assert k_pyro.diagnostics()["potential_energy"] == pytest.approx(k_bnn.diagnostics()["potential_energy"], rel=1e-5)
+
+
+def test_categorical_observations_sum_in_one_op_with_the_same_value_and_checks():
+    from pyrobnn.inference.log_joint import _categorical_log_prob_sum
+    torch.manual_seed(0)
+    logits = torch.randn(16, 5, requires_grad=True)
+    y = torch.randint(0, 5, (16,))
+    for d in (dist.Categorical(logits=logits), torch.distributions.Categorical(logits=logits),
+              dist.Categorical(probs=logits.softmax(-1))):
+        fast = _categorical_log_prob_sum(d, y)
+        ref = d.log_prob(y).sum()
+        assert fast.item() == pytest.approx(ref.item(), rel=1e-6)
+        g_fast, = torch.autograd.grad(fast, logits, retain_graph=True)
+        g_ref, = torch.autograd.grad(ref, logits)
+        assert torch.allclose(g_fast, g_ref, atol=1e-6)
+    d = dist.Categorical(logits=logits)
+    assert _categorical_log_prob_sum(d, y.float()) is None                 # float labels: log_prob's own path
+    assert _categorical_log_prob_sum(dist.Categorical(logits=torch.randn(2, 16, 5)), y) is None
+
+    class Tempered(dist.Categorical):   # a subclass with its own density is left to its log_prob
+        def log_prob(self, value):
+            return 0.5 * super().log_prob(value)
+    assert _categorical_log_prob_sum(Tempered(logits=logits), y) is None
+    with pyro.validation_enabled(True), pytest.raises(ValueError, match="support"):
+        _categorical_log_prob_sum(dist.Categorical(logits=logits), torch.full((16,), 7))
