@@ -85,11 +85,12 @@ def interleaved(fns: dict, rounds: int = 15, steps: int = 10, warmup: int = 10, 
 
 
 def log_speeds(n: int = 1 << 18, reps: int = 20) -> dict:
-    """ns per element of torch's CPU ``log1p`` and ``log`` here, on one thread (best of ``reps``): which kind of
-    host a run was on. Where ``log1p`` is slow, ``F.softplus`` is too, and the hand-written reference steps get
-    slower while MeanField's one-``log`` softplus does not."""
+    """ns per element of torch's CPU ``log1p`` and ``log`` here, on one thread (best of ``reps``), and the set of
+    vectorised kernels torch dispatches to (``"AVX512"``, ``"AVX2"``, ...; ``ATEN_CPU_CAPABILITY=avx2`` selects the
+    AVX2 set on an AVX-512 CPU): which kind of host a run was on. Where ``log1p`` is slow, ``F.softplus`` is too,
+    and the hand-written reference steps get slower while MeanField's one-``log`` softplus does not."""
     x = torch.rand(n) + 0.5
-    out = {}
+    out = {"cpu_capability": torch.backends.cpu.get_cpu_capability()}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -58,7 +58,7 @@ from pyrobnn.data import load_mnist5k
 from pyrobnn.inference import SGLD
 from pyrobnn.models import build
 
-from _timing import add_pyro_lenet300_layers  # benchmarks/ is the script directory
+from _timing import add_pyro_lenet300_layers, log_speeds  # benchmarks/ is the script directory
 
 N_BATCH = 128
 ETA = 1e-6
@@ -351,7 +351,9 @@ def main(argv=None):
             for c in clocks},
     }
     print(json.dumps(result, indent=2))
-    print(f"\nLeNet-300-100, batch {N_BATCH}, torch {torch.__version__}, threads {args.threads}: ratio to hand-written, "
+    host = result["host"] = log_speeds()
+    print(f"\nLeNet-300-100, batch {N_BATCH}, torch {torch.__version__}, threads {args.threads}, torch CPU kernels "
+          f"{host['cpu_capability']}, log1p {host['log1p']} ns/element, log {host['log']} ns/element: ratio to hand-written, "
           f"median over {args.runs} run(s) of the ratio of medians over {args.rounds} rounds [min–max over runs]")
     for c, rows in result["median_over_runs_of_ratio_to_hand"].items():
         print(f"  {c}: " + ", ".join(f"{k} ×{v['median']:.3f} [{v['min']:.3f}–{v['max']:.3f}]" for k, v in rows.items()))

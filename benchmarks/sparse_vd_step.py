@@ -37,6 +37,8 @@ from pyrobnn.inference import MeanFieldELBO
 from pyrobnn.inference.fit import SVIStep
 from pyrobnn.models import build
 
+from _timing import log_speeds  # benchmarks/ is the script directory
+
 K1, K2, K3 = 0.63576, 1.87320, 1.48695
 
 
@@ -157,7 +159,8 @@ def main(argv=None):
               "loss_check": {"pyrobnn_elbo_loss": l_pyro, "hand_loss": l_hand},
               "config": {"rounds": a.rounds, "steps": a.steps, "batch": a.batch, "threads": a.threads, "clock": a.clock,
                          "pyro_validation": not a.no_validation,
-                         "torch": torch.__version__, "pyro": pyro.__version__}}
+                         "torch": torch.__version__, "pyro": pyro.__version__},
+              "host": log_speeds()}
     print(json.dumps(result, indent=1))
     if a.json:
         with open(a.json, "w") as f:

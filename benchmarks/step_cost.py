@@ -379,7 +379,7 @@ def main(argv=None):
     speeds = results["log_ns_per_element"] = log_speeds()
     print(f"LeNet-300-100, batch {B}, torch {torch.__version__}, pyro {pyro.__version__}, "
           f"threads {torch.get_num_threads()}, clock {args.clock}, malloc {malloc_mode()}, runs {args.runs}, "
-          f"log1p {speeds['log1p']} ns/element, log {speeds['log']} ns/element")
+          f"torch CPU kernels {speeds['cpu_capability']}, log1p {speeds['log1p']} ns/element, log {speeds['log']} ns/element")
     results["malloc"] = malloc_mode()
     results["threads"] = torch.get_num_threads()
     for mode, runs in per_run.items():
