@@ -36,6 +36,7 @@ class _LogJoint(Messenger):
         self.terms: List[torch.Tensor] = []
         self.sq_values: List[torch.Tensor] = []
         self.sq_coefs: List[float] = []
+        self.sq_sources: List[torch.Tensor] = []   # each fused site's value as the model received it
         self.constant = 0.0
 
     def _pyro_sample(self, msg):
@@ -60,6 +61,7 @@ class _LogJoint(Messenger):
                 _, loc, coef, constant = plan
                 self.sq_values.append(value if loc == 0.0 else value - loc)
                 self.sq_coefs.append(coef * scale)
+                self.sq_sources.append(value)
                 self.constant += constant * scale
                 return
         if msg["mask"] is None and isinstance(scale, (int, float)) and not msg["args"] and not msg["kwargs"]:
@@ -89,6 +91,31 @@ class _LogJoint(Messenger):
         for t in terms[1:]:
             total = total + t
         return total
+
+    def log_joint_split(self, leaves: Dict[int, int]):
+        """The log joint as ``(total, differentiable, prior_grads)`` for a gradient taken by the caller: the fused
+        Normal sites whose value is one of ``leaves`` (``{id(tensor): index}``, tensors the caller differentiates
+        with respect to directly) enter ``total`` without a graph, and the gradient of *minus* their log-density,
+        −2c·(v − loc), comes back as ``[(index, tensor)]`` (fresh tensors the caller may write), to be added to
+        autograd's gradient of −``differentiable`` (None when nothing else depends on the sites). The same numbers
+        as :meth:`log_joint` and autograd through it, bit for bit (the same sums in the same order; the prior
+        gradient is the product autograd's rule forms, added the way autograd accumulates it), without the
+        prior's backward node."""
+        if not self.sq_values or any(id(src) not in leaves for src in self.sq_sources):
+            total = self.log_joint()
+            return total, total, []
+        terms = self.terms
+        differentiable = None
+        if terms:
+            differentiable = terms[0]
+            for t in terms[1:]:
+                differentiable = differentiable + t
+        with torch.no_grad():
+            values = [v.detach() for v in self.sq_values]
+            prior = sum_scaled_squared_norms(self.sq_coefs, self.constant, values)
+            total = prior if differentiable is None else differentiable.detach() + prior
+            grads = torch._foreach_mul(values, [-2.0 * c for c in self.sq_coefs])
+        return total, differentiable, [(leaves[id(src)], g) for src, g in zip(self.sq_sources, grads)]
 
 
 def _categorical_log_prob_sum(fn, value) -> Optional[torch.Tensor]:

@@ -161,6 +161,7 @@ class SGLD(MCMCKernel):
         self._owned: Optional[List[torch.Tensor]] = None   # state tensors updated in place (SGLD)
         self._undo = None                                   # (increments, scale) of the last update
         self._increments: Optional[List[torch.Tensor]] = None
+        self._increments_for = None                         # the state list they were last checked against
         self._diverged = False
         self._args, self._kwargs = (), {}
         self._sites: List[tuple] = []    # (name, transform or None)
@@ -260,25 +261,42 @@ class SGLD(MCMCKernel):
     def potential_and_grad(self, params: Dict[str, torch.Tensor], *args, **kwargs):
         """U(θ) = −log p(θ, minibatch) − log|det J| at unconstrained ``params``, and ∇U (a list in site
         order). Runs the model once (a fresh minibatch from its subsample plate)."""
-        leaves, values = [], {}
+        leaves, values, direct = [], {}, {}
         logdet = 0.0
         for name, transform in self._sites:
             u = params[name].detach().requires_grad_()
-            leaves.append(u)
             if transform is None:
                 values[name] = u
+                direct[id(u)] = len(leaves)
             else:
                 v = transform(u)
                 values[name] = v
                 logdet = logdet + transform.log_abs_det_jacobian(u, v).sum()
+            leaves.append(u)
         joint = _LogJoint(values)
         with joint:
             self.model(*args, **kwargs)
-        potential = -(joint.log_joint() + logdet) if isinstance(logdet, torch.Tensor) else -joint.log_joint()
-        if not isinstance(potential, torch.Tensor) or not potential.requires_grad:
+        # the Gaussian prior of real sites has its gradient in closed form: no backward node for it
+        total, differentiable, prior_grads = joint.log_joint_split(direct)
+        if isinstance(logdet, torch.Tensor):
+            total = total + logdet.detach()
+            differentiable = logdet if differentiable is None else differentiable + logdet
+        potential = -total
+        if differentiable is not None and differentiable.requires_grad:
+            grads = list(torch.autograd.grad(-differentiable, leaves, allow_unused=bool(prior_grads)))
+        elif prior_grads:
+            grads = [None] * len(leaves)
+        else:
             raise ValueError("the model's log-density does not depend on its latent sites")
-        grads = torch.autograd.grad(potential, leaves)
-        return potential.detach(), grads
+        if prior_grads:
+            for i, g in prior_grads:
+                # ∂U/∂v of U = −c‖v − loc‖² is −2c(v − loc), added as autograd accumulates it (into the fresh
+                # product: autograd's own gradients may be shared between inputs)
+                grads[i] = g if grads[i] is None else g.add_(grads[i])
+            for i, g in enumerate(grads):
+                if g is None:
+                    grads[i] = torch.zeros_like(leaves[i])
+        return potential.detach(), tuple(grads)
 
     def _update(self, zs: List[torch.Tensor], grads, eta: float, explore: bool) -> List[torch.Tensor]:
         """θ ← θ − (η/2)∇U + √(ηT)·ξ, in place on kernel-owned state tensors (an update that writes the
@@ -327,16 +345,19 @@ class SGLD(MCMCKernel):
         else kernel-owned copies (a caller's tensors — ``initial_params`` included — are never written)."""
         owned = self._owned
         if owned is not None and len(owned) == len(zs) and all(a is b for a, b in zip(owned, zs)):
-            return zs
+            return owned
         self._owned = [z.detach().clone(memory_format=torch.contiguous_format) for z in zs]
         self._undo = None
         return self._owned
 
     def _increment_buffers(self, zs: List[torch.Tensor]) -> List[torch.Tensor]:
         bufs = self._increments
+        if bufs is not None and zs is self._owned and self._increments_for is zs:
+            return bufs  # the kernel's own state, for which these buffers were checked
         if bufs is None or len(bufs) != len(zs) or any(
                 b.shape != z.shape or b.dtype != z.dtype or b.device != z.device for b, z in zip(bufs, zs)):
             bufs = self._increments = [torch.empty_like(z, memory_format=torch.contiguous_format) for z in zs]
+        self._increments_for = zs if zs is self._owned else None
         return bufs
 
     def kept_tensors(self) -> List[torch.Tensor]:
