@@ -360,9 +360,7 @@ class _SumScaledSquaredNorms(torch.autograd.Function):
     def forward(ctx, coefs: List[float], constant: float, *zs):
         ctx.save_for_backward(*zs)
         ctx.coefs = coefs
-        norms = torch.stack(torch._foreach_norm(zs))
-        total = torch.dot(norms * norms, constant_tensor(coefs, norms))
-        return total.add_(constant) if constant else total
+        return _scaled_squared_norms(coefs, constant, zs)
 
     @staticmethod
     def backward(ctx, grad):
@@ -371,9 +369,18 @@ class _SumScaledSquaredNorms(torch.autograd.Function):
         return (None, None, *torch._foreach_mul(zs, [2.0 * c * g for c in ctx.coefs]))
 
 
+def _scaled_squared_norms(coefs, constant, zs) -> torch.Tensor:
+    norms = torch.stack(torch._foreach_norm(zs))
+    total = torch.dot(norms * norms, constant_tensor(coefs, norms))
+    return total.add_(constant) if constant else total
+
+
 def sum_scaled_squared_norms(coefs: List[float], constant: float, zs: List[torch.Tensor]) -> torch.Tensor:
     """k + Σ_i c_i ‖z_i‖² (a 0-d tensor)."""
     if enabled(zs[0]):
+        if not torch.is_grad_enabled() or not any(z.requires_grad for z in zs):
+            with torch.no_grad():  # the value alone: the same numbers without an autograd node
+                return _scaled_squared_norms(coefs, constant, zs)
         return _SumScaledSquaredNorms.apply(coefs, constant, *zs)
     total = sum(c * (z * z).sum() for c, z in zip(coefs, zs))
     return total + constant if constant else total
