@@ -18,7 +18,7 @@ from torch.distributions import Categorical, Independent, Normal
 
 from pyrobnn.fastpath import sum_scaled_squared_norms
 
-__all__ = ["LogJoint", "scalar_normal_plan"]
+__all__ = ["LogJoint", "scalar_normal_plan", "add_prior_gradients"]
 
 
 class _LogJoint(Messenger):
@@ -93,14 +93,13 @@ class _LogJoint(Messenger):
         return total
 
     def log_joint_split(self, leaves: Dict[int, int]):
-        """The log joint as ``(total, differentiable, prior_grads)`` for a gradient taken by the caller: the fused
-        Normal sites whose value is one of ``leaves`` (``{id(tensor): index}``, tensors the caller differentiates
-        with respect to directly) enter ``total`` without a graph, and the gradient of *minus* their log-density,
-        −2c·(v − loc), comes back as ``[(index, tensor)]`` (fresh tensors the caller may write), to be added to
-        autograd's gradient of −``differentiable`` (None when nothing else depends on the sites). The same numbers
-        as :meth:`log_joint` and autograd through it, bit for bit (the same sums in the same order; the prior
-        gradient is the product autograd's rule forms, added the way autograd accumulates it), without the
-        prior's backward node."""
+        """The log joint as ``(total, differentiable, prior)`` for a gradient taken by the caller: the fused Normal
+        sites whose value is one of ``leaves`` (``{id(tensor): index}``, tensors the caller differentiates with
+        respect to directly) enter ``total`` without a graph, and ``prior`` lists ``(index, v − loc, a)`` with
+        a = −2c: the gradient of *minus* their log-density is a·(v − loc), to be added to autograd's gradient of
+        −``differentiable`` (None when nothing else depends on the sites; :func:`add_prior_gradients` does it).
+        The same numbers as :meth:`log_joint` and autograd through it, bit for bit (the same sums in the same
+        order), without the prior's backward node."""
         if not self.sq_values or any(id(src) not in leaves for src in self.sq_sources):
             total = self.log_joint()
             return total, total, []
@@ -114,8 +113,30 @@ class _LogJoint(Messenger):
             values = [v.detach() for v in self.sq_values]
             prior = sum_scaled_squared_norms(self.sq_coefs, self.constant, values)
             total = prior if differentiable is None else differentiable.detach() + prior
-            grads = torch._foreach_mul(values, [-2.0 * c for c in self.sq_coefs])
-        return total, differentiable, [(leaves[id(src)], g) for src, g in zip(self.sq_sources, grads)]
+        return total, differentiable, [(leaves[id(src)], v, -2.0 * c)
+                                       for src, v, c in zip(self.sq_sources, values, self.sq_coefs)]
+
+
+def add_prior_gradients(grads: list, prior) -> list:
+    """``grads[i]`` (autograd's, or None) plus a·v for each ``(i, v, a)`` of :meth:`LogJoint.log_joint_split`,
+    rounded as autograd rounds it — the product a·v, then the sum. Where a = 1 (an N(0, 1) prior: the product is
+    exact) the sum goes into autograd's tensor in place, one pass and no allocation, when that tensor is
+    contiguous and shares its memory with no other gradient (autograd may hand one tensor to several inputs)."""
+    storages: Dict[int, int] = {}
+    for g in grads:
+        if g is not None:
+            key = g.untyped_storage().data_ptr()
+            storages[key] = storages.get(key, 0) + 1
+    with torch.no_grad():
+        for i, v, a in prior:
+            g = grads[i]
+            if g is None:
+                grads[i] = v * a
+            elif a == 1.0 and g.is_contiguous() and storages[g.untyped_storage().data_ptr()] == 1:
+                g.add_(v)
+            else:
+                grads[i] = (v * a).add_(g)
+    return grads
 
 
 def _categorical_log_prob_sum(fn, value) -> Optional[torch.Tensor]:

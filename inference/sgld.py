@@ -62,7 +62,7 @@ from torch.distributions import biject_to
 from pyrobnn.site_dist import is_real_support as _is_real
 from pyrobnn.validation import non_negative_float, positive_float, positive_int
 
-from .log_joint import _LogJoint
+from .log_joint import _LogJoint, add_prior_gradients
 from .step_size import (ConstantStepSize, CyclicalStepSize, PolynomialDecay, StepSize,  # noqa: F401 (public here too)
                         as_schedule)
 
@@ -289,10 +289,7 @@ class SGLD(MCMCKernel):
         else:
             raise ValueError("the model's log-density does not depend on its latent sites")
         if prior_grads:
-            for i, g in prior_grads:
-                # ∂U/∂v of U = −c‖v − loc‖² is −2c(v − loc), added as autograd accumulates it (into the fresh
-                # product: autograd's own gradients may be shared between inputs)
-                grads[i] = g if grads[i] is None else g.add_(grads[i])
+            add_prior_gradients(grads, prior_grads)  # ∂U/∂v of U = −c‖v − loc‖² is −2c(v − loc)
             for i, g in enumerate(grads):
                 if g is None:
                     grads[i] = torch.zeros_like(leaves[i])

@@ -137,3 +137,28 @@ def test_softplus_in_range_says_when_the_grouped_log_sum_needs_no_check():
         sigma, in_range = fastpath.softplus_in_range(bad)
         assert not in_range
         assert torch.allclose(sigma, F.softplus(bad), rtol=2e-6, equal_nan=True)
+
+
+_KERNEL_SET_PROBE = """
+import hashlib, torch
+from pyrobnn import fastpath
+g = torch.Generator().manual_seed(0)
+rho = torch.randn(1 << 16, generator=g) * 6
+print(torch.backends.cpu.get_cpu_capability(),
+      hashlib.sha1(fastpath.softplus(rho).numpy().tobytes()).hexdigest())
+"""
+
+
+def test_softplus_is_the_same_bit_for_bit_under_torchs_avx2_and_avx512_kernels():
+    """torch picks its vectorised CPU kernels by CPU at start-up (``ATEN_CPU_CAPABILITY`` overrides it); the
+    one-log softplus gives the same bits under each, so recorded results reproduce on both kinds of host."""
+    digests = {}
+    for cap in ("avx2", "avx512"):
+        env = dict(os.environ, ATEN_CPU_CAPABILITY=cap)
+        out = subprocess.run([sys.executable, "-c", _KERNEL_SET_PROBE], env=env, capture_output=True, text=True,
+                             check=True).stdout.split()
+        if out[0].lower() == cap:
+            digests[cap] = out[1]
+    if len(digests) < 2:
+        pytest.skip(f"this CPU runs only {sorted(digests) or 'neither'} of torch's AVX2 and AVX-512 kernel sets")
+    assert digests["avx2"] == digests["avx512"]

@@ -597,3 +597,55 @@ def test_categorical_observations_sum_in_one_op_with_the_same_value_and_checks()
     assert _categorical_log_prob_sum(Tempered(logits=logits), y) is None
     with pyro.validation_enabled(True), pytest.raises(ValueError, match="support"):
         _categorical_log_prob_sum(dist.Categorical(logits=logits), torch.full((16,), 7))
+
+
+@pytest.mark.parametrize("which", ["unit-prior", "scaled-prior", "mixed"])
+def test_closed_form_prior_gradient_equals_autograd_bit_for_bit(which):
+    """The kernel adds the Gaussian prior's gradient in closed form instead of through a backward node: the
+    potential and every gradient are the same bits as autograd through the whole log joint."""
+    from pyrobnn.inference.log_joint import LogJoint
+    torch.manual_seed(0)
+    if which == "mixed":
+        model, x, y = _mixed_model, torch.randn(40, 3), torch.randn(40, 2)
+    else:
+        scale = 1.0 if which == "unit-prior" else 0.8
+        model, x, y = _PyroNet(40, 8, prior_scale=scale), torch.randn(40, 3), torch.randint(0, 2, (40,))
+    k = SGLD(model)
+    k.setup(0, x, y)
+    params = {n: torch.randn_like(v) for n, v in k.initial_params.items()}
+    torch.manual_seed(5)
+    potential, grads = k.potential_and_grad(params, x, y)
+    torch.manual_seed(5)
+    leaves, values, logdet = [], {}, 0.0
+    for name, transform in k._sites:
+        u = params[name].detach().requires_grad_()
+        leaves.append(u)
+        values[name] = u if transform is None else transform(u)
+        if transform is not None:
+            logdet = logdet + transform.log_abs_det_jacobian(u, values[name]).sum()
+    joint = LogJoint(values)
+    with joint:
+        model(x, y)
+    ref = -(joint.log_joint() + logdet)
+    ref_grads = torch.autograd.grad(ref, leaves)
+    assert torch.equal(potential, ref.detach())
+    for (name, _), g, g_ref in zip(k._sites, grads, ref_grads):
+        assert torch.equal(g, g_ref), name
+
+
+def test_prior_gradients_go_in_place_only_into_unshared_contiguous_tensors():
+    from pyrobnn.inference.log_joint import add_prior_gradients
+    v = [torch.randn(3, 4), torch.randn(4), torch.randn(2), torch.randn(5)]
+    shared = torch.randn(4)
+    expanded = torch.tensor(0.7).expand(2)
+    own = torch.randn(5)
+    grads = [torch.randn(3, 4), shared, shared, None]
+    grads[2] = shared                          # one tensor handed to two inputs
+    before = [None if g is None else g.clone() for g in grads]
+    out = add_prior_gradients(list(grads), [(0, v[0], 1.0), (1, v[1], 1.0), (3, v[3], 1.0)])
+    assert torch.equal(out[0], before[0] + v[0]) and out[0] is grads[0]        # in place
+    assert torch.equal(out[1], before[1] + v[1]) and torch.equal(shared, before[1])  # the shared one untouched
+    assert out[2] is shared and torch.equal(out[3], v[3])
+    out = add_prior_gradients([expanded, own.clone()], [(0, v[2], 1.0), (1, v[3], -0.6)])
+    assert torch.equal(out[0], expanded + v[2]) and torch.equal(expanded, torch.full((2,), 0.7))
+    assert torch.equal(out[1], v[3] * -0.6 + own)                             # product first, as autograd
