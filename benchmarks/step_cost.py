@@ -27,7 +27,8 @@ per-round ratios (load drifting between rounds cancels in the latter).
 ``--device cuda`` runs every contender on the GPU (wall clock, synchronised before each reading); the plain-Pyro
 and Pyro-floor rows, whose priors are built on the CPU, are left out there.
 
-The header gives torch's CPU ``log1p`` and ``log`` speed here, in ns per element: where ``log1p`` is slow the
+The header gives the set of CPU kernels torch runs (AVX512, AVX2, ...; ``ATEN_CPU_CAPABILITY`` chooses) and its
+``log1p`` and ``log`` speed under them, in ns per element: where ``log1p`` is slow the
 hand-written steps (``F.softplus``) are slower and the ratios lower. Each row also shows the median minor page
 faults per step. ``--malloc fixed`` re-runs the script with
 glibc's trim/mmap thresholds fixed (see ``_timing.py``), so that freed tensors are not handed back to the

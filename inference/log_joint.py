@@ -87,10 +87,7 @@ class _LogJoint(Messenger):
             terms.append(sum_scaled_squared_norms(self.sq_coefs, self.constant, self.sq_values))
         if not terms:
             raise ValueError("the model has no sample sites")
-        total = terms[0]
-        for t in terms[1:]:
-            total = total + t
-        return total
+        return _sum_in_order(terms)
 
     def log_joint_split(self, leaves: Dict[int, int]):
         """The log joint as ``(total, differentiable, prior)`` for a gradient taken by the caller: the fused Normal
@@ -103,18 +100,21 @@ class _LogJoint(Messenger):
         if not self.sq_values or any(id(src) not in leaves for src in self.sq_sources):
             total = self.log_joint()
             return total, total, []
-        terms = self.terms
-        differentiable = None
-        if terms:
-            differentiable = terms[0]
-            for t in terms[1:]:
-                differentiable = differentiable + t
+        differentiable = _sum_in_order(self.terms)
         with torch.no_grad():
             values = [v.detach() for v in self.sq_values]
             prior = sum_scaled_squared_norms(self.sq_coefs, self.constant, values)
             total = prior if differentiable is None else differentiable.detach() + prior
         return total, differentiable, [(leaves[id(src)], v, -2.0 * c)
                                        for src, v, c in zip(self.sq_sources, values, self.sq_coefs)]
+
+
+def _sum_in_order(terms: List[torch.Tensor]) -> Optional[torch.Tensor]:
+    """((t₀ + t₁) + t₂) + …, the one order both ways of taking the log joint add its terms in (None if empty)."""
+    total = terms[0] if terms else None
+    for t in terms[1:]:
+        total = total + t
+    return total
 
 
 def add_prior_gradients(grads: list, prior) -> list:
