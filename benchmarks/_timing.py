@@ -85,21 +85,24 @@ def interleaved(fns: dict, rounds: int = 15, steps: int = 10, warmup: int = 10, 
 
 
 def log_speeds(n: int = 1 << 18, reps: int = 20) -> dict:
-    """ns per element of torch's CPU ``log1p`` and ``log`` here, on one thread (best of ``reps``), and the set of
-    vectorised kernels torch dispatches to (``"AVX512"``, ``"AVX2"``, ...; ``ATEN_CPU_CAPABILITY=avx2`` selects the
-    AVX2 set on an AVX-512 CPU): which kind of host a run was on. Where ``log1p`` is slow, ``F.softplus`` is too,
-    and the hand-written reference steps get slower while MeanField's one-``log`` softplus does not."""
-    x = torch.rand(n) + 0.5
+    """ns per element of torch's CPU ``log1p``, ``log``, ``expm1`` and ELU here, on one thread (best of ``reps``),
+    and the set of vectorised kernels torch dispatches to (``"AVX512"``, ``"AVX2"``, ...;
+    ``ATEN_CPU_CAPABILITY=avx2`` selects the AVX2 set on an AVX-512 CPU): which kind of host a run was on. Where
+    ``log1p`` is slow, ``F.softplus`` is too, and the hand-written reference steps get slower while MeanField's
+    one-``log`` softplus does not; ``expm1`` and ELU (the deep weight prior's VAE) follow ``log1p``."""
+    x = torch.rand(n) + 0.5      # the logs' argument
+    z = torch.randn(n)           # expm1 and ELU: both signs (ELU is the identity above 0)
     out = {"cpu_capability": torch.backends.cpu.get_cpu_capability()}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        for name, fn in (("log1p", torch.log1p), ("log", torch.log)):
-            fn(x)
+        for name, fn, arg in (("log1p", torch.log1p, x), ("log", torch.log, x), ("expm1", torch.expm1, z),
+                              ("elu", torch.nn.functional.elu, z)):
+            fn(arg)
             best = float("inf")
             for _ in range(reps):
                 t = time.perf_counter()
-                fn(x)
+                fn(arg)
                 best = min(best, time.perf_counter() - t)
             out[name] = round(best / n * 1e9, 2)
     finally:
